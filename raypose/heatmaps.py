@@ -1,0 +1,113 @@
+"""Heatmaps -> keypoints, batched in torch on the heatmaps' own device.
+
+A port of transformers' `VitPoseImageProcessor.post_process_pose_estimation`: argmax,
+DARK refinement (Gaussian-smoothed log-heatmap, one Newton step), then the UDP inverse
+transform back to image pixels. It reproduces the reference's edge cases, including
+the `-1` location of a keypoint whose heatmap has no positive value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raypose.crops import PIXEL_STD
+
+DARK_KERNEL = 11
+DARK_SIGMA = 0.8  # transformers' value; the original ViTPose (cv2.GaussianBlur(k, k, 0)) uses 2.0 for k=11
+
+
+def decode_heatmaps(
+    heatmaps: torch.Tensor,
+    centers: torch.Tensor,
+    scales: torch.Tensor,
+    kernel: int = DARK_KERNEL,
+    sigma: float = DARK_SIGMA,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heatmaps (N, K, h, w) and crop centers/scales (N, 2) -> keypoints (N, K, 2) in image pixels and scores (N, K)."""
+    heatmaps = heatmaps.float()
+    centers = centers.to(heatmaps.device, torch.float32)
+    scales = scales.to(heatmaps.device, torch.float32)
+    coords, scores = heatmap_argmax(heatmaps)
+    coords = dark_refine(coords, heatmaps, kernel, sigma)
+    return heatmap_to_image(coords, centers, scales, heatmaps.shape[-2:]), scores
+
+
+def heatmap_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer peak location (N, K, 2) as (x, y) and peak value (N, K); (-1, -1) where the peak is <= 0."""
+    n, k, _, width = heatmaps.shape
+    scores, index = heatmaps.reshape(n, k, -1).max(dim=2)
+    coords = torch.stack([index % width, index // width], dim=-1).float()
+    coords = torch.where((scores > 0).unsqueeze(-1), coords, torch.full_like(coords, -1.0))
+    return coords, scores
+
+
+def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border."""
+    n, k, height, width = heatmaps.shape
+    radius = (kernel - 1) // 2
+    taps = torch.arange(-radius, radius + 1, device=heatmaps.device, dtype=torch.float64)
+    weights = torch.exp(-0.5 * taps**2 / sigma**2)
+    weights = (weights / weights.sum()).to(heatmaps.dtype)
+    planes = heatmaps.reshape(n * k, 1, height, width)
+    planes = planes.index_select(2, _symmetric_index(height, radius, heatmaps.device))
+    planes = planes.index_select(3, _symmetric_index(width, radius, heatmaps.device))
+    planes = F.conv2d(planes, weights.view(1, 1, -1, 1))
+    planes = F.conv2d(planes, weights.view(1, 1, 1, -1))
+    return planes.reshape(n, k, height, width)
+
+
+def dark_refine(coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """One Newton step on the smoothed log-heatmap around each integer peak (DARK, Zhang et al. 2020)."""
+    n, k, height, width = heatmaps.shape
+    logs = gaussian_blur(heatmaps, kernel, sigma).clamp(0.001, 50).log()
+    padded = F.pad(logs.reshape(n * k, 1, height, width), (1, 1, 1, 1), mode="replicate").reshape(-1)
+    row = width + 2
+    plane = row * (height + 2)
+    # Flat indices as in the reference, including its wrap-around for peaks at (-1, -1).
+    index = (coords[..., 0] + 1 + (coords[..., 1] + 1) * row).long()
+    index = index + plane * torch.arange(n * k, device=coords.device).reshape(n, k)
+
+    def at(offset: int) -> torch.Tensor:
+        return padded[(index + offset) % padded.numel()]
+
+    center, right, left = at(0), at(1), at(-1)
+    down, up = at(row), at(-row)
+    dx = 0.5 * (right - left)
+    dy = 0.5 * (down - up)
+    dxx = right - 2 * center + left
+    dyy = down - 2 * center + up
+    dxy = 0.5 * (at(row + 1) - right - down + center + center - left - up + at(-row - 1))
+    eps = torch.finfo(torch.float32).eps
+    a, d = dxx + eps, dyy + eps
+    det = a * d - dxy * dxy
+    step_x = (d * dx - dxy * dy) / det
+    step_y = (a * dy - dxy * dx) / det
+    return coords - torch.stack([step_x, step_y], dim=-1)
+
+
+def heatmap_to_image(
+    coords: torch.Tensor, centers: torch.Tensor, scales: torch.Tensor, heatmap_size: tuple[int, int]
+) -> torch.Tensor:
+    """UDP inverse transform: heatmap (x, y) -> image pixels, for crops given by center/scale."""
+    height, width = heatmap_size
+    box = scales * PIXEL_STD
+    unit = box / torch.tensor([width - 1.0, height - 1.0], device=box.device)
+    return coords * unit.unsqueeze(1) + (centers - 0.5 * box).unsqueeze(1)
+
+
+def flip_back(heatmaps: torch.Tensor, flip_pairs: torch.Tensor) -> torch.Tensor:
+    """Heatmaps of a mirrored crop -> heatmaps of the crop: swap left/right channels, mirror horizontally."""
+    order = torch.arange(heatmaps.shape[1], device=heatmaps.device)
+    if flip_pairs.numel():
+        left, right = flip_pairs.to(heatmaps.device).unbind(-1)
+        order[left], order[right] = right, left
+    return heatmaps.index_select(1, order).flip(-1)
+
+
+def _symmetric_index(size: int, radius: int, device) -> torch.Tensor:
+    index = torch.arange(-radius, size + radius, device=device)
+    index = torch.where(index < 0, -index - 1, index)
+    index = torch.where(index >= size, 2 * size - index - 1, index)
+    # Kernels wider than the map reflect more than once.
+    return index.clamp(0, size - 1)

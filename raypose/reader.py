@@ -1,0 +1,162 @@
+"""The reader: list images under a path or URL, read their bytes, decode them to RGB."""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import warnings
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from fsspec.core import url_to_fs
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from raypose.errors import SpecError
+from raypose.spec import ImagesSpec
+
+MANIFEST_SUFFIXES = (".txt", ".lst")
+GLOB_CHARS = "*?["
+
+
+class ImageError(Exception):
+    """An image that cannot be used; its message becomes the errors-table reason."""
+
+    def __init__(self, reason: str, stage: str = "decode"):
+        super().__init__(reason)
+        self.stage = stage
+
+
+def list_images(images: ImagesSpec) -> pa.Table:
+    """List (image_key, image_uri) under a directory, glob or manifest, sorted by key.
+
+    Keys are stable across runs: the path relative to the directory (or to the glob's
+    fixed prefix, or to the manifest's folder).
+    """
+    fs, root = _filesystem(images.path, images.storage_options, "images.path")
+    if root.lower().endswith(MANIFEST_SUFFIXES):
+        pairs = _list_manifest(fs, root)
+    elif any(c in images.path for c in GLOB_CHARS):
+        prefix = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
+        pairs = [(posixpath.relpath(p, prefix), p) for p in _call(fs.glob, root, url=images.path)]
+    else:
+        if not _call(fs.isdir, root, url=images.path):
+            raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
+        pairs = [(posixpath.relpath(p, root), p) for p in _call(fs.find, root, url=images.path)]
+    suffixes = tuple(s.lower() for s in images.extensions)
+    pairs = sorted((k, p) for k, p in pairs if k.lower().endswith(suffixes) and not _hidden(k))
+    if not pairs:
+        raise SpecError(
+            f"images.path: no images under {images.path} (looked for {', '.join(images.extensions)})"
+        )
+    return pa.table(
+        {
+            "image_key": [k for k, _ in pairs],
+            "image_uri": [_uri(fs, p) for _, p in pairs],
+        }
+    )
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    """Read one object's bytes; missing or unreadable objects raise ImageError."""
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise ImageError("not found in storage", stage="read") from exc
+    except (OSError, PermissionError) as exc:
+        raise ImageError(f"cannot read: {type(exc).__name__}: {exc}", stage="read") from exc
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode image bytes to an RGB image, EXIF orientation applied.
+
+    Animated images give their first frame; 16-bit images are scaled to 8 bits;
+    transparent pixels are composited on white, as transformers' `convert_to_rgb` does.
+    """
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{width}x{height} = {width * height / 1e6:.0f} Mpx is above images.max_pixels "
+                    f"({max_pixels / 1e6:.0f} Mpx): refused as a possible decompression bomb"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+        except ImageError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise ImageError(f"refused as a decompression bomb: {exc}") from exc
+        except UnidentifiedImageError as exc:
+            raise ImageError("not an image Pillow can decode (unknown format)") from exc
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:
+            raise ImageError(f"corrupt or truncated image data: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Pillow's own convert("RGB") clips wide values at 255 instead of scaling them.
+        wide = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            wide = wide / 257.0
+        return Image.fromarray(np.clip(wide + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def _filesystem(url: str, storage_options: dict[str, Any], field: str):
+    try:
+        return url_to_fs(url, **storage_options)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise SpecError(f"{field}: cannot open {url}: {exc}") from exc
+
+
+def _call(fn, *args, url: str):
+    try:
+        return fn(*args)
+    except FileNotFoundError as exc:
+        raise SpecError(f"images.path: {url} does not exist") from exc
+    except PermissionError as exc:
+        raise SpecError(f"images.path: permission denied listing {url}: {exc}") from exc
+    except OSError as exc:
+        raise SpecError(f"images.path: cannot list {url}: {exc}") from exc
+
+
+def _list_manifest(fs, manifest: str) -> list[tuple[str, str]]:
+    try:
+        lines = fs.cat_file(manifest).decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
+    base = posixpath.dirname(manifest)
+    pairs = []
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" in entry:
+            pairs.append((entry.split("://", 1)[1], entry))
+        elif entry.startswith("/"):
+            pairs.append((entry.lstrip("/"), entry))
+        else:
+            pairs.append((posixpath.normpath(entry), posixpath.join(base, entry)))
+    return pairs
+
+
+def _uri(fs, path: str) -> str:
+    if "://" in path:
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _hidden(key: str) -> bool:
+    return any(part.startswith(".") for part in key.split("/"))

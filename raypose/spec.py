@@ -1,0 +1,285 @@
+"""The job spec: YAML -> a validated, frozen JobSpec with defaults filled in.
+
+Every error names the field (`pose.batch_size: expected a positive integer, got "abc"`),
+so a scheduled job's log says what to fix without reading code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic_core import PydanticCustomError
+
+from raypose.errors import SpecError
+
+SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNORECASE)
+
+
+def _expect(check, expected: str):
+    """A strict before-validator whose message says what was expected."""
+
+    def validate(value: Any) -> Any:
+        if not check(value):
+            raise PydanticCustomError("raypose_expected", expected)
+        return value
+
+    return BeforeValidator(validate)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+PositiveInt = Annotated[int, _expect(lambda v: _is_int(v) and v > 0, "expected a positive integer")]
+NonNegativeFloat = Annotated[
+    float, _expect(lambda v: _is_number(v) and v >= 0, "expected a number >= 0")
+]
+PositiveFloat = Annotated[float, _expect(lambda v: _is_number(v) and v > 0, "expected a number > 0")]
+Fraction = Annotated[
+    float, _expect(lambda v: _is_number(v) and 0 <= v <= 1, "expected a number between 0 and 1")
+]
+Flag = Annotated[bool, _expect(lambda v: isinstance(v, bool), "expected true or false")]
+Text = Annotated[str, _expect(lambda v: isinstance(v, str) and v != "", "expected a non-empty string")]
+Options = Annotated[
+    dict[str, Any],
+    _expect(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "expected a mapping"),
+]
+TextList = Annotated[
+    list[str],
+    _expect(
+        lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+        "expected a list of strings",
+    ),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImagesSpec(_Section):
+    """Where the images are."""
+
+    path: Text
+    format: Literal["files"] = "files"
+    storage_options: Options = {}
+    extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
+    max_pixels: PositiveInt = 100_000_000
+
+
+class BoxesSpec(_Section):
+    """Where the person (or animal) boxes come from."""
+
+    source: Literal["coco", "table"] = "coco"
+    path: Text
+    storage_options: Options | None = None
+    categories: TextList | None = ["person"]
+    min_area: NonNegativeFloat = 0.0
+    include_crowd: Flag = False
+    min_score: Fraction = 0.0
+    image_key_column: Text = "image_key"
+    bbox_column: Text = "bbox"
+    score_column: Text = "score"
+    category_column: Text = "category"
+
+
+class PoseSpec(_Section):
+    """The ViTPose checkpoint and how to run it."""
+
+    model: Text
+    revision: Text | None = None
+    expert: Literal["coco", "aic", "mpii", "ap10k", "apt36k", "wholebody"] = "coco"
+    batch_size: PositiveInt = 32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    flip_test: Flag = False
+
+
+class ResourcesSpec(_Section):
+    """How much of the cluster each stage takes."""
+
+    pose_actors: PositiveInt = 1
+    cpus_per_pose_actor: PositiveFloat = 1.0
+    gpus_per_pose_actor: NonNegativeFloat | None = None
+    images_per_crop_task: PositiveInt = 16
+    num_cpus: PositiveInt | None = None
+
+
+class OutputSpec(_Section):
+    """Where the Parquet goes."""
+
+    path: Text
+    mode: Literal["error", "overwrite"] = "error"
+    storage_options: Options | None = None
+    rows_per_file: PositiveInt = 1_000_000
+    row_group_size: PositiveInt = 65_536
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class JobSpec(_Section):
+    """A whole job, validated. Build it with `load_job_spec`."""
+
+    name: Annotated[
+        str,
+        _expect(
+            lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v),
+            "expected letters, digits, '.', '_' or '-' (at most 128)",
+        ),
+    ] = "raypose-job"
+    images: ImagesSpec
+    boxes: BoxesSpec
+    pose: PoseSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    output: OutputSpec
+
+    def boxes_storage_options(self) -> dict[str, Any]:
+        """Boxes read with their own options, or the images' when none are given."""
+        if self.boxes.storage_options is None:
+            return dict(self.images.storage_options)
+        return dict(self.boxes.storage_options)
+
+    def output_storage_options(self) -> dict[str, Any]:
+        """Output written with its own options, or the images' when none are given."""
+        if self.output.storage_options is None:
+            return dict(self.images.storage_options)
+        return dict(self.output.storage_options)
+
+    def redacted(self) -> dict[str, Any]:
+        """The spec as plain data with every credential-like option replaced, for logs and manifests."""
+        return redact(self.model_dump(mode="json"))
+
+    def fingerprint(self) -> str:
+        """A stable hash of the spec (credentials excluded)."""
+        blob = json.dumps(self.redacted(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Replace the values of credential-like keys (key, secret, token, ...) with '***'."""
+    if isinstance(value, dict):
+        return {k: redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if key and SECRET_KEY_PATTERN.search(key) and isinstance(value, str) and value:
+        return "***"
+    return value
+
+
+def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
+    """Read a job YAML, apply `dotted.key=value` overrides, and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    _resolve_relative_paths(raw, path.resolve().parent)
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_job_spec(raw)
+
+
+def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
+    """Validate plain data into a JobSpec, raising one SpecError that lists every problem."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        raise SpecError("invalid job spec:\n  " + "\n  ".join(problems)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `dotted.key=value` in the raw spec; the value is parsed as YAML (`64` is a number)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {override!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise SpecError(f"--set {key}: {where} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
+    # A job file refers to its data relative to itself, so it runs from any working directory.
+    for section, key in (("images", "path"), ("boxes", "path"), ("output", "path")):
+        node = raw.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = _resolve_local(node[key], base)
+    pose = raw.get("pose")
+    if isinstance(pose, dict) and isinstance(pose.get("model"), str):
+        # A hub id looks like a relative path; only take it as one when that directory exists.
+        candidate = base / pose["model"]
+        if "://" not in pose["model"] and not Path(pose["model"]).is_absolute() and candidate.is_dir():
+            pose["model"] = str(candidate)
+
+
+def _resolve_local(value: str, base: Path) -> str:
+    if "://" in value or value.startswith("~") or Path(value).is_absolute():
+        return os.path.expanduser(value)
+    return str(base / value)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    given = err.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        hint = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{loc}: unknown key{suggestion}; expected one of: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{loc}: required, but missing"
+    if kind == "literal_error":
+        return f"{loc}: expected one of {err['ctx']['expected']}, got {_shown(given)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{loc}: expected a mapping, got {_shown(given)}"
+    message = err["msg"][0].lower() + err["msg"][1:]
+    return f"{loc}: {message}, got {_shown(given)}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = next(
+            (t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel)),
+            model,
+        )
+    return list(model.model_fields)
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

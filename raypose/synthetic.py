@@ -1,0 +1,133 @@
+"""Synthetic inputs: drawn people with COCO boxes, and ViTPose checkpoints of known shapes.
+
+Used by the tests, the benchmark and the bundled quickstart, so none of them needs the
+network. Random weights produce meaningless keypoints; the shapes and code paths are real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Backbone shapes of the published checkpoints (usyd-community/vitpose-*), plus a tiny one.
+PRESETS: dict[str, dict] = {
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2},
+    "vitpose-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4},
+    "vitpose-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4},
+    "vitpose-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4},
+    "vitpose-huge": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16, "mlp_ratio": 4},
+    "vitpose-plus-base": {
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4,
+        "num_experts": 6, "part_features": 192,
+    },
+}
+
+
+def make_checkpoint(
+    path: str | Path,
+    preset: str = "tiny",
+    num_keypoints: int = 17,
+    image_size: tuple[int, int] = (256, 192),
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised ViTPose checkpoint (safetensors + processor config) to `path`."""
+    import torch
+    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
+    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+
+    shape = PRESETS[preset]
+    backbone = VitPoseBackboneConfig(
+        image_size=list(image_size),
+        patch_size=[16, 16],
+        hidden_size=shape["hidden_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["num_attention_heads"],
+        mlp_ratio=shape["mlp_ratio"],
+        num_experts=shape.get("num_experts", 1),
+        part_features=shape.get("part_features", 256),
+        out_indices=[shape["num_hidden_layers"]],
+    )
+    config = VitPoseConfig(
+        backbone_config=backbone,
+        num_labels=num_keypoints,
+        id2label={i: f"keypoint_{i}" for i in range(num_keypoints)},
+        label2id={f"keypoint_{i}": i for i in range(num_keypoints)},
+    )
+    torch.manual_seed(seed)
+    model = VitPoseForPoseEstimation(config).eval()
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    VitPoseImageProcessorPil(size={"height": image_size[0], "width": image_size[1]}).save_pretrained(path)
+    return path
+
+
+def draw_people(width: int, height: int, boxes: np.ndarray, seed: int = 0) -> Image.Image:
+    """An RGB picture with a textured background and a stick figure inside each xywh box."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [(xx * 255 // max(width - 1, 1)), (yy * 255 // max(height - 1, 1)), ((xx + yy) * 127 // max(width + height, 1))],
+        axis=-1,
+    ).astype(np.uint8)
+    noise = rng.integers(0, 24, size=base.shape, dtype=np.uint8)
+    image = Image.fromarray(base // 2 + noise)
+    draw = ImageDraw.Draw(image)
+    for x, y, w, h in boxes:
+        color = tuple(int(c) for c in rng.integers(80, 256, size=3))
+        cx, line = x + w / 2, max(1, int(min(w, h) / 12))
+        head = h * 0.1
+        draw.ellipse([cx - head, y, cx + head, y + 2 * head], outline=color, width=line)
+        neck, hip = (cx, y + 2 * head), (cx, y + 0.55 * h)
+        draw.line([neck, hip], fill=color, width=line)
+        draw.line([(x + 0.1 * w, y + 0.3 * h), (cx, y + 0.25 * h), (x + 0.9 * w, y + 0.3 * h)], fill=color, width=line)
+        draw.line([(x + 0.2 * w, y + h), hip, (x + 0.8 * w, y + h)], fill=color, width=line)
+    return image
+
+
+def make_coco_dataset(
+    folder: str | Path,
+    sizes: list[tuple[int, int]],
+    persons_per_image: list[int] | int = 2,
+    seed: int = 0,
+    quality: int = 90,
+) -> Path:
+    """Write JPEGs with drawn people under `folder/images/` and `folder/boxes.json` (COCO); return the JSON path."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    counts = persons_per_image if isinstance(persons_per_image, list) else [persons_per_image] * len(sizes)
+    images, annotations = [], []
+    for index, ((width, height), count) in enumerate(zip(sizes, counts)):
+        boxes = []
+        for _ in range(count):
+            h = rng.uniform(0.3, 0.8) * height
+            w = h * rng.uniform(0.3, 0.6)
+            w = min(w, width * 0.9)
+            boxes.append([float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)), float(w), float(h)])
+        name = f"img_{index:04d}.jpg"
+        draw_people(width, height, np.array(boxes).reshape(-1, 4), seed=seed + index).save(
+            folder / "images" / name, quality=quality
+        )
+        images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
+        for box in boxes:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": 1,
+                    "bbox": [round(v, 2) for v in box],
+                    "area": round(box[2] * box[3], 2),
+                    "iscrowd": 0,
+                }
+            )
+    coco = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "person", "supercategory": "person"}],
+    }
+    path = folder / "boxes.json"
+    path.write_text(json.dumps(coco, indent=1))
+    return path

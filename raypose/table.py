@@ -1,0 +1,92 @@
+"""Column names and Arrow schemas, defined once and imported everywhere.
+
+Only plain Arrow types (no Ray tensor extension types), so DuckDB, Polars, Spark and
+pandas read the output without raypose installed.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# One row per image going into the crop stage.
+IMAGE_TASK_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("image_uri", pa.string()),
+        ("expected_width", pa.int32()),  # from the boxes file, when it says
+        ("expected_height", pa.int32()),
+        ("box_xywh", pa.list_(pa.list_(pa.float64(), 4))),
+        ("annotation_id", pa.list_(pa.int64())),
+        ("category", pa.list_(pa.string())),
+        ("box_score", pa.list_(pa.float32())),
+        ("box_source", pa.string()),
+    ]
+)
+
+# What every instance row carries, from the crop stage to the output.
+INSTANCE_FIELDS = [
+    pa.field("image_key", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string()),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+    pa.field("instance_index", pa.int32()),
+    pa.field("annotation_id", pa.int64()),
+    pa.field("category", pa.string()),
+    pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh in image pixels, as cropped (clipped)
+    pa.field("box_score", pa.float32()),  # null for ground-truth boxes
+    pa.field("box_source", pa.string()),  # gt | table
+]
+
+# Failures travel in the stream with the rows; the writer routes them to the errors table.
+FAILURE_FIELDS = [pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string())]
+
+POSE_FIELDS = [
+    pa.field("expert", pa.string()),
+    pa.field("keypoint_schema", pa.string()),
+    pa.field("keypoint_x", pa.list_(pa.float32())),
+    pa.field("keypoint_y", pa.list_(pa.float32())),
+    pa.field("keypoint_score", pa.list_(pa.float32())),
+    pa.field("instance_score", pa.float32()),
+]
+
+RUN_FIELDS = [
+    pa.field("model_id", pa.string()),
+    pa.field("model_revision", pa.string()),
+    pa.field("job_id", pa.string()),
+]
+
+
+def crop_schema(height: int, width: int) -> pa.Schema:
+    """Rows out of the crop stage: instance fields, crop geometry, uint8 HWC crop bytes."""
+    return pa.schema(
+        INSTANCE_FIELDS
+        + [
+            pa.field("center", pa.list_(pa.float32(), 2)),
+            pa.field("scale", pa.list_(pa.float32(), 2)),
+            pa.field("crop", pa.binary(height * width * 3)),
+        ]
+        + FAILURE_FIELDS
+    )
+
+
+POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS)
+
+KEYPOINTS_SCHEMA = pa.schema(
+    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string()),
+        pa.field("image_key", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("instance_index", pa.int32()),
+        pa.field("stage", pa.string()),  # list | read | decode | boxes | crop | pose
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+def empty_like(schema: pa.Schema, n: int) -> dict[str, pa.Array]:
+    """All-null columns for a schema, to fill what a stage does not know."""
+    return {f.name: pa.nulls(n, f.type) for f in schema}
