@@ -43,18 +43,21 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border."""
+    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border.
+
+    Accumulates in float64 and returns the input dtype, as scipy's `gaussian_filter` does.
+    """
     n, k, height, width = heatmaps.shape
     radius = (kernel - 1) // 2
     taps = torch.arange(-radius, radius + 1, device=heatmaps.device, dtype=torch.float64)
     weights = torch.exp(-0.5 * taps**2 / sigma**2)
-    weights = (weights / weights.sum()).to(heatmaps.dtype)
-    planes = heatmaps.reshape(n * k, 1, height, width)
+    weights = weights / weights.sum()
+    planes = heatmaps.reshape(n * k, 1, height, width).double()
     planes = planes.index_select(2, _symmetric_index(height, radius, heatmaps.device))
     planes = planes.index_select(3, _symmetric_index(width, radius, heatmaps.device))
     planes = F.conv2d(planes, weights.view(1, 1, -1, 1))
     planes = F.conv2d(planes, weights.view(1, 1, 1, -1))
-    return planes.reshape(n, k, height, width)
+    return planes.reshape(n, k, height, width).to(heatmaps.dtype)
 
 
 def dark_refine(coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
@@ -79,10 +82,7 @@ def dark_refine(coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma
     dyy = down - 2 * center + up
     dxy = 0.5 * (at(row + 1) - right - down + center + center - left - up + at(-row - 1))
     eps = torch.finfo(torch.float32).eps
-    a, d = dxx + eps, dyy + eps
-    det = a * d - dxy * dxy
-    step_x = (d * dx - dxy * dy) / det
-    step_y = (a * dy - dxy * dx) / det
+    step_x, step_y = _solve_2x2(dxx + eps, dxy, dxy, dyy + eps, dx, dy)
     return coords - torch.stack([step_x, step_y], dim=-1)
 
 
@@ -103,6 +103,26 @@ def flip_back(heatmaps: torch.Tensor, flip_pairs: torch.Tensor) -> torch.Tensor:
         left, right = flip_pairs.to(heatmaps.device).unbind(-1)
         order[left], order[right] = right, left
     return heatmaps.index_select(1, order).flip(-1)
+
+
+def _solve_2x2(a, b, c, d, u, v):
+    """inverse([[a, b], [c, d]]) @ [u, v], element-wise, in LAPACK's order of operations.
+
+    The reference inverts with numpy (LU with partial pivoting, float32); doing the same
+    arithmetic keeps ill-conditioned Newton steps (flat or noisy heatmaps) equal to it too.
+    """
+    swap = c.abs() > a.abs()
+    p, q, r, s = torch.where(swap, c, a), torch.where(swap, d, b), torch.where(swap, a, c), torch.where(swap, b, d)
+    factor = r / p
+    pivot = s - factor * q
+    # Columns of the inverse: solve for e1 and e2 (rows permuted when swapped).
+    e1_top, e1_bottom = torch.where(swap, 0.0, 1.0), torch.where(swap, 1.0, 0.0)
+    e2_top, e2_bottom = 1.0 - e1_top, 1.0 - e1_bottom
+    x2 = (e1_bottom - factor * e1_top) / pivot
+    x1 = (e1_top - q * x2) / p
+    y2 = (e2_bottom - factor * e2_top) / pivot
+    y1 = (e2_top - q * y2) / p
+    return x1 * u + y1 * v, x2 * u + y2 * v
 
 
 def _symmetric_index(size: int, radius: int, device) -> torch.Tensor:

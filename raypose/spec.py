@@ -158,7 +158,12 @@ class JobSpec(_Section):
 
     def redacted(self) -> dict[str, Any]:
         """The spec as plain data with every credential-like option replaced, for logs and manifests."""
-        return redact(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        # Only storage options carry credentials; redacting the whole spec would hide fields
+        # such as boxes.image_key_column (its name contains "key") and drop them from the fingerprint.
+        for section in ("images", "boxes", "output"):
+            data[section]["storage_options"] = redact(data[section]["storage_options"])
+        return data
 
     def fingerprint(self) -> str:
         """A stable hash of the spec (credentials excluded)."""
@@ -184,6 +189,8 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -204,6 +211,8 @@ def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
+        if len(problems) == 1:  # one problem reads as one line in a job's log
+            raise SpecError(f"invalid job spec: {problems[0]}") from None
         raise SpecError("invalid job spec:\n  " + "\n  ".join(problems)) from None
 
 

@@ -15,6 +15,10 @@ from PIL import Image, ImageDraw
 # Backbone shapes of the published checkpoints (usyd-community/vitpose-*), plus a tiny one.
 PRESETS: dict[str, dict] = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2},
+    "tiny-plus": {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2,
+        "num_experts": 6, "part_features": 8,
+    },
     "vitpose-small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4},
     "vitpose-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "mlp_ratio": 4},
     "vitpose-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "mlp_ratio": 4},

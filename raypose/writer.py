@@ -136,7 +136,9 @@ class OutputWriter:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Write manifest.json last: its presence marks the output complete."""
         self._commit(MANIFEST_FILE, manifest)
-        self.fs.rm(posixpath.join(self.root, TMP_DIR), recursive=True)
+        tmp = posixpath.join(self.root, TMP_DIR)
+        if self.fs.exists(tmp):  # object stores have no empty folders to remove
+            self.fs.rm(tmp, recursive=True)
 
     def _commit(self, name: str, data: Any) -> None:
         tmp = posixpath.join(self.root, TMP_DIR, name)

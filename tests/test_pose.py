@@ -1,0 +1,178 @@
+"""The pose engine against the seed's reference pipeline on the same checkpoint, images and boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from raypose.crops import center_scale_from_boxes, crop_image, make_crops
+from raypose.pose import PoseEngine, estimate_rows, inspect_model
+from raypose.spec import PoseSpec
+from raypose.synthetic import draw_people, make_checkpoint
+from raypose.table import IMAGE_TASK_SCHEMA, POSE_OUTPUT_SCHEMA
+
+reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
+pytest.importorskip("scipy")
+
+IMAGES = [
+    ((320, 240), [[20.0, 30.0, 60.0, 150.0], [200.5, 10.25, 90.0, 200.0]]),
+    ((180, 400), [[5.0, 40.0, 150.0, 300.0]]),
+    ((640, 160), [[300.0, 0.0, 40.0, 160.0], [0.0, 20.0, 639.0, 100.0]]),
+]
+
+
+def reference_pipeline(checkpoint, image: Image.Image, boxes, dataset_index=None):
+    """The seed's example: processor -> VitPoseForPoseEstimation -> post_process_pose_estimation."""
+    from transformers import VitPoseForPoseEstimation
+
+    processor = reference.VitPoseImageProcessorPil.from_pretrained(checkpoint)
+    model = VitPoseForPoseEstimation.from_pretrained(checkpoint).eval()
+    inputs = processor(image, boxes=[boxes], return_tensors="pt")
+    kwargs = {}
+    if dataset_index is not None:
+        kwargs["dataset_index"] = torch.full((len(boxes),), dataset_index)
+    with torch.no_grad():
+        outputs = model(**inputs, **kwargs)
+    results = processor.post_process_pose_estimation(outputs, boxes=[np.array(boxes, np.float32)])[0]
+    return np.stack([r["keypoints"].numpy() for r in results]), np.stack([r["scores"].numpy() for r in results])
+
+
+def engine_for(checkpoint, **pose) -> PoseEngine:
+    return PoseEngine(PoseSpec(model=str(checkpoint), **pose))
+
+
+def ours(engine: PoseEngine, image: Image.Image, boxes):
+    centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    pixels = np.asarray(image)
+    crops = np.stack([crop_image(pixels, c, s, engine.info.input_size) for c, s in zip(centers, scales)])
+    return engine.estimate(crops, centers, scales)
+
+
+@pytest.mark.parametrize("index", range(len(IMAGES)))
+def test_engine_equals_reference_pipeline(tiny_checkpoint, index):
+    (width, height), boxes = IMAGES[index]
+    image = draw_people(width, height, np.array(boxes), seed=index)
+    engine = engine_for(tiny_checkpoint)
+    keypoints, scores = ours(engine, image, boxes)
+    ref_keypoints, ref_scores = reference_pipeline(tiny_checkpoint, image, boxes)
+    assert keypoints.shape == ref_keypoints.shape == (len(boxes), 17, 2)
+    # Crops agree to one grey level on rare rounding ties, so heatmaps agree to ~1e-4 and
+    # keypoints to a hundredth of a heatmap pixel (the box's size / 48 image pixels).
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-3)
+    assert_same_keypoints(keypoints, ref_keypoints, boxes, engine)
+
+
+def assert_same_keypoints(keypoints, expected, boxes, engine, heatmap_pixels=0.01):
+    _, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    pitch = scales * 200.0 / (np.array(engine.info.input_size) / 4 - 1)  # image px per heatmap px
+    error = np.abs(keypoints - expected) / pitch[:, None, :]
+    assert error.max() <= heatmap_pixels, error.max()
+
+
+def test_moe_checkpoint_gets_the_experts_dataset_index(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "plus", preset="tiny-plus")
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes))
+    engine = engine_for(checkpoint, expert="coco")
+    seen = []
+    engine.model.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("dataset_index")), with_kwargs=True
+    )
+    keypoints, _ = ours(engine, image, boxes)
+    assert seen and seen[0].tolist() == [0] * len(boxes)
+    ref_keypoints, _ = reference_pipeline(checkpoint, image, boxes, dataset_index=0)
+    assert_same_keypoints(keypoints, ref_keypoints, boxes, engine)
+
+
+def test_flip_test_averages_crop_and_mirror_heatmaps(tiny_checkpoint):
+    from transformers.models.vitpose.modeling_vitpose import flip_back
+
+    from raypose.heatmaps import decode_heatmaps
+
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes))
+    engine = engine_for(tiny_checkpoint, flip_test=True)
+    keypoints, scores = ours(engine, image, boxes)
+
+    processor = reference.VitPoseImageProcessorPil.from_pretrained(tiny_checkpoint)
+    pixels = processor(image, boxes=[boxes], return_tensors="pt")["pixel_values"]
+    pairs = torch.tensor(engine.schema.flip_pairs)
+    with torch.no_grad():
+        plain = engine.model(pixel_values=pixels).heatmaps
+        mirrored = engine.model(pixel_values=pixels.flip(-1)).heatmaps
+    averaged = 0.5 * (plain + flip_back(mirrored, pairs))
+    centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    expected, expected_scores = decode_heatmaps(averaged, torch.from_numpy(centers), torch.from_numpy(scales))
+    assert_same_keypoints(keypoints, expected.numpy(), boxes, engine)
+    np.testing.assert_allclose(scores, expected_scores.numpy(), atol=1e-3)
+    plain_keypoints, _ = ours(engine_for(tiny_checkpoint), image, boxes)
+    assert not np.allclose(plain_keypoints, keypoints)
+
+
+def task_table(tmp_path, boxes, size=(320, 240)) -> pa.Table:
+    path = tmp_path / "person.png"
+    draw_people(*size, np.array([b for b in boxes if np.isfinite(b).all()]).reshape(-1, 4)).save(path)
+    n = len(boxes)
+    return pa.table(
+        {
+            "image_key": ["person.png", "gone.png"],
+            "image_uri": [str(path), str(tmp_path / "gone.png")],
+            "expected_width": [None, None],
+            "expected_height": [None, None],
+            "box_xywh": [boxes, [[0.0, 0.0, 10.0, 10.0]]],
+            "annotation_id": [list(range(1, n + 1)), [99]],
+            "category": [["person"] * n, ["person"]],
+            "box_score": [[None] * n, [None]],
+            "box_source": ["gt", "gt"],
+        },
+        schema=IMAGE_TASK_SCHEMA,
+    )
+
+
+def test_estimate_rows_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path):
+    engine = engine_for(tiny_checkpoint)
+    tasks = task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0]])
+    crops = make_crops(tasks, input_size=engine.info.input_size, storage_options={}, max_pixels=10**8)
+    out = estimate_rows(engine, crops)
+    assert out.schema == POSE_OUTPUT_SCHEMA
+    rows = out.to_pylist()
+    assert [(r["image_key"], r["instance_index"], r["error_stage"]) for r in rows] == [
+        ("person.png", 0, None), ("person.png", 1, "boxes"), ("person.png", 2, None), ("gone.png", None, "read"),
+    ]
+    for row in (rows[0], rows[2]):
+        assert len(row["keypoint_x"]) == len(row["keypoint_score"]) == 17
+        assert row["expert"] == "coco" and row["keypoint_schema"] == "coco17"
+        assert 0 <= row["instance_score"] <= 1
+    assert rows[1]["keypoint_x"] is None and rows[1]["instance_score"] is None
+    # The same crop alone gives the same keypoints: rows are not mixed up within a batch.
+    alone = estimate_rows(engine, crops.slice(2, 1)).to_pylist()[0]
+    np.testing.assert_allclose(alone["keypoint_x"], rows[2]["keypoint_x"], atol=1e-3)
+
+
+def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
+    engine = engine_for(tiny_checkpoint)
+    crops = make_crops(
+        task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0]]),
+        input_size=engine.info.input_size, storage_options={}, max_pixels=10**8,
+    )
+
+    def explode(*args):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    monkeypatch.setattr(engine, "estimate", explode)
+    rows = estimate_rows(engine, crops).to_pylist()
+    assert [(r["error_stage"], r["error_reason"]) for r in rows] == [
+        ("pose", "RuntimeError: CUDA error: device-side assert"),
+        ("read", "not found in storage"),
+    ]
+
+
+def test_inspect_model_reads_shape_without_weights(tiny_checkpoint):
+    info = inspect_model(PoseSpec(model=str(tiny_checkpoint)))
+    assert info.input_size == (192, 256)
+    assert info.num_keypoints == 17 and info.num_experts == 1
+    assert info.revision.startswith("sha256:")
+    assert info.image_mean == pytest.approx((0.485, 0.456, 0.406))
