@@ -253,7 +253,7 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
 def _resolve_local(value: str, base: Path) -> str:
     if "://" in value or value.startswith("~") or Path(value).is_absolute():
         return os.path.expanduser(value)
-    return str(base / value)
+    return os.path.normpath(base / value)
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -135,3 +135,10 @@ def make_coco_dataset(
     path = folder / "boxes.json"
     path.write_text(json.dumps(coco, indent=1))
     return path
+
+
+def make_quickstart(folder: str | Path) -> None:
+    """(Re)build the bundled quickstart: four drawn JPEGs, their COCO boxes, a tiny random checkpoint."""
+    folder = Path(folder)
+    make_coco_dataset(folder, [(640, 480), (480, 640), (800, 450), (512, 512)], persons_per_image=[2, 1, 3, 2], seed=7)
+    make_checkpoint(folder / "vitpose-tiny-random", preset="tiny", seed=7)
