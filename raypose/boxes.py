@@ -88,7 +88,7 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
             continue
         key, width, height = images[ann["image_id"]]
         entry = by_image.setdefault(key, ImageBoxes(width=width, height=height))
-        entry.xywh.append([_number(v) for v in bbox[:4]])
+        entry.xywh.append(_xywh(bbox))
         entry.annotation_id.append(ann.get("id"))
         entry.category.append(names.get(ann.get("category_id")))
         entry.score.append(None)
@@ -124,7 +124,7 @@ def table_boxes(table: pa.Table, boxes: BoxesSpec) -> BoxSet:
             dropped += 1
             continue
         entry = by_image.setdefault(posixpath.normpath(str(key)), ImageBoxes())
-        entry.xywh.append([_number(v) for v in bbox[:4]] + [math.nan] * (4 - len(bbox)))
+        entry.xywh.append(_xywh(bbox))
         entry.annotation_id.append(ann_id)
         entry.category.append(category if category is not None else (boxes.categories or [None])[0])
         entry.score.append(score)
@@ -236,6 +236,13 @@ def _number(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _xywh(bbox: Any) -> list[float]:
+    # Always four numbers: a short or malformed bbox becomes NaN, reported per box by clip_boxes,
+    # instead of a ragged list that fails the whole image-task table.
+    values = [_number(v) for v in bbox[:4]] if isinstance(bbox, (list, tuple)) else []
+    return values + [math.nan] * (4 - len(values))
 
 
 def _optional_column(table: pa.Table, name: str, n: int) -> list:

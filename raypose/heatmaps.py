@@ -55,7 +55,8 @@ def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Te
     planes = heatmaps.reshape(n * k, 1, height, width).double()
     planes = planes.index_select(2, _symmetric_index(height, radius, heatmaps.device))
     planes = planes.index_select(3, _symmetric_index(width, radius, heatmaps.device))
-    planes = F.conv2d(planes, weights.view(1, 1, -1, 1))
+    # scipy filters one axis at a time and stores each pass in the input's dtype.
+    planes = F.conv2d(planes, weights.view(1, 1, -1, 1)).to(heatmaps.dtype).double()
     planes = F.conv2d(planes, weights.view(1, 1, 1, -1))
     return planes.reshape(n, k, height, width).to(heatmaps.dtype)
 
@@ -81,9 +82,11 @@ def dark_refine(coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma
     dxx = right - 2 * center + left
     dyy = down - 2 * center + up
     dxy = 0.5 * (at(row + 1) - right - down + center + center - left - up + at(-row - 1))
-    eps = torch.finfo(torch.float32).eps
+    # The reference adds eps * np.eye(2), a float64 array, so its Newton step is solved in float64.
+    eps = float(torch.finfo(torch.float32).eps)
+    dxx, dxy, dyy, dx, dy = (t.double() for t in (dxx, dxy, dyy, dx, dy))
     step_x, step_y = _solve_2x2(dxx + eps, dxy, dxy, dyy + eps, dx, dy)
-    return coords - torch.stack([step_x, step_y], dim=-1)
+    return (coords.double() - torch.stack([step_x, step_y], dim=-1)).float()
 
 
 def heatmap_to_image(
@@ -108,12 +111,12 @@ def flip_back(heatmaps: torch.Tensor, flip_pairs: torch.Tensor) -> torch.Tensor:
 def _solve_2x2(a, b, c, d, u, v):
     """inverse([[a, b], [c, d]]) @ [u, v], element-wise, in LAPACK's order of operations.
 
-    The reference inverts with numpy (LU with partial pivoting, float32); doing the same
-    arithmetic keeps ill-conditioned Newton steps (flat or noisy heatmaps) equal to it too.
+    The reference inverts with numpy (LU with partial pivoting); doing the same arithmetic
+    keeps ill-conditioned Newton steps (flat or noisy heatmaps) equal to it too.
     """
     swap = c.abs() > a.abs()
     p, q, r, s = torch.where(swap, c, a), torch.where(swap, d, b), torch.where(swap, a, c), torch.where(swap, b, d)
-    factor = r / p
+    factor = r * (1.0 / p)  # dgetrf2 scales the column by the pivot's reciprocal
     pivot = s - factor * q
     # Columns of the inverse: solve for e1 and e2 (rows permuted when swapped).
     e1_top, e1_bottom = torch.where(swap, 0.0, 1.0), torch.where(swap, 1.0, 0.0)

@@ -107,7 +107,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if image.mode != "F":
             wide = wide / 257.0
         return Image.fromarray(np.clip(wide + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    # As transformers' convert_to_rgb: an alpha band, or a tRNS colour key (P, but also L and RGB PNGs).
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
@@ -148,7 +149,8 @@ def _list_manifest(fs, manifest: str) -> list[tuple[str, str]]:
         elif entry.startswith("/"):
             pairs.append((entry.lstrip("/"), entry))
         else:
-            pairs.append((posixpath.normpath(entry), posixpath.join(base, entry)))
+            # Object stores take "a/../b" literally, so "../images/x.jpg" must be resolved here.
+            pairs.append((posixpath.normpath(entry), posixpath.normpath(posixpath.join(base, entry))))
     return pairs
 
 
@@ -159,4 +161,5 @@ def _uri(fs, path: str) -> str:
 
 
 def _hidden(key: str) -> bool:
-    return any(part.startswith(".") for part in key.split("/"))
+    # ".." is a manifest entry's way up from the manifest's folder, not a dotfile.
+    return any(part.startswith(".") and part not in (".", "..") for part in key.split("/"))
