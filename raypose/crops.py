@@ -96,22 +96,29 @@ def make_crops(
         except ImageError as exc:
             out.failure(task, None, exc.stage, str(exc))
             continue
-        size = decoded.size
-        expected = (task["expected_width"], task["expected_height"])
-        if None not in expected and expected != size:
-            reason = f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}"
-            out.failure(task, None, "decode", reason)
-            continue
-        image = np.asarray(decoded)
-        clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
-        centers, scales = center_scale_from_boxes(clipped, input_size)
-        for index, reason in enumerate(reasons):
-            if reason is not None:
-                out.failure(task, index, "boxes", reason, size)
-                continue
-            crop = crop_image(image, centers[index], scales[index], input_size)
-            out.crop(task, index, size, clipped[index], centers[index], scales[index], crop)
+        try:
+            _crop_boxes(task, decoded, input_size, out)
+        except Exception as exc:  # an unforeseen failure costs this image, never the batch
+            out.discard(task["image_key"])
+            out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
     return out.table(crop_schema(height, width))
+
+
+def _crop_boxes(task: dict, decoded, input_size: tuple[int, int], out: "_CropRows") -> None:
+    size = decoded.size
+    expected = (task["expected_width"], task["expected_height"])
+    if None not in expected and expected != size:
+        out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
+        return
+    image = np.asarray(decoded)
+    clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
+    centers, scales = center_scale_from_boxes(clipped, input_size)
+    for index, reason in enumerate(reasons):
+        if reason is not None:
+            out.failure(task, index, "boxes", reason, size)
+            continue
+        crop = crop_image(image, centers[index], scales[index], input_size)
+        out.crop(task, index, size, clipped[index], centers[index], scales[index], crop)
 
 
 class _CropRows:
@@ -148,6 +155,12 @@ class _CropRows:
     def failure(self, task, index, stage: str, reason: str, size=None) -> None:
         self._row(task, index, size, bbox=None, center=None, scale=None, error_stage=stage, error_reason=reason)
         self.crops.append(None)
+
+    def discard(self, image_key: str) -> None:
+        """Drop the rows already added for an image (it is about to fail as a whole)."""
+        keep = [i for i, key in enumerate(self.columns.get("image_key", [])) if key != image_key]
+        self.columns = {name: [values[i] for i in keep] for name, values in self.columns.items()}
+        self.crops = [self.crops[i] for i in keep]
 
     def table(self, schema: pa.Schema) -> pa.Table:
         if not self.crops:

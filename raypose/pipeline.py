@@ -19,7 +19,7 @@ import pyarrow as pa
 from raypose import __version__
 from raypose.boxes import attach_boxes, load_boxes
 from raypose.crops import make_crops
-from raypose.errors import JobFailed
+from raypose.errors import JobFailed, SpecError
 from raypose.keypoint_schemas import EXPERT_SCHEMA, SCHEMAS
 from raypose.pose import ModelInfo, PoseStage, inspect_model
 from raypose.reader import list_images
@@ -63,6 +63,12 @@ def plan_job(spec: JobSpec) -> JobPlan:
     images = list_images(spec.images)
     box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
     tasks, missing, counts = attach_boxes(images, box_set)
+    if not counts["boxes"] and not counts["boxes_without_image"]:
+        raise SpecError(
+            f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "
+            f"(boxes.categories {spec.boxes.categories}, min_area {spec.boxes.min_area}, "
+            f"min_score {spec.boxes.min_score}, include_crowd {spec.boxes.include_crowd})"
+        )
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     job_id = f"{spec.name}-{stamp}-{uuid.uuid4().hex[:6]}"
     return JobPlan(spec=spec, job_id=job_id, model=model, tasks=tasks, missing=missing, counts=counts)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KEYPOINT_SCORE_FLOOR = 0.2  # mmpose's rescoring: keypoints above this count toward the instance score
+KEYPOINT_SCORE_FLOOR = 0.2
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # mmpose's rescoring: keypoints above this count toward the instance score
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,10 @@ def _load_pretrained(load, pose: PoseSpec, *args, **kwargs):
     """Call a transformers loader; a checkpoint that cannot be fetched fails fast with a fix."""
     ref = pose.model
     local = Path(ref).expanduser()
-    if "://" in ref or local.is_absolute() or ref.startswith("."):
-        if not local.is_dir():
-            raise SpecError(f"pose.model: {ref} is not a directory")
+    if local.is_dir():
+        ref = str(local)
+    elif not HUB_ID.fullmatch(ref) or local.exists():
+        raise SpecError(f"pose.model: {ref} is not a directory (nor a hub id like 'owner/name')")
     else:
         try:
             return load(ref, *args, revision=pose.revision, local_files_only=True, **kwargs)
@@ -254,7 +257,7 @@ def _load_pretrained(load, pose: PoseSpec, *args, **kwargs):
                 f"(`hf download {ref} --local-dir DIR`), copy DIR here and set pose.model: DIR"
             )
     try:
-        return load(ref if not local.is_dir() else str(local), *args, revision=pose.revision, **kwargs)
+        return load(ref, *args, revision=pose.revision, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpecError(f"pose.model: cannot load {ref!r}: {first}") from exc

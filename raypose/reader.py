@@ -45,7 +45,8 @@ def list_images(images: ImagesSpec) -> pa.Table:
             raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
         pairs = [(posixpath.relpath(p, root), p) for p in _call(fs.find, root, url=images.path)]
     suffixes = tuple(s.lower() for s in images.extensions)
-    pairs = sorted((k, p) for k, p in pairs if k.lower().endswith(suffixes) and not _hidden(k))
+    # One task per key: a manifest that lists an image twice must not label it twice.
+    pairs = sorted(dict((k, p) for k, p in pairs if k.lower().endswith(suffixes) and not _hidden(k)).items())
     if not pairs:
         raise SpecError(
             f"images.path: no images under {images.path} (looked for {', '.join(images.extensions)})"
@@ -65,7 +66,7 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
             return f.read()
     except FileNotFoundError as exc:
         raise ImageError("not found in storage", stage="read") from exc
-    except (OSError, PermissionError) as exc:
+    except Exception as exc:  # any storage failure (network, permissions) is this image's error
         raise ImageError(f"cannot read: {type(exc).__name__}: {exc}", stage="read") from exc
 
 
@@ -96,8 +97,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise ImageError(f"refused as a decompression bomb: {exc}") from exc
         except UnidentifiedImageError as exc:
             raise ImageError("not an image Pillow can decode (unknown format)") from exc
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise ImageError(f"corrupt or truncated image data: {exc}") from exc
+        except Exception as exc:  # hostile bytes can trip any decoder error; none may stop the job
+            raise ImageError(f"corrupt or truncated image data: {type(exc).__name__}: {exc}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
