@@ -131,11 +131,14 @@ def table_boxes(table: pa.Table, boxes: BoxesSpec) -> BoxSet:
     return BoxSet(by_image=by_image, source="table", dropped=dropped)
 
 
-def attach_boxes(images: pa.Table, box_set: BoxSet) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+def attach_boxes(
+    images: pa.Table, box_set: BoxSet, detect_missing: bool = False
+) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """Join listed images with their boxes.
 
-    Returns the image tasks (images that have boxes), an errors table for boxes whose
-    image is not in storage, and counts.
+    Returns the image tasks (images that have boxes, and with `detect_missing` the others
+    too, marked for the detector), an errors table for boxes whose image is not in
+    storage, and counts.
     """
     keys = images.column("image_key").to_pylist()
     uris = images.column("image_uri").to_pylist()
@@ -148,18 +151,20 @@ def attach_boxes(images: pa.Table, box_set: BoxSet) -> tuple[pa.Table, pa.Table,
             f"the boxes file names {example_box!r}; point images.path at the folder the boxes' "
             "file names are relative to"
         )
+    tasks = [(k, u, box_set.by_image[k], False) for k, u in matched]
+    if detect_missing:
+        tasks += [(k, u, ImageBoxes(), True) for k, u in zip(keys, uris) if k not in box_set.by_image]
+        tasks.sort(key=lambda task: task[0])
     rows: dict[str, list] = {name: [] for name in IMAGE_TASK_SCHEMA.names}
-    for key, uri in matched:
-        entry = box_set.by_image[key]
-        rows["image_key"].append(key)
-        rows["image_uri"].append(uri)
-        rows["expected_width"].append(entry.width)
-        rows["expected_height"].append(entry.height)
-        rows["box_xywh"].append(entry.xywh)
-        rows["annotation_id"].append(entry.annotation_id)
-        rows["category"].append(entry.category)
-        rows["box_score"].append(entry.score)
-        rows["box_source"].append(box_set.source)
+    for key, uri, entry, detect in tasks:
+        values = {
+            "image_key": key, "image_uri": uri, "expected_width": entry.width, "expected_height": entry.height,
+            "box_xywh": entry.xywh, "annotation_id": entry.annotation_id, "category": entry.category,
+            "box_score": entry.score, "box_source": None if detect else box_set.source,
+            "needs_detection": detect,
+        }
+        for name in rows:
+            rows[name].append(values.get(name))
     missing = sorted(k for k in box_set.by_image if k not in listed)
     errors = pa.table(
         {
@@ -174,8 +179,10 @@ def attach_boxes(images: pa.Table, box_set: BoxSet) -> tuple[pa.Table, pa.Table,
     )
     counts = {
         "images_listed": len(keys),
+        "images": len(tasks),  # sent to the pipeline
         "images_with_boxes": len(matched),
         "images_without_boxes": len(keys) - len(matched),
+        "images_to_detect": sum(task[3] for task in tasks),
         "boxes": sum(len(box_set.by_image[k].xywh) for k, _ in matched),
         "boxes_dropped_by_filters": box_set.dropped,
         "boxes_without_image": sum(len(box_set.by_image[k].xywh) for k in missing),

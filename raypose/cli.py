@@ -1,9 +1,10 @@
-"""The CLI: `raypose validate JOB.yaml`, `raypose submit JOB.yaml [--set key=value ...]`."""
+"""The CLI: `raypose validate|submit JOB.yaml`, and `raypose export coco|render|inspect OUTPUT` over a job's output."""
 
 from __future__ import annotations
 
-import logging
+import logging  # noqa: F401  (kept for the other commands)
 import sys
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -39,7 +40,9 @@ def main(
     ] = False,
 ) -> None:
     """raypose: label images with keypoints at dataset scale."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from raypose.logs import setup_logging
+
+    setup_logging("text")  # INFO lines on stderr; `submit --log-format json/--quiet` changes them
 
 
 @app.command()
@@ -52,31 +55,100 @@ def validate(job: JobArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
         plan = plan_job(load_job_spec(job, set_ or []))
     c = plan.counts
     typer.echo(
-        f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without), "
-        f"{c['boxes']} boxes, model {plan.model.model_id} "
-        f"({plan.model.num_keypoints} keypoints, input {plan.model.input_size[0]}x{plan.model.input_size[1]}), "
-        f"output {plan.spec.output.path}"
+        f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
+        f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
+        f"{c['boxes']} boxes; "
+        + "; ".join(
+            f"expert {name}: {e.model.model_id} ({e.model.num_keypoints} keypoints, "
+            f"input {e.input_size[0]}x{e.input_size[1]})"
+            for name, e in plan.routing.experts.items()
+        )
+        + f"; output {plan.spec.output.path}"
     )
 
 
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
 @app.command()
-def submit(job: JobArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Run a job on an embedded local Ray (or the cluster in RAY_ADDRESS) and write its Parquet."""
+def submit(
+    job: JobArg,
+    set_: SetOpt = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option("--address", help="Run on the Ray cluster whose Jobs API (dashboard) is here, e.g. http://HEAD:8265."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="With --address: follow the job's log to its end, or print its id and return.")
+    ] = True,
+    runtime_env_json: Annotated[
+        Optional[str],
+        typer.Option("--runtime-env-json", help="With --address: JSON merged into the job's runtime_env, e.g. '{\"py_modules\": []}'."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bars or log lines: only the summary line (problems still on stderr).")
+    ] = False,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="text, or json: one JSON object per line (for scheduled runs).")
+    ] = LogFormat.text,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a job on an embedded local Ray (or the cluster in RAY_ADDRESS, or at --address) and write its Parquet."""
+    from raypose.logs import setup_logging
+
+    fmt = LogFormat(log_format).value
+    setup_logging(fmt, quiet)
+    with _submit_errors_as_exit(debug, fmt):
+        if address is not None:
+            from raypose.cluster import run_remote
+
+            code = run_remote(job, set_ or [], address, wait=wait, runtime_env_json=runtime_env_json,
+                              quiet=quiet, log_format=fmt, debug=debug, echo=typer.echo)
+            raise typer.Exit(code)
+        _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json)
+
+
+def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait: bool,
+                  runtime_env_json: Optional[str]) -> None:
+    import json
+    import os
+
+    from raypose.errors import SpecError
+    from raypose.logs import quiet_ray
     from raypose.pipeline import plan_job, run_job
     from raypose.spec import load_job_spec
 
-    with _errors_as_exit(debug):
-        plan = plan_job(load_job_spec(job, set_ or []))
-        c = plan.counts
+    if not wait or runtime_env_json is not None:
+        raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
+    plan = plan_job(load_job_spec(job, overrides))
+    c = plan.counts
+    if not quiet and fmt == "text":
         typer.echo(
-            f"job {plan.job_id}: {c['images_with_boxes']} images, {c['boxes']} boxes "
+            f"job {plan.job_id}: {c['images']} images, {c['boxes']} boxes "
             f"({c['images_without_boxes']} images without boxes skipped)",
             err=True,
         )
-        result = run_job(plan)
+    if os.environ.get("RAY_ADDRESS", "local") != "local":
+        # On a cluster (a Ray job's entrypoint, a KubeRay RayJob): join it without the embedded
+        # Ray's arguments (num_cpus), which ray.init refuses when connecting.
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+    quiet_ray(fmt, quiet)
+    result = run_job(plan)
     c = result.counts
+    if fmt == "json":
+        typer.echo(json.dumps({
+            "event": "job_summary", "job_id": result.job_id, "status": result.manifest.get("status"),
+            "images": c["images"], "instances": c["instances"], "errors": c["errors"],
+            "crops_per_second": result.crops_per_second, "output": result.output_path,
+        }))
+        return
     typer.echo(
-        f"done: {c['images_with_boxes']} images, {c['instances']} instances, {c['errors']} errors, "
+        f"done: {c['images']} images, {c['instances']} instances, {c['errors']} errors, "
         f"{result.crops_per_second:.1f} crops/s -> {result.output_path}"
     )
 
@@ -97,6 +169,100 @@ class _errors_as_exit:
             return False
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code)
+
+
+class _submit_errors_as_exit(_errors_as_exit):
+    """As _errors_as_exit; with --log-format json the error is one JSON object on stderr."""
+
+    def __init__(self, debug: bool, fmt: str):
+        super().__init__(debug)
+        self.fmt = fmt
+
+    def __exit__(self, kind, exc, tb):
+        if self.fmt != "json" or exc is None or not isinstance(exc, RayposeError) or self.debug:
+            return super().__exit__(kind, exc, tb)
+        import json
+        from datetime import datetime, timezone
+
+        typer.echo(json.dumps({
+            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": "ERROR",
+            "logger": "raypose.cli", "message": f"error: {exc}", "event": "job_error", "exit_code": exc.exit_code,
+        }), err=True)
+        raise typer.Exit(exc.exit_code)
+
+
+# --- Reading a job's output back: export, render, inspect (raypose/export.py, render.py, summary.py) ---
+
+OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]
+StorageOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--storage-option", help="fsspec option for reading OUTPUT, images and files: key=value (repeatable)."),
+]
+export_app = typer.Typer(help="Export a job's output to other formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("coco")
+def export_coco(
+    output: OutputArg,
+    to: Annotated[Optional[str], typer.Option("--to", help="Write the COCO keypoints dataset here.")] = None,
+    results: Annotated[Optional[str], typer.Option("--results", help="Write COCO results (for COCOeval) here.")] = None,
+    gt: Annotated[Optional[str], typer.Option("--gt", help="COCO file the boxes came from: image and category ids.")] = None,
+    min_score: Annotated[float, typer.Option("--min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
+    from raypose.export import export_coco as run_export
+    from raypose.output import parse_storage_options
+
+    with _errors_as_exit(debug):
+        done = run_export(output, to, results, gt=gt, min_score=min_score,
+                          storage_options=parse_storage_options(storage_option))
+    written = [p for p in (done["to"], done["results_path"]) if p]
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations, "
+               f"{done['categories']} categories -> {', '.join(written)}")
+
+
+@app.command()
+def render(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for the pictures and index.html.")],
+    images: Annotated[Optional[str], typer.Option("--images", help="Read images from here + image_key instead of image_uri.")] = None,
+    sample: Annotated[int, typer.Option("--sample", help="How many images to draw.")] = 50,
+    min_score: Annotated[float, typer.Option("--min-score", help="Draw keypoints and limbs scored above this.")] = 0.3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the image sample.")] = 0,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Draw skeletons on a sample of a job's images, with an index.html grid to review them."""
+    from raypose.output import parse_storage_options
+    from raypose.render import render_output
+
+    with _errors_as_exit(debug):
+        rendered = render_output(output, out, images=images, sample=sample, min_score=min_score, seed=seed,
+                                 storage_options=parse_storage_options(storage_option))
+    problems = [r for r in rendered if r.problem]
+    for r in problems:
+        typer.echo(f"warning: {r.image_key}: {r.problem}", err=True)
+    drawn = sum(1 for r in rendered if r.file)
+    typer.echo(f"rendered: {drawn} of {len(rendered)} sampled images -> {out.rstrip('/')}/index.html")
+
+
+@app.command()
+def inspect(
+    output: OutputArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Summarize a job: status, model, counts, errors by stage and reason, keypoint scores, speed, spec."""
+    from raypose.output import parse_storage_options
+    from raypose.summary import format_json, format_text, summarize
+
+    with _errors_as_exit(debug):
+        summary = summarize(output, storage_options=parse_storage_options(storage_option))
+    typer.echo(format_json(summary) if as_json else format_text(summary), nl=as_json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from raypose.boxes import clip_boxes
 from raypose.reader import ImageError, decode_image, read_bytes
-from raypose.table import crop_schema
+from raypose.table import CROP_SCHEMA
 
 PADDING = 1.25
 PIXEL_STD = 200.0  # scale is expressed in units of 200 px, as in mmpose and transformers
@@ -83,28 +83,40 @@ def crop_image(
 def make_crops(
     batch: pa.Table,
     *,
-    input_size: tuple[int, int],
+    input_sizes: dict[str, tuple[int, int]],
+    routes: dict[str, str],
+    default_expert: str,
     storage_options: dict[str, Any],
     max_pixels: int,
 ) -> pa.Table:
-    """CPU stage: image rows with boxes -> one row per crop (or per failure), see `table.crop_schema`."""
-    width, height = input_size
-    out = _CropRows(height * width * 3)
+    """CPU stage: image rows with boxes -> one row per crop (or per failure), see `table.CROP_SCHEMA`.
+
+    Each box goes to the expert its category routes to (`routes`, else `default_expert`) and is
+    cropped at that expert's input size (width, height).
+    """
+    out = _CropRows()
     for task in batch.to_pylist():
+        if task.get("error_stage"):
+            out.failure(task, None, task["error_stage"], task["error_reason"])
+            continue
+        if not task["box_xywh"]:
+            continue  # nothing to label (e.g. nothing detected); counted by the driver
         try:
-            decoded = decode_image(read_bytes(task["image_uri"], storage_options), max_pixels)
+            data = task.get("image_bytes") or read_bytes(task["image_uri"], storage_options)
+            decoded = decode_image(data, max_pixels)
         except ImageError as exc:
             out.failure(task, None, exc.stage, str(exc))
             continue
+        experts = [routes.get(c, default_expert) if c is not None else default_expert for c in task["category"]]
         try:
-            _crop_boxes(task, decoded, input_size, out)
+            _crop_boxes(task, decoded, experts, input_sizes, out)
         except Exception as exc:  # an unforeseen failure costs this image, never the batch
             out.discard(task["image_key"])
             out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
-    return out.table(crop_schema(height, width))
+    return out.table(CROP_SCHEMA)
 
 
-def _crop_boxes(task: dict, decoded, input_size: tuple[int, int], out: "_CropRows") -> None:
+def _crop_boxes(task: dict, decoded, experts: list[str], input_sizes: dict, out: "_CropRows") -> None:
     size = decoded.size
     expected = (task["expected_width"], task["expected_height"])
     if None not in expected and expected != size:
@@ -112,20 +124,20 @@ def _crop_boxes(task: dict, decoded, input_size: tuple[int, int], out: "_CropRow
         return
     image = np.asarray(decoded)
     clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
-    centers, scales = center_scale_from_boxes(clipped, input_size)
-    for index, reason in enumerate(reasons):
+    for index, (reason, expert) in enumerate(zip(reasons, experts)):
         if reason is not None:
             out.failure(task, index, "boxes", reason, size)
             continue
-        crop = crop_image(image, centers[index], scales[index], input_size)
-        out.crop(task, index, size, clipped[index], centers[index], scales[index], crop)
+        input_size = input_sizes[expert]
+        center, scale = center_scale_from_boxes(clipped[index], input_size)
+        crop = crop_image(image, center[0], scale[0], input_size)
+        out.crop(task, index, size, clipped[index], expert, center[0], scale[0], crop)
 
 
 class _CropRows:
     """Column buffers for the crop stage's output."""
 
-    def __init__(self, crop_bytes: int):
-        self.crop_bytes = crop_bytes
+    def __init__(self):
         self.columns: dict[str, list] = {}
         self.crops: list[bytes] = []
 
@@ -140,20 +152,23 @@ class _CropRows:
             "category": task["category"][index] if index is not None else None,
             "box_score": task["box_score"][index] if index is not None else None,
             "box_source": task["box_source"],
+            "detector_id": task.get("detector_id"),
             **values,
         }
         for name, value in row.items():
             self.columns.setdefault(name, []).append(value)
 
-    def crop(self, task, index, size, box, center, scale, crop: np.ndarray) -> None:
+    def crop(self, task, index, size, box, expert, center, scale, crop: np.ndarray) -> None:
         self._row(
-            task, index, size, bbox=box.tolist(), center=center.tolist(), scale=scale.tolist(),
+            task, index, size, bbox=box.tolist(), expert=expert, center=center.tolist(), scale=scale.tolist(),
             error_stage=None, error_reason=None,
         )
         self.crops.append(crop.tobytes())
 
     def failure(self, task, index, stage: str, reason: str, size=None) -> None:
-        self._row(task, index, size, bbox=None, center=None, scale=None, error_stage=stage, error_reason=reason)
+        self._row(
+            task, index, size, bbox=None, expert=None, center=None, scale=None, error_stage=stage, error_reason=reason
+        )
         self.crops.append(None)
 
     def discard(self, image_key: str) -> None:

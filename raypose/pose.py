@@ -18,16 +18,15 @@ import torch
 
 from raypose.errors import SpecError
 from raypose.heatmaps import decode_heatmaps, flip_back
-from raypose.keypoint_schemas import EXPERT_INDEX, EXPERT_SCHEMA, SCHEMAS, KeypointSchema
-from raypose.spec import PoseSpec
+from raypose.keypoint_schemas import SCHEMAS
 from raypose.table import POSE_OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-KEYPOINT_SCORE_FLOOR = 0.2
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # mmpose's rescoring: keypoints above this count toward the instance score
+KEYPOINT_SCORE_FLOOR = 0.2  # mmpose's rescoring: keypoints above this count toward the instance score
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass(frozen=True)
@@ -43,38 +42,25 @@ class ModelInfo:
     image_std: tuple[float, float, float]
 
 
-def inspect_model(pose: PoseSpec) -> ModelInfo:
-    """Read the checkpoint's config (no weights) and check it is a ViTPose the job can use."""
+def inspect_model(model: str, revision: str | None = None, field: str = "pose.model") -> ModelInfo:
+    """Read a checkpoint's config (no weights) and check it is a ViTPose."""
     from transformers import AutoConfig
 
-    config = _load_pretrained(AutoConfig.from_pretrained, pose)
+    config = _load_pretrained(AutoConfig.from_pretrained, model, revision, field)
     if getattr(config, "model_type", None) != "vitpose":
         raise SpecError(
-            f"pose.model: {pose.model!r} is a {getattr(config, 'model_type', 'unknown')!r} model, "
+            f"{field}: {model!r} is a {getattr(config, 'model_type', 'unknown')!r} model, "
             "expected a ViTPose checkpoint (model_type 'vitpose')"
         )
     backbone = config.backbone_config
     height, width = backbone.image_size
-    num_experts = int(getattr(backbone, "num_experts", 1))
-    schema_name = EXPERT_SCHEMA.get(pose.expert)
-    if schema_name is None:
-        raise SpecError(
-            f"pose.expert: no keypoint schema for expert {pose.expert!r} in this version "
-            f"(available: {', '.join(EXPERT_SCHEMA)})"
-        )
-    schema = SCHEMAS[schema_name]
-    if config.num_labels != schema.num_keypoints:
-        raise SpecError(
-            f"pose.expert: {pose.expert!r} means {schema.num_keypoints} keypoints ({schema.name}), "
-            f"but {pose.model!r} outputs {config.num_labels} heatmaps"
-        )
-    mean, std = _normalization(pose)
+    mean, std = _normalization(model, revision, field)
     return ModelInfo(
-        model_id=pose.model,
-        revision=pose.revision or getattr(config, "_commit_hash", None) or _local_fingerprint(pose.model),
+        model_id=model,
+        revision=revision or getattr(config, "_commit_hash", None) or _local_fingerprint(model),
         input_size=(int(width), int(height)),
         num_keypoints=int(config.num_labels),
-        num_experts=num_experts,
+        num_experts=int(getattr(backbone, "num_experts", 1)),
         image_mean=mean,
         image_std=std,
     )
@@ -97,119 +83,142 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class PoseEngine:
-    """A loaded ViTPose model: `estimate` maps uint8 crops and their geometry to keypoints."""
+    """A loaded ViTPose checkpoint: `estimate` maps uint8 crops and their geometry to keypoints."""
 
-    def __init__(self, pose: PoseSpec, num_threads: int | None = None):
+    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto"):
         from transformers import VitPoseForPoseEstimation
 
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.info = inspect_model(pose)
-        self.device = resolve_device(pose.device)
-        self.dtype = resolve_dtype(pose.dtype, self.device)
-        self.expert = pose.expert
-        self.schema: KeypointSchema = SCHEMAS[EXPERT_SCHEMA[pose.expert]]
-        self.flip_test = pose.flip_test
+        self.info = info
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         model = _load_pretrained(
-            VitPoseForPoseEstimation.from_pretrained, pose, use_safetensors=True, dtype=self.dtype
+            VitPoseForPoseEstimation.from_pretrained, info.model_id, _hub_revision(info), "pose.model",
+            use_safetensors=True, dtype=self.dtype,
         )
         self.model = model.to(self.device).eval()
-        self.dataset_index = EXPERT_INDEX[pose.expert] if self.info.num_experts > 1 else None
         # (x / 255 - mean) / std as one multiply-add.
-        std = torch.tensor(self.info.image_std, device=self.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.info.image_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(info.image_std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(info.image_mean, device=self.device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
-        self._flip_pairs = torch.tensor(self.schema.flip_pairs, dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def estimate(
-        self, crops: np.ndarray, centers: np.ndarray, scales: np.ndarray
+        self,
+        crops: np.ndarray,
+        centers: np.ndarray,
+        scales: np.ndarray,
+        dataset_index: int | None = None,
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Crops (N, H, W, 3) uint8 + centers/scales (N, 2) -> keypoints (N, K, 2) image px, scores (N, K)."""
+        """Crops (N, H, W, 3) uint8 + centers/scales (N, 2) -> keypoints (N, K, 2) image px, scores (N, K).
+
+        `flip_pairs` turns on the flip test: the mirrored crops run in the same forward pass.
+        """
         pixels = torch.from_numpy(crops)
         if self.device.type == "cuda":
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         pixels = (pixels * self._scale + self._shift).to(self.dtype)
-        heatmaps = self._heatmaps(pixels)
-        if self.flip_test:
-            heatmaps = 0.5 * (heatmaps + flip_back(self._heatmaps(pixels.flip(-1)), self._flip_pairs))
+        n = pixels.shape[0]
+        if flip_pairs is not None:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        heatmaps = self._heatmaps(pixels, dataset_index)
+        if flip_pairs is not None:
+            pairs = torch.tensor(flip_pairs, dtype=torch.long, device=self.device).reshape(-1, 2)
+            heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], pairs))
         keypoints, scores = decode_heatmaps(heatmaps, torch.from_numpy(centers), torch.from_numpy(scales))
         return keypoints.cpu().numpy(), scores.cpu().numpy()
 
-    def _heatmaps(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _heatmaps(self, pixels: torch.Tensor, dataset_index: int | None) -> torch.Tensor:
         kwargs = {}
-        if self.dataset_index is not None:
+        if dataset_index is not None:
             kwargs["dataset_index"] = torch.full(
-                (pixels.shape[0],), self.dataset_index, dtype=torch.long, device=self.device
+                (pixels.shape[0],), dataset_index, dtype=torch.long, device=self.device
             )
         return self.model(pixel_values=pixels, **kwargs).heatmaps.float()
 
 
 class PoseStage:
-    """Ray actor for the pose stage: crop rows in, keypoint rows out (failures pass through)."""
+    """Ray actor for the pose stage: every checkpoint the routing uses, loaded once."""
 
-    def __init__(self, pose: PoseSpec, num_threads: int | None = None):
-        self.engine = PoseEngine(pose, num_threads=num_threads)
+    def __init__(self, routing, device: str = "auto", dtype: str = "auto", flip_test: bool = False,
+                 num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.routing = routing
+        self.flip_test = flip_test
+        self.engines: dict[tuple[str, str], PoseEngine] = {}
+        for expert in routing.experts.values():
+            key = (expert.model.model_id, expert.model.revision)
+            if key not in self.engines:
+                self.engines[key] = PoseEngine(expert.model, device=device, dtype=dtype)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return estimate_rows(self.engine, batch)
+        return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test)
 
 
-def estimate_rows(engine: PoseEngine, batch: pa.Table) -> pa.Table:
-    """Run the engine over the rows that have a crop; rows that failed earlier pass through."""
+def estimate_rows(engines: dict, routing, batch: pa.Table, flip_test: bool = False) -> pa.Table:
+    """Run each expert on its own rows (homogeneous forward batches); failed rows pass through."""
     n = batch.num_rows
-    crop_column = batch.column("crop").combine_chunks()
-    ok = np.asarray(crop_column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    experts = batch.column("expert").to_pylist()
     stage = batch.column("error_stage").to_pylist()
     reason = batch.column("error_reason").to_pylist()
-    k = engine.schema.num_keypoints
-    xs = np.full((n, k), np.nan, np.float32)
-    ys, ss = xs.copy(), xs.copy()
-    if ok.any():
-        width, height = engine.info.input_size
-        crops = _crop_array(crop_column, height, width)[ok]
-        centers = _pairs(batch.column("center"))[ok]
-        scales = _pairs(batch.column("scale"))[ok]
+    crops = batch.column("crop").combine_chunks()
+    centers = _pairs(batch.column("center"))
+    scales = _pairs(batch.column("scale"))
+    results: list = [None] * n
+    for name in sorted({e for e, s in zip(experts, stage) if s is None}):
+        expert = routing.experts[name]
+        rows = [i for i in range(n) if experts[i] == name and stage[i] is None]
+        engine = engines[(expert.model.model_id, expert.model.revision)]
+        schema = SCHEMAS[expert.keypoint_schema]
         try:
-            keypoints, scores = engine.estimate(crops, centers, scales)
-            xs[ok], ys[ok], ss[ok] = keypoints[..., 0], keypoints[..., 1], scores
+            keypoints, scores = engine.estimate(
+                _crop_array(crops, rows, expert.input_size), centers[rows], scales[rows],
+                dataset_index=expert.dataset_index, flip_pairs=schema.flip_pairs if flip_test else None,
+            )
         except Exception as exc:  # a failed batch becomes error rows, the job goes on
-            log.exception("pose batch of %d crops failed", int(ok.sum()))
-            for i in np.flatnonzero(ok):
+            log.exception("pose batch of %d crops for expert %s failed", len(rows), name)
+            for i in rows:
                 stage[i], reason[i] = "pose", f"{type(exc).__name__}: {exc}"
-            ok = np.zeros(n, dtype=bool)
-    instance_score = _instance_scores(ss, batch.column("box_score").to_numpy(zero_copy_only=False))
+            continue
+        for j, i in enumerate(rows):
+            results[i] = (keypoints[j], scores[j], expert.keypoint_schema)
+    box_scores = batch.column("box_score").to_numpy(zero_copy_only=False)
     pose_columns = {
-        "expert": pa.array(np.where(ok, engine.expert, None).tolist(), pa.string()),
-        "keypoint_schema": pa.array(np.where(ok, engine.schema.name, None).tolist(), pa.string()),
-        "keypoint_x": _lists(xs, ok),
-        "keypoint_y": _lists(ys, ok),
-        "keypoint_score": _lists(ss, ok),
-        "instance_score": pa.array(instance_score, pa.float32(), mask=~ok),
+        "expert": pa.array([e if r is not None else None for e, r in zip(experts, results)], pa.string()),
+        "keypoint_schema": pa.array([r[2] if r is not None else None for r in results], pa.string()),
+        "keypoint_x": _lists([r[0][:, 0] if r is not None else None for r in results]),
+        "keypoint_y": _lists([r[0][:, 1] if r is not None else None for r in results]),
+        "keypoint_score": _lists([r[1] if r is not None else None for r in results]),
+        "instance_score": pa.array(
+            [_instance_score(r[1], b) if r is not None else None for r, b in zip(results, box_scores)], pa.float32()
+        ),
         "error_stage": pa.array(stage, pa.string()),
         "error_reason": pa.array(reason, pa.string()),
     }
-    columns = {name: pose_columns.get(name, batch.column(name) if name in batch.column_names else None)
+    columns = {name: pose_columns[name] if name in pose_columns else batch.column(name)
                for name in POSE_OUTPUT_SCHEMA.names}
     return pa.table(columns, schema=POSE_OUTPUT_SCHEMA)
 
 
-def _instance_scores(scores: np.ndarray, box_scores: np.ndarray) -> np.ndarray:
+def _instance_score(scores: np.ndarray, box_score: float) -> float:
     """mmpose's top-down rescoring: mean of keypoint scores above 0.2, times the box score (1 for GT)."""
-    confident = scores > KEYPOINT_SCORE_FLOOR
-    count = confident.sum(axis=1)
-    mean = np.where(count > 0, np.where(confident, scores, 0).sum(axis=1) / np.maximum(count, 1), 0.0)
-    box = np.where(np.isnan(box_scores.astype(np.float64)), 1.0, box_scores)
-    return (mean * box).astype(np.float32)
+    confident = scores[scores > KEYPOINT_SCORE_FLOOR]
+    mean = float(confident.mean()) if confident.size else 0.0
+    return mean * (1.0 if box_score is None or np.isnan(box_score) else float(box_score))
 
 
-def _crop_array(column: pa.FixedSizeBinaryArray, height: int, width: int) -> np.ndarray:
-    size = height * width * 3
-    data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
-    start = column.offset * size
-    return data[start : start + len(column) * size].reshape(len(column), height, width, 3)
+def _crop_array(column: pa.BinaryArray, rows: list[int], input_size: tuple[int, int]) -> np.ndarray:
+    """The crops of some rows of a binary column as one (N, H, W, 3) uint8 array."""
+    width, height = input_size
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset :]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)
+    out = np.empty((len(rows), height, width, 3), dtype=np.uint8)
+    for j, i in enumerate(rows):
+        out[j] = data[offsets[i] : offsets[i + 1]].reshape(height, width, 3)
+    return out
 
 
 def _pairs(column: pa.ChunkedArray) -> np.ndarray:
@@ -219,17 +228,20 @@ def _pairs(column: pa.ChunkedArray) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 2)
 
 
-def _lists(values: np.ndarray, ok: np.ndarray) -> pa.Array:
-    n, k = values.shape
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k)
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)), mask=pa.array(~ok))
+def _lists(rows: list) -> pa.Array:
+    """Per-row float arrays (None for a failed row) as list<float32>; lengths may differ by schema."""
+    lengths = np.array([len(r) if r is not None else 0 for r in rows], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    present = [np.asarray(r, np.float32) for r in rows if r is not None]
+    values = pa.array(np.concatenate(present) if present else np.empty(0, np.float32), pa.float32())
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array([r is None for r in rows]))
 
 
-def _normalization(pose: PoseSpec) -> tuple[tuple, tuple]:
+def _normalization(model: str, revision: str | None, field: str) -> tuple[tuple, tuple]:
     from transformers.utils import cached_file
 
     path = _load_pretrained(
-        cached_file, pose, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
+        cached_file, model, revision, field, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
     )
     if not path:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -237,30 +249,35 @@ def _normalization(pose: PoseSpec) -> tuple[tuple, tuple]:
     return tuple(config.get("image_mean", IMAGENET_MEAN)), tuple(config.get("image_std", IMAGENET_STD))
 
 
-def _load_pretrained(load, pose: PoseSpec, *args, **kwargs):
+def _load_pretrained(load, model: str, revision: str | None, field: str, *args, **kwargs):
     """Call a transformers loader; a checkpoint that cannot be fetched fails fast with a fix."""
-    ref = pose.model
+    ref = model
     local = Path(ref).expanduser()
     if local.is_dir():
         ref = str(local)
     elif not HUB_ID.fullmatch(ref) or local.exists():
-        raise SpecError(f"pose.model: {ref} is not a directory (nor a hub id like 'owner/name')")
+        raise SpecError(f"{field}: {ref} is not a directory (nor a hub id like 'owner/name')")
     else:
         try:
-            return load(ref, *args, revision=pose.revision, local_files_only=True, **kwargs)
+            return load(ref, *args, revision=revision, local_files_only=True, **kwargs)
         except OSError:
             pass  # not in the local cache: go to the hub
         if not _hub_reachable():
             raise SpecError(
-                f"pose.model: cannot fetch {ref!r}: the Hugging Face hub is not reachable from here "
+                f"{field}: cannot fetch {ref!r}: the Hugging Face hub is not reachable from here "
                 "and the checkpoint is not in the local cache. Download it where there is network "
-                f"(`hf download {ref} --local-dir DIR`), copy DIR here and set pose.model: DIR"
+                f"(`hf download {ref} --local-dir DIR`), copy DIR here and set {field}: DIR"
             )
     try:
-        return load(ref, *args, revision=pose.revision, **kwargs)
+        return load(ref, *args, revision=revision, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"pose.model: cannot load {ref!r}: {first}") from exc
+        raise SpecError(f"{field}: cannot load {ref!r}: {first}") from exc
+
+
+def _hub_revision(info: ModelInfo) -> str | None:
+    # A local checkpoint's revision is raypose's fingerprint, not something the hub knows.
+    return None if info.revision.startswith("sha256:") else info.revision
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

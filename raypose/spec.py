@@ -20,6 +20,8 @@ from pydantic_core import PydanticCustomError
 
 from raypose.errors import SpecError
 
+# The ViTPose++ experts (datasets) known by name; pose.experts may add others.
+BUILTIN_EXPERTS = ("coco", "aic", "mpii", "ap10k", "apt36k", "wholebody")
 SECRET_KEY_PATTERN = re.compile(r"(secret|token|password|passwd|credential|key)", re.IGNORECASE)
 
 
@@ -79,11 +81,27 @@ class ImagesSpec(_Section):
     max_pixels: PositiveInt = 100_000_000
 
 
+class DetectorSpec(_Section):
+    """An RT-DETR (or RT-DETRv2) checkpoint that finds the boxes."""
+
+    model: Text = "PekingU/rtdetr_r50vd_coco_o365"
+    revision: Text | None = None
+    threshold: Fraction = 0.3
+    max_per_image: PositiveInt = 100
+    min_size: NonNegativeFloat = 0.0
+    nms_iou: Fraction | None = None
+    batch_size: PositiveInt = 8
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class BoxesSpec(_Section):
     """Where the person (or animal) boxes come from."""
 
-    source: Literal["coco", "table"] = "coco"
-    path: Text
+    source: Literal["coco", "table", "detector"] = "coco"
+    path: Text | None = None
+    detector: DetectorSpec = DetectorSpec()
+    detect_missing: Flag = False
     storage_options: Options | None = None
     categories: TextList | None = ["person"]
     min_area: NonNegativeFloat = 0.0
@@ -95,12 +113,31 @@ class BoxesSpec(_Section):
     category_column: Text = "category"
 
 
+class ExpertSpec(_Section):
+    """One pose expert: a checkpoint, its ViTPose++ dataset_index, and what its heatmaps mean."""
+
+    model: Text | None = None  # default: pose.model
+    revision: Text | None = None
+    dataset_index: Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")] | None = None
+    keypoint_schema: Text | None = None  # default: the built-in expert's schema
+
+
 class PoseSpec(_Section):
-    """The ViTPose checkpoint and how to run it."""
+    """The ViTPose checkpoint(s) and how to run them."""
 
     model: Text
     revision: Text | None = None
-    expert: Literal["coco", "aic", "mpii", "ap10k", "apt36k", "wholebody"] = "coco"
+    expert: Text = "coco"  # the expert for categories without a routing rule
+    experts: Annotated[
+        dict[str, ExpertSpec], _expect(lambda v: isinstance(v, dict), "expected a mapping of expert names")
+    ] = {}
+    routing: Annotated[
+        dict[str, str],
+        _expect(
+            lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+            "expected a mapping of category -> expert name",
+        ),
+    ] = {}
     batch_size: PositiveInt = 32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -113,6 +150,9 @@ class ResourcesSpec(_Section):
     pose_actors: PositiveInt = 1
     cpus_per_pose_actor: PositiveFloat = 1.0
     gpus_per_pose_actor: NonNegativeFloat | None = None
+    detector_actors: PositiveInt = 1
+    cpus_per_detector_actor: PositiveFloat = 1.0
+    gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16
     num_cpus: PositiveInt | None = None
 
@@ -208,12 +248,34 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec
 def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
     """Validate plain data into a JobSpec, raising one SpecError that lists every problem."""
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
+        problems = cross_field_problems(spec)
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
+    if problems:
         if len(problems) == 1:  # one problem reads as one line in a job's log
             raise SpecError(f"invalid job spec: {problems[0]}") from None
         raise SpecError("invalid job spec:\n  " + "\n  ".join(problems)) from None
+    return spec
+
+
+def cross_field_problems(spec: JobSpec) -> list[str]:
+    """What the field types cannot say: required-if, and names that must refer to each other."""
+    problems = []
+    boxes, pose = spec.boxes, spec.pose
+    if boxes.source != "detector" and boxes.path is None:
+        problems.append(f"boxes.path: required with boxes.source: {boxes.source}")
+    if boxes.source == "detector" and boxes.detect_missing:
+        problems.append("boxes.detect_missing: only with boxes.source coco or table (a detector job detects everything)")
+    known = sorted(set(BUILTIN_EXPERTS) | set(pose.experts))
+    if pose.expert not in known:
+        problems.append(f"pose.expert: unknown expert {pose.expert!r}; expected one of: {', '.join(known)}")
+    for category, expert in pose.routing.items():
+        if expert not in known:
+            problems.append(
+                f"pose.routing.{category}: unknown expert {expert!r}; expected one of: {', '.join(known)}"
+            )
+    return problems
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -19,7 +19,12 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("annotation_id", pa.list_(pa.int64())),
         ("category", pa.list_(pa.string())),
         ("box_score", pa.list_(pa.float32())),
-        ("box_source", pa.string()),
+        ("box_source", pa.string()),  # gt | table | detector
+        ("detector_id", pa.string()),
+        ("needs_detection", pa.bool_()),
+        ("image_bytes", pa.binary()),  # set when an earlier stage (the detector) already read the image
+        ("error_stage", pa.string()),  # set when an earlier stage failed on this image
+        ("error_reason", pa.string()),
     ]
 )
 
@@ -34,7 +39,8 @@ INSTANCE_FIELDS = [
     pa.field("category", pa.string()),
     pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh in image pixels, as cropped (clipped)
     pa.field("box_score", pa.float32()),  # null for ground-truth boxes
-    pa.field("box_source", pa.string()),  # gt | table
+    pa.field("box_source", pa.string()),  # gt | table | detector
+    pa.field("detector_id", pa.string()),  # the detector checkpoint, for detected boxes
 ]
 
 # Failures travel in the stream with the rows; the writer routes them to the errors table.
@@ -56,17 +62,18 @@ RUN_FIELDS = [
 ]
 
 
-def crop_schema(height: int, width: int) -> pa.Schema:
-    """Rows out of the crop stage: instance fields, crop geometry, uint8 HWC crop bytes."""
-    return pa.schema(
-        INSTANCE_FIELDS
-        + [
-            pa.field("center", pa.list_(pa.float32(), 2)),
-            pa.field("scale", pa.list_(pa.float32(), 2)),
-            pa.field("crop", pa.binary(height * width * 3)),
-        ]
-        + FAILURE_FIELDS
-    )
+# Rows out of the crop stage: instance fields, the expert that will label the crop, the crop's
+# geometry and its uint8 HWC pixels at that expert's input size.
+CROP_SCHEMA = pa.schema(
+    INSTANCE_FIELDS
+    + [
+        pa.field("expert", pa.string()),
+        pa.field("center", pa.list_(pa.float32(), 2)),
+        pa.field("scale", pa.list_(pa.float32(), 2)),
+        pa.field("crop", pa.binary()),
+    ]
+    + FAILURE_FIELDS
+)
 
 
 POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS)

@@ -68,18 +68,18 @@ class OutputWriter:
         storage_options: dict[str, Any],
         *,
         job_id: str,
-        model_id: str,
-        model_revision: str,
+        models: dict[str, tuple[str, str]],
         schemas: list[KeypointSchema],
     ):
         self.output = output
         self.fs, self.root = url_to_fs(output.path, **storage_options)
         self.job_id = job_id
-        self.constants = {"job_id": job_id, "model_id": model_id, "model_revision": model_revision}
+        self.models = models  # expert -> (model id, revision)
         self.schemas = {s.name: s.describe() for s in schemas}
+        self.image_keys: set[str] = set()
         metadata = {
             "raypose": json.dumps(
-                {"job_id": job_id, "model_id": model_id, "model_revision": model_revision,
+                {"job_id": job_id, "models": {e: {"id": m, "revision": r} for e, (m, r) in models.items()},
                  "keypoint_schemas": self.schemas}
             )
         }
@@ -90,13 +90,18 @@ class OutputWriter:
 
     def write(self, batch: pa.Table) -> None:
         """Route one batch of pose-stage rows: instances to keypoints, failures to errors."""
+        self.image_keys.update(batch.column("image_key").to_pylist())
         failed = batch.column("error_stage").is_valid()
         instances = batch.filter(pc.invert(failed))
         if instances.num_rows:
-            n = instances.num_rows
+            experts = instances.column("expert").to_pylist()
+            run = {
+                "job_id": [self.job_id] * len(experts),
+                "model_id": [self.models[e][0] for e in experts],
+                "model_revision": [self.models[e][1] for e in experts],
+            }
             columns = {
-                name: pa.array([self.constants[name]] * n, pa.string()) if name in self.constants
-                else instances.column(name)
+                name: pa.array(run[name], pa.string()) if name in run else instances.column(name)
                 for name in KEYPOINTS_SCHEMA.names
             }
             self.keypoints.append(pa.table(columns, schema=self.keypoints.schema))
@@ -129,6 +134,7 @@ class OutputWriter:
             "instances": self.keypoints.rows,
             "errors": self.errors.rows,
             "errors_by_stage": dict(self.errors_by_stage),
+            "image_keys": self.image_keys,
             "keypoint_files": keypoint_files,
             "error_files": error_files,
         }

@@ -289,6 +289,8 @@ def test_attach_boxes():
     ]
     assert counts == {
         "images_listed": 4,
+        "images": 2,
+        "images_to_detect": 0,
         "images_with_boxes": 2,
         "images_without_boxes": 2,  # c.jpg (no annotations) and d.jpg (not in the file)
         "boxes": 4,

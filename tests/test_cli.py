@@ -80,7 +80,7 @@ def test_validate_good_job(good_job, write_job, tiny_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     line = result.stdout.strip()
     assert line.startswith("ok: 3 images (3 with boxes, 0 without), 6 boxes"), line
-    assert f"model {tiny_checkpoint}" in line
+    assert f"expert coco: {tiny_checkpoint}" in line
     assert "17 keypoints, input 192x256" in line
     assert f"output {tmp_path / 'out'}" in line
     assert not (tmp_path / "out").exists()  # validate writes nothing

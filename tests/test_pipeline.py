@@ -80,7 +80,7 @@ def test_submit_local_job_writes_plain_parquet(ray_session, tiny_checkpoint, coc
     assert manifest["status"] == "succeeded"
     assert manifest["counts"]["instances"] == 6 and manifest["counts"]["images_with_boxes"] == 3
     assert manifest["throughput"]["crops_per_second"] > 0
-    assert manifest["model"]["revision"].startswith("sha256:")
+    assert manifest["experts"]["coco"]["revision"].startswith("sha256:")
     assert not (output / "_tmp").exists()
 
     coco = read_json(coco_folder / "boxes.json")

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from raypose.crops import center_scale_from_boxes, crop_image, make_crops
-from raypose.pose import PoseEngine, estimate_rows, inspect_model
+from raypose.keypoint_schemas import COCO17
+from raypose.pose import PoseEngine, PoseStage, inspect_model
+from raypose.routing import resolve_routing
 from raypose.spec import PoseSpec
 from raypose.synthetic import draw_people, make_checkpoint
 from raypose.table import IMAGE_TASK_SCHEMA, POSE_OUTPUT_SCHEMA
@@ -40,15 +42,28 @@ def reference_pipeline(checkpoint, image: Image.Image, boxes, dataset_index=None
     return np.stack([r["keypoints"].numpy() for r in results]), np.stack([r["scores"].numpy() for r in results])
 
 
-def engine_for(checkpoint, **pose) -> PoseEngine:
-    return PoseEngine(PoseSpec(model=str(checkpoint), **pose))
+def engine_for(checkpoint) -> PoseEngine:
+    return PoseEngine(inspect_model(str(checkpoint)))
 
 
-def ours(engine: PoseEngine, image: Image.Image, boxes):
+def ours(engine: PoseEngine, image: Image.Image, boxes, **options):
     centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
     pixels = np.asarray(image)
     crops = np.stack([crop_image(pixels, c, s, engine.info.input_size) for c, s in zip(centers, scales)])
-    return engine.estimate(crops, centers, scales)
+    return engine.estimate(crops, centers, scales, **options)
+
+
+def stage_for(checkpoint, **pose) -> PoseStage:
+    spec = PoseSpec(model=str(checkpoint), **pose)
+    return PoseStage(resolve_routing(spec), flip_test=spec.flip_test)
+
+
+def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
+    sizes = {name: expert.input_size for name, expert in stage.routing.experts.items()}
+    return make_crops(
+        tasks, input_sizes=sizes, routes=stage.routing.rules, default_expert=stage.routing.default,
+        storage_options={}, max_pixels=10**8,
+    )
 
 
 @pytest.mark.parametrize("index", range(len(IMAGES)))
@@ -72,18 +87,23 @@ def assert_same_keypoints(keypoints, expected, boxes, engine, heatmap_pixels=0.0
     assert error.max() <= heatmap_pixels, error.max()
 
 
-def test_moe_checkpoint_gets_the_experts_dataset_index(tmp_path):
+@pytest.mark.parametrize("expert, index", [("coco", 0), ("ap10k", 3)])
+def test_moe_checkpoint_gets_the_experts_dataset_index(tmp_path, expert, index):
     checkpoint = make_checkpoint(tmp_path / "plus", preset="tiny-plus")
     (width, height), boxes = IMAGES[0]
-    image = draw_people(width, height, np.array(boxes))
-    engine = engine_for(checkpoint, expert="coco")
+    draw_people(width, height, np.array(boxes)).save(tmp_path / "p.png")
+    stage = stage_for(checkpoint, expert=expert)
+    [engine] = stage.engines.values()
     seen = []
     engine.model.backbone.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("dataset_index")), with_kwargs=True
     )
-    keypoints, _ = ours(engine, image, boxes)
-    assert seen and seen[0].tolist() == [0] * len(boxes)
-    ref_keypoints, _ = reference_pipeline(checkpoint, image, boxes, dataset_index=0)
+    tasks = pa.Table.from_pylist([task_row(tmp_path / "p.png", boxes)], schema=IMAGE_TASK_SCHEMA)
+    rows = stage(crops_for(tasks, stage)).to_pylist()
+    assert seen and seen[0].tolist() == [index] * len(boxes)
+    assert {r["expert"] for r in rows} == {expert}
+    keypoints = np.array([np.stack([r["keypoint_x"], r["keypoint_y"]], 1) for r in rows])
+    ref_keypoints, _ = reference_pipeline(checkpoint, Image.open(tmp_path / "p.png"), boxes, dataset_index=index)
     assert_same_keypoints(keypoints, ref_keypoints, boxes, engine)
 
 
@@ -94,12 +114,12 @@ def test_flip_test_averages_crop_and_mirror_heatmaps(tiny_checkpoint):
 
     (width, height), boxes = IMAGES[0]
     image = draw_people(width, height, np.array(boxes))
-    engine = engine_for(tiny_checkpoint, flip_test=True)
-    keypoints, scores = ours(engine, image, boxes)
+    engine = engine_for(tiny_checkpoint)
+    keypoints, scores = ours(engine, image, boxes, flip_pairs=COCO17.flip_pairs)
 
     processor = reference.VitPoseImageProcessorPil.from_pretrained(tiny_checkpoint)
     pixels = processor(image, boxes=[boxes], return_tensors="pt")["pixel_values"]
-    pairs = torch.tensor(engine.schema.flip_pairs)
+    pairs = torch.tensor(COCO17.flip_pairs)
     with torch.no_grad():
         plain = engine.model(pixel_values=pixels).heatmaps
         mirrored = engine.model(pixel_values=pixels.flip(-1)).heatmaps
@@ -112,31 +132,28 @@ def test_flip_test_averages_crop_and_mirror_heatmaps(tiny_checkpoint):
     assert not np.allclose(plain_keypoints, keypoints)
 
 
+def task_row(path, boxes, categories=None) -> dict:
+    n = len(boxes)
+    return {
+        "image_key": path.name, "image_uri": str(path), "box_xywh": boxes,
+        "annotation_id": list(range(1, n + 1)), "category": categories or ["person"] * n,
+        "box_score": [None] * n, "box_source": "gt",
+    }
+
+
 def task_table(tmp_path, boxes, size=(320, 240)) -> pa.Table:
     path = tmp_path / "person.png"
     draw_people(*size, np.array([b for b in boxes if np.isfinite(b).all()]).reshape(-1, 4)).save(path)
-    n = len(boxes)
-    return pa.table(
-        {
-            "image_key": ["person.png", "gone.png"],
-            "image_uri": [str(path), str(tmp_path / "gone.png")],
-            "expected_width": [None, None],
-            "expected_height": [None, None],
-            "box_xywh": [boxes, [[0.0, 0.0, 10.0, 10.0]]],
-            "annotation_id": [list(range(1, n + 1)), [99]],
-            "category": [["person"] * n, ["person"]],
-            "box_score": [[None] * n, [None]],
-            "box_source": ["gt", "gt"],
-        },
-        schema=IMAGE_TASK_SCHEMA,
-    )
+    gone = task_row(tmp_path / "gone.png", [[0.0, 0.0, 10.0, 10.0]])
+    gone["annotation_id"] = [99]
+    return pa.Table.from_pylist([task_row(path, boxes), gone], schema=IMAGE_TASK_SCHEMA)
 
 
-def test_estimate_rows_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path):
-    engine = engine_for(tiny_checkpoint)
+def test_pose_stage_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path):
+    stage = stage_for(tiny_checkpoint)
     tasks = task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0]])
-    crops = make_crops(tasks, input_size=engine.info.input_size, storage_options={}, max_pixels=10**8)
-    out = estimate_rows(engine, crops)
+    crops = crops_for(tasks, stage)
+    out = stage(crops)
     assert out.schema == POSE_OUTPUT_SCHEMA
     rows = out.to_pylist()
     assert [(r["image_key"], r["instance_index"], r["error_stage"]) for r in rows] == [
@@ -148,22 +165,20 @@ def test_estimate_rows_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_p
         assert 0 <= row["instance_score"] <= 1
     assert rows[1]["keypoint_x"] is None and rows[1]["instance_score"] is None
     # The same crop alone gives the same keypoints: rows are not mixed up within a batch.
-    alone = estimate_rows(engine, crops.slice(2, 1)).to_pylist()[0]
+    alone = stage(crops.slice(2, 1)).to_pylist()[0]
     np.testing.assert_allclose(alone["keypoint_x"], rows[2]["keypoint_x"], atol=1e-3)
 
 
 def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
-    engine = engine_for(tiny_checkpoint)
-    crops = make_crops(
-        task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0]]),
-        input_size=engine.info.input_size, storage_options={}, max_pixels=10**8,
-    )
+    stage = stage_for(tiny_checkpoint)
+    crops = crops_for(task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0]]), stage)
 
-    def explode(*args):
+    def explode(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert")
 
+    [engine] = stage.engines.values()
     monkeypatch.setattr(engine, "estimate", explode)
-    rows = estimate_rows(engine, crops).to_pylist()
+    rows = stage(crops).to_pylist()
     assert [(r["error_stage"], r["error_reason"]) for r in rows] == [
         ("pose", "RuntimeError: CUDA error: device-side assert"),
         ("read", "not found in storage"),
@@ -171,7 +186,7 @@ def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypat
 
 
 def test_inspect_model_reads_shape_without_weights(tiny_checkpoint):
-    info = inspect_model(PoseSpec(model=str(tiny_checkpoint)))
+    info = inspect_model(str(tiny_checkpoint))
     assert info.input_size == (192, 256)
     assert info.num_keypoints == 17 and info.num_experts == 1
     assert info.revision.startswith("sha256:")

@@ -18,7 +18,7 @@ from raypose.crops import make_crops
 from raypose.errors import SpecError
 from raypose.reader import ImageError, decode_image, list_images, read_bytes
 from raypose.spec import ImagesSpec
-from raypose.table import IMAGE_TASK_SCHEMA
+from raypose.table import CROP_SCHEMA, IMAGE_TASK_SCHEMA
 
 MAX_PIXELS = 1_000_000
 INPUT_SIZE = (192, 256)  # (width, height)
@@ -362,6 +362,11 @@ def crop_inputs(tmp_path):
     return tmp_path
 
 
+CROP_ARGS = dict(
+    input_sizes={"coco": INPUT_SIZE}, routes={}, default_expert="coco", storage_options={}, max_pixels=MAX_PIXELS
+)
+
+
 def task(folder: Path, name: str, boxes: list[list[float]], size=(160, 120)) -> dict:
     return {
         "image_key": name,
@@ -397,9 +402,9 @@ def test_make_crops_outcomes(crop_inputs):
         ],
         schema=IMAGE_TASK_SCHEMA,
     )
-    out = make_crops(batch, input_size=INPUT_SIZE, storage_options={}, max_pixels=MAX_PIXELS)
+    out = make_crops(batch, **CROP_ARGS)
     crop_bytes = 256 * 192 * 3
-    assert out.schema.field("crop").type == pa.binary(crop_bytes)
+    assert out.schema.field("crop").type == pa.binary()
     got = out.to_pylist()
     assert len(got) == 6 + 4 + 1
     by_box = got[:6]
@@ -409,7 +414,7 @@ def test_make_crops_outcomes(crop_inputs):
         assert row["crop"] is not None and len(row["crop"]) == crop_bytes
         assert (row["image_width"], row["image_height"]) == (160, 120)
         assert row["instance_index"] == index and row["annotation_id"] == 100 + index
-        assert row["category"] == "person" and row["box_source"] == "gt"
+        assert row["category"] == "person" and row["box_source"] == "gt" and row["expert"] == "coco"
         assert len(row["center"]) == 2 and len(row["scale"]) == 2
     assert by_box[0]["bbox"] == [10, 20, 50, 80]
     assert by_box[0]["center"] == [35, 60]
@@ -450,8 +455,24 @@ def test_make_crops_outcomes(crop_inputs):
 
 
 def test_make_crops_empty_batch():
-    out = make_crops(
-        IMAGE_TASK_SCHEMA.empty_table(), input_size=INPUT_SIZE, storage_options={}, max_pixels=MAX_PIXELS
-    )
+    out = make_crops(IMAGE_TASK_SCHEMA.empty_table(), **CROP_ARGS)
     assert out.num_rows == 0
-    assert out.schema.field("crop").type == pa.binary(256 * 192 * 3)
+    assert out.schema == CROP_SCHEMA
+
+
+def test_make_crops_routes_categories_to_experts_at_their_input_size(crop_inputs):
+    boxes = [[10, 20, 50, 80], [30, 30, 40, 40], [0, 0, 20, 20]]
+    row = task(crop_inputs, "good.png", boxes)
+    row["category"] = ["person", "dog", None]
+    args = dict(CROP_ARGS, input_sizes={"coco": (192, 256), "ap10k": (256, 256)}, routes={"dog": "ap10k"})
+    got = make_crops(pa.Table.from_pylist([row], schema=IMAGE_TASK_SCHEMA), **args).to_pylist()
+    assert [r["expert"] for r in got] == ["coco", "ap10k", "coco"]
+    assert [len(r["crop"]) for r in got] == [256 * 192 * 3, 256 * 256 * 3, 256 * 192 * 3]
+
+
+def test_make_crops_passes_an_earlier_stage_failure_and_skips_imageless_boxes(crop_inputs):
+    failed = task(crop_inputs, "good.png", [])
+    failed.update(error_stage="detect", error_reason="RuntimeError: boom")
+    nothing = task(crop_inputs, "good.png", [])  # e.g. the detector found nobody
+    got = make_crops(pa.Table.from_pylist([failed, nothing], schema=IMAGE_TASK_SCHEMA), **CROP_ARGS).to_pylist()
+    assert [(r["error_stage"], r["error_reason"]) for r in got] == [("detect", "RuntimeError: boom")]

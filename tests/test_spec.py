@@ -126,7 +126,7 @@ def test_unknown_top_level_key_suggests_and_lists_allowed():
 def test_unknown_key_in_a_section_suggests_and_lists_allowed():
     message = problems(with_field("pose", "batchsize", 8))
     assert "pose.batchsize: unknown key (did you mean 'batch_size'?)" in message
-    assert "expected one of: model, revision, expert, batch_size, dtype, device, flip_test" in message
+    assert "expected one of: model, revision, expert, experts, routing, batch_size, dtype, device, flip_test" in message
 
 
 def test_unknown_key_in_an_optional_section_lists_that_sections_keys():
