@@ -433,3 +433,9 @@ def test_fingerprint_ignores_secrets():
     rotated = secret_spec(images__storage_options__secret="rotated", output__storage_options__token="new")
     assert rotated.images.storage_options["secret"] == "rotated"
     assert rotated.fingerprint() == secret_spec().fingerprint()
+
+
+@pytest.mark.parametrize("job", sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_bundled_jobs_are_valid_specs(job):
+    spec = load_job_spec(job)
+    assert spec.output.path and spec.pose.model
