@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from raypose.boxes import clip_boxes
-from raypose.reader import ImageError, decode_image, read_bytes
+from raypose.faults import inject
+from raypose.reader import ImageError, decode_image_reduced, read_bytes
 from raypose.table import CROP_SCHEMA
 
 PADDING = 1.25
@@ -58,26 +60,72 @@ def crop_sampling_grid(
 
 
 def crop_image(
-    image: np.ndarray, center: np.ndarray, scale: np.ndarray, input_size: tuple[int, int]
+    image: np.ndarray | Image.Image,
+    center: np.ndarray,
+    scale: np.ndarray,
+    input_size: tuple[int, int],
+    *,
+    reduction: int = 1,
+    full_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """One bilinear UDP crop (H, W, 3) uint8 of an RGB image (h, w, 3); samples outside the image are 0.
 
     Matches scipy's `affine_transform(order=1, mode="constant")` that the reference uses:
     rounded to nearest, and 0 beyond the outermost pixel centres.
+
+    `image` may be an RGB PIL image: then only the rectangle the crop samples is turned
+    into an array (same pixels, same result), which spares copying a large photo whole.
+    `reduction` > 1 says `image` was decoded that many times smaller (JPEG draft, see
+    `jpeg_reduction`) from an image of `full_size` (width, height): the sampling points,
+    computed in full-size pixels as always, are mapped onto the reduced pixel centres
+    (x -> (x - (reduction - 1) / 2) / reduction). The geometry and the zero border are the
+    full-size ones; the pixel values are block means, so they differ from the reference's.
     """
     xs, ys = crop_sampling_grid(center, scale, input_size)
-    h, w = image.shape[:2]
+    if isinstance(image, Image.Image):
+        w, h = image.size
+    else:
+        h, w = image.shape[:2]
+    full_w, full_h = full_size or (w, h)
+    outside_x = (xs < 0) | (xs > full_w - 1)
+    outside_y = (ys < 0) | (ys > full_h - 1)
+    if reduction != 1:
+        xs = (xs - (reduction - 1) / 2) / reduction
+        ys = (ys - (reduction - 1) / 2) / reduction
     xc, yc = np.clip(xs, 0, w - 1), np.clip(ys, 0, h - 1)
     x0, y0 = np.floor(xc).astype(np.intp), np.floor(yc).astype(np.intp)
     x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
     wx = (xc - x0).astype(np.float32)[None, :, None]
     wy = (yc - y0).astype(np.float32)[:, None, None]
-    top = image[y0[:, None], x0] * (1 - wx) + image[y0[:, None], x1] * wx
-    bottom = image[y1[:, None], x0] * (1 - wx) + image[y1[:, None], x1] * wx
-    crop = np.rint(top * (1 - wy) + bottom * wy).astype(np.uint8)
-    crop[:, (xs < 0) | (xs > w - 1)] = 0
-    crop[(ys < 0) | (ys > h - 1)] = 0
+    if isinstance(image, Image.Image):
+        left, top = int(x0.min()), int(y0.min())
+        image = np.asarray(image.crop((left, top, int(x1.max()) + 1, int(y1.max()) + 1)))
+        x0, x1, y0, y1 = x0 - left, x1 - left, y0 - top, y1 - top
+    top_row = image[y0[:, None], x0] * (1 - wx) + image[y0[:, None], x1] * wx
+    bottom_row = image[y1[:, None], x0] * (1 - wx) + image[y1[:, None], x1] * wx
+    crop = np.rint(top_row * (1 - wy) + bottom_row * wy).astype(np.uint8)
+    crop[:, outside_x] = 0
+    crop[outside_y] = 0
     return crop
+
+
+JPEG_REDUCTIONS = (8, 4, 2)
+
+
+def jpeg_reduction(scales: np.ndarray, input_sizes: list[tuple[int, int]]) -> int:
+    """The JPEG draft reduction (8, 4, 2 or 1) an image's crops can all be cut from.
+
+    A crop of scale s at input size (W, H) samples one point every s*200/(W-1) image
+    pixels across and s*200/(H-1) down (its pitch). Decoding the image r times smaller
+    keeps at least one decoded pixel per sample while r <= every crop's smaller pitch:
+    the crops then need fewer pixels than the image has, and the decoder can skip them.
+    """
+    pitch = min(
+        (float(min(s[0] * PIXEL_STD / (size[0] - 1), s[1] * PIXEL_STD / (size[1] - 1)))
+         for s, size in zip(np.asarray(scales, np.float64).reshape(-1, 2), input_sizes)),
+        default=0.0,
+    )
+    return next((r for r in JPEG_REDUCTIONS if r <= pitch), 1)
 
 
 def make_crops(
@@ -88,50 +136,93 @@ def make_crops(
     default_expert: str,
     storage_options: dict[str, Any],
     max_pixels: int,
+    jpeg_draft: bool = False,
 ) -> pa.Table:
     """CPU stage: image rows with boxes -> one row per crop (or per failure), see `table.CROP_SCHEMA`.
 
     Each box goes to the expert its category routes to (`routes`, else `default_expert`) and is
     cropped at that expert's input size (width, height).
+
+    `jpeg_draft`: decode each JPEG at the largest DCT reduction (1/2, 1/4, 1/8) that every
+    crop of the image still samples at no more than one point per decoded pixel
+    (`jpeg_reduction`). Much less decoding and copying for large photos with large people;
+    the crops' geometry is unchanged but their pixels are block means, not the reference's
+    point samples (see benchmarks/README.md for the measured difference). Off by default.
     """
+    inject("crop")
     out = _CropRows()
     for task in batch.to_pylist():
-        if task.get("error_stage"):
-            out.failure(task, None, task["error_stage"], task["error_reason"])
-            continue
-        if not task["box_xywh"]:
-            continue  # nothing to label (e.g. nothing detected); counted by the driver
-        try:
-            data = task.get("image_bytes") or read_bytes(task["image_uri"], storage_options)
-            decoded = decode_image(data, max_pixels)
-        except ImageError as exc:
-            out.failure(task, None, exc.stage, str(exc))
-            continue
-        experts = [routes.get(c, default_expert) if c is not None else default_expert for c in task["category"]]
-        try:
-            _crop_boxes(task, decoded, experts, input_sizes, out)
-        except Exception as exc:  # an unforeseen failure costs this image, never the batch
-            out.discard(task["image_key"])
-            out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
+        start = out.count()
+        _crop_task(task, out, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft)
+        out.finish_image(task, start)
     return out.table(CROP_SCHEMA)
 
 
-def _crop_boxes(task: dict, decoded, experts: list[str], input_sizes: dict, out: "_CropRows") -> None:
-    size = decoded.size
+def _crop_task(task, out, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft) -> None:
+    """One image's rows: a crop or a failure per box, or one failure for the whole image."""
+    if task.get("error_stage"):
+        out.failure(task, None, task["error_stage"], task["error_reason"])
+        return
+    if not task["box_xywh"]:
+        return  # nothing to label (e.g. nothing detected): finish_image records the image
+    experts = [routes.get(c, default_expert) if c is not None else default_expert for c in task["category"]]
+    try:
+        data = task.get("image_bytes") or read_bytes(task["image_uri"], storage_options)
+        reduction = _reduction_for(task["box_xywh"], [input_sizes.get(e) for e in experts]) if jpeg_draft else None
+        decoded, factor, full_size = decode_image_reduced(data, max_pixels, reduction)
+    except ImageError as exc:
+        out.failure(task, None, exc.stage, str(exc))
+        return
+    try:
+        _crop_boxes(task, decoded, factor, full_size, experts, input_sizes, out)
+    except Exception as exc:  # an unforeseen failure costs this image, never the batch
+        out.discard(task["image_key"])
+        out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
+
+
+def _reduction_for(boxes: list, sizes: list[tuple[int, int] | None]):
+    """The `decode_image_reduced` callback: the image's size -> its crops' JPEG reduction."""
+
+    def reduction(image_size: tuple[int, int]) -> int:
+        clipped, reasons = clip_boxes(np.asarray(boxes, dtype=np.float64), *image_size)
+        if any(size is None for size in sizes):
+            return 1  # a box routed to an unknown expert fails later, in the crop stage's own way
+        usable = [i for i, reason in enumerate(reasons) if reason is None]
+        scales = [center_scale_from_boxes(clipped[i], sizes[i])[1][0] for i in usable]
+        return jpeg_reduction(np.array(scales).reshape(-1, 2), [sizes[i] for i in usable])
+
+    return reduction
+
+
+def _crop_boxes(
+    task: dict, decoded: Image.Image, factor: int, size: tuple[int, int], experts: list[str],
+    input_sizes: dict, out: "_CropRows",
+) -> None:
     expected = (task["expected_width"], task["expected_height"])
     if None not in expected and expected != size:
         out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
         return
-    image = np.asarray(decoded)
     clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
+    geometry = {}
+    for index, (reason, expert) in enumerate(zip(reasons, experts)):
+        if reason is None:
+            center, scale = center_scale_from_boxes(clipped[index], input_sizes[expert])
+            geometry[index] = (center[0], scale[0])
+    # Cut the crops from the PIL image (only each crop's rectangle becomes an array) unless
+    # their rectangles add up to more than the image: then convert it once.
+    width, height = decoded.size
+    footprint = sum(
+        min(s[0] * PIXEL_STD / factor + 2, width) * min(s[1] * PIXEL_STD / factor + 2, height)
+        for _, s in geometry.values()
+    )
+    source = decoded if 2 * footprint < width * height else np.asarray(decoded)
     for index, (reason, expert) in enumerate(zip(reasons, experts)):
         if reason is not None:
             out.failure(task, index, "boxes", reason, size)
             continue
-        input_size = input_sizes[expert]
-        center, scale = center_scale_from_boxes(clipped[index], input_size)
-        crop = crop_image(image, center[0], scale[0], input_size)
-        out.crop(task, index, size, clipped[index], expert, center[0], scale[0], crop)
+        center, scale = geometry[index]
+        crop = crop_image(source, center, scale, input_sizes[expert], reduction=factor, full_size=size)
+        out.crop(task, index, size, clipped[index], expert, center, scale, crop)
 
 
 class _CropRows:
@@ -153,6 +244,7 @@ class _CropRows:
             "box_score": task["box_score"][index] if index is not None else None,
             "box_source": task["box_source"],
             "detector_id": task.get("detector_id"),
+            "shard": task.get("shard") or 0,
             **values,
         }
         for name, value in row.items():
@@ -170,6 +262,17 @@ class _CropRows:
             task, index, size, bbox=None, expert=None, center=None, scale=None, error_stage=stage, error_reason=reason
         )
         self.crops.append(None)
+
+    def count(self) -> int:
+        return len(self.crops)
+
+    def finish_image(self, task: dict, start: int) -> None:
+        """Stamp the image's rows with how many there are; an image with none gets one empty row."""
+        if self.count() == start:
+            self._row(task, None, None, bbox=None, expert=None, center=None, scale=None, error_stage=None, error_reason=None)
+            self.crops.append(None)
+        n = self.count() - start
+        self.columns.setdefault("image_rows", []).extend([n] * n)
 
     def discard(self, image_key: str) -> None:
         """Drop the rows already added for an image (it is about to fail as a whole)."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from raypose.errors import SpecError
+from raypose.faults import inject
 from raypose.heatmaps import decode_heatmaps, flip_back
 from raypose.keypoint_schemas import SCHEMAS
 from raypose.table import POSE_OUTPUT_SCHEMA
@@ -40,6 +41,8 @@ class ModelInfo:
     num_experts: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    head_schema: str | None = None  # the keypoint schema the head emits, where known or assumed
+    head_schema_source: str = "unknown"  # how that is known: recorded in the config, or why it is assumed
 
 
 def inspect_model(model: str, revision: str | None = None, field: str = "pose.model") -> ModelInfo:
@@ -55,15 +58,32 @@ def inspect_model(model: str, revision: str | None = None, field: str = "pose.mo
     backbone = config.backbone_config
     height, width = backbone.image_size
     mean, std = _normalization(model, revision, field)
+    num_keypoints = int(config.num_labels)
+    num_experts = int(getattr(backbone, "num_experts", 1))
+    head_schema, head_source = _head_schema(config, num_keypoints, num_experts)
     return ModelInfo(
         model_id=model,
         revision=revision or getattr(config, "_commit_hash", None) or _local_fingerprint(model),
         input_size=(int(width), int(height)),
-        num_keypoints=int(config.num_labels),
-        num_experts=int(getattr(backbone, "num_experts", 1)),
+        num_keypoints=num_keypoints,
+        num_experts=num_experts,
         image_mean=mean,
         image_std=std,
+        head_schema=head_schema,
+        head_schema_source=head_source,
     )
+
+
+def _head_schema(config, num_keypoints: int, num_experts: int) -> tuple[str | None, str]:
+    """What the head's channels mean: recorded by `raypose convert`, else assumed from the channel count."""
+    recorded = getattr(config, "raypose_schema", None)
+    if recorded:
+        return str(recorded), "recorded in its config (raypose_schema)"
+    if num_keypoints == 17 and num_experts > 1:
+        return "coco17", "assumed: ViTPose++ checkpoints in transformers format carry only the COCO head"
+    if num_keypoints == 17:
+        return "coco17", "assumed: a 17-keypoint checkpoint whose config records no raypose_schema"
+    return None, "unknown"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -85,16 +105,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class PoseEngine:
     """A loaded ViTPose checkpoint: `estimate` maps uint8 crops and their geometry to keypoints."""
 
-    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, info: ModelInfo, device: str = "auto", dtype: str = "auto", fold_expert: int | None = None,
+                 decode: str = "transformers"):
         from transformers import VitPoseForPoseEstimation
 
         self.info = info
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.decode = decode
+        self.folded = fold_expert  # the MoE expert folded into fc2 (then no dataset_index is passed), or None
         model = _load_pretrained(
             VitPoseForPoseEstimation.from_pretrained, info.model_id, _hub_revision(info), "pose.model",
             use_safetensors=True, dtype=self.dtype,
         )
+        if fold_expert is not None:
+            model = fold_moe_model(model, fold_expert)
         self.model = model.to(self.device).eval()
         # (x / 255 - mean) / std as one multiply-add.
         std = torch.tensor(info.image_std, device=self.device).view(1, 3, 1, 1)
@@ -127,10 +152,16 @@ class PoseEngine:
         if flip_pairs is not None:
             pairs = torch.tensor(flip_pairs, dtype=torch.long, device=self.device).reshape(-1, 2)
             heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], pairs))
-        keypoints, scores = decode_heatmaps(heatmaps, torch.from_numpy(centers), torch.from_numpy(scales))
+        keypoints, scores = decode_heatmaps(
+            heatmaps, torch.from_numpy(centers), torch.from_numpy(scales), decode=self.decode
+        )
         return keypoints.cpu().numpy(), scores.cpu().numpy()
 
     def _heatmaps(self, pixels: torch.Tensor, dataset_index: int | None) -> torch.Tensor:
+        if self.folded is not None:
+            if dataset_index not in (None, self.folded):
+                raise ValueError(f"dataset_index {dataset_index}: this model has expert {self.folded} folded in")
+            dataset_index = None
         kwargs = {}
         if dataset_index is not None:
             kwargs["dataset_index"] = torch.full(
@@ -152,9 +183,14 @@ class PoseStage:
         for expert in routing.experts.values():
             key = (expert.model.model_id, expert.model.revision)
             if key not in self.engines:
-                self.engines[key] = PoseEngine(expert.model, device=device, dtype=dtype)
+                # resolve_routing lets a folded checkpoint serve one dataset_index only.
+                self.engines[key] = PoseEngine(
+                    expert.model, device=device, dtype=dtype,
+                    fold_expert=expert.dataset_index if expert.folded else None, decode=routing.decode,
+                )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        inject("pose")
         return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test)
 
 
@@ -174,6 +210,7 @@ def estimate_rows(engines: dict, routing, batch: pa.Table, flip_test: bool = Fal
         engine = engines[(expert.model.model_id, expert.model.revision)]
         schema = SCHEMAS[expert.keypoint_schema]
         try:
+            inject("model")
             keypoints, scores = engine.estimate(
                 _crop_array(crops, rows, expert.input_size), centers[rows], scales[rows],
                 dataset_index=expert.dataset_index, flip_pairs=schema.flip_pairs if flip_test else None,
@@ -201,6 +238,25 @@ def estimate_rows(engines: dict, routing, batch: pa.Table, flip_test: bool = Fal
     columns = {name: pose_columns[name] if name in pose_columns else batch.column(name)
                for name in POSE_OUTPUT_SCHEMA.names}
     return pa.table(columns, schema=POSE_OUTPUT_SCHEMA)
+
+
+def fold_moe_model(model, index: int):
+    """A loaded ViTPose++ (MoE) -> the dense model of expert `index`: same outputs, without the other experts' FLOPs.
+
+    transformers' MoE MLP runs every expert on every token and masks the results; folded, the
+    MLP is one Linear (`raypose.convert.fold_expert`, as the original tools/model_split.py does).
+    """
+    import copy
+
+    from raypose.convert import build_model, fold_expert
+
+    config = copy.deepcopy(model.config)
+    if config.backbone_config.num_experts <= 1:
+        return model
+    if not 0 <= index < config.backbone_config.num_experts:
+        raise ValueError(f"fold_expert: expert {index} is out of range ({config.backbone_config.num_experts} experts)")
+    config.backbone_config.num_experts = 1
+    return build_model(config, fold_expert(model.state_dict(), index))
 
 
 def _instance_score(scores: np.ndarray, box_score: float) -> float:

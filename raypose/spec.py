@@ -120,6 +120,7 @@ class ExpertSpec(_Section):
     revision: Text | None = None
     dataset_index: Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")] | None = None
     keypoint_schema: Text | None = None  # default: the built-in expert's schema
+    head_schema: Text | None = None  # what the checkpoint's head emits, when its config does not say (overrides)
 
 
 class PoseSpec(_Section):
@@ -142,6 +143,8 @@ class PoseSpec(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip_test: Flag = False
+    fold_expert: Flag = False  # fold a MoE checkpoint's one used expert into a dense model at load time
+    decode: Literal["transformers", "original"] = "transformers"  # DARK smoothing: sigma 0.8, or cv2's k=11 (2.0)
 
 
 class ResourcesSpec(_Section):
@@ -161,11 +164,18 @@ class OutputSpec(_Section):
     """Where the Parquet goes."""
 
     path: Text
-    mode: Literal["error", "overwrite"] = "error"
+    mode: Literal["error", "overwrite", "resume"] = "error"
     storage_options: Options | None = None
-    rows_per_file: PositiveInt = 1_000_000
+    images_per_shard: PositiveInt = 10_000
     row_group_size: PositiveInt = 65_536
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class LimitsSpec(_Section):
+    """How much failure a job tolerates."""
+
+    max_retries: Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")] = 3
+    max_errored_fraction: Fraction = 0.1
 
 
 class JobSpec(_Section):
@@ -182,6 +192,7 @@ class JobSpec(_Section):
     boxes: BoxesSpec
     pose: PoseSpec
     resources: ResourcesSpec = ResourcesSpec()
+    limits: LimitsSpec = LimitsSpec()
     output: OutputSpec
 
     def boxes_storage_options(self) -> dict[str, Any]:
@@ -209,6 +220,21 @@ class JobSpec(_Section):
         """A stable hash of the spec (credentials excluded)."""
         blob = json.dumps(self.redacted(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def result_fingerprint(self) -> str:
+        """A hash of what decides the output rows; resources, batch sizes, limits and mode excluded.
+
+        A resumed run must match the run that wrote the committed shards.
+        """
+        data = self.redacted()
+        for section in ("resources", "limits"):
+            data.pop(section, None)
+        data.pop("name", None)
+        data["pose"].pop("batch_size", None)
+        data["boxes"]["detector"].pop("batch_size", None)
+        for key in ("mode", "row_group_size", "compression", "images_per_shard"):
+            data["output"].pop(key, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -25,6 +25,7 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("image_bytes", pa.binary()),  # set when an earlier stage (the detector) already read the image
         ("error_stage", pa.string()),  # set when an earlier stage failed on this image
         ("error_reason", pa.string()),
+        ("shard", pa.int32()),
     ]
 )
 
@@ -44,7 +45,14 @@ INSTANCE_FIELDS = [
 ]
 
 # Failures travel in the stream with the rows; the writer routes them to the errors table.
-FAILURE_FIELDS = [pa.field("error_stage", pa.string()), pa.field("error_reason", pa.string())]
+# `shard` and `image_rows` (how many rows the image produced) let the writer tell when every
+# image of a shard is in, so it can commit the shard.
+FAILURE_FIELDS = [
+    pa.field("error_stage", pa.string()),
+    pa.field("error_reason", pa.string()),
+    pa.field("shard", pa.int32()),
+    pa.field("image_rows", pa.int32()),
+]
 
 POSE_FIELDS = [
     pa.field("expert", pa.string()),

@@ -1,21 +1,28 @@
-"""The writer: keypoint rows and error rows into Parquet under the output path, plus sidecars.
+"""The writer: pose rows into per-shard Parquet under the output path, committed shard by shard.
 
 Layout of an output path:
 
-    keypoints/part-00000.parquet   one row per instance (table.KEYPOINTS_SCHEMA)
-    errors/part-00000.parquet      one row per failed image or box (table.ERRORS_SCHEMA)
+    keypoints/shard-00000.parquet  one row per instance (table.KEYPOINTS_SCHEMA)
+    errors/shard-00000.parquet     one row per failed image or box (table.ERRORS_SCHEMA)
+    errors/listing.parquet         boxes whose image is not in storage
     keypoint_schemas.json          keypoint names, skeleton, flip pairs per schema used
-    manifest.json                  counts, durations, throughput, versions, spec
+    manifest.json                  counts, durations, throughput, versions, spec (written last)
+    _job.json                      what the output was made from (spec fingerprint, models, shards)
+    _shards/00000.json             a shard's commit marker: its inputs' fingerprint and counts
 
-Files are written under `_tmp/` and moved into place when complete, so a reader never
-sees a half-written Parquet file.
+Images are split into shards by a hash of their key, so a shard's content does not depend
+on worker count or order. A shard's files are written under `_tmp/`, moved into place, and
+then its marker is written: a shard without a marker is not done, and a rerun with
+`output.mode: resume` redoes exactly those (same file names, so no row is written twice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
-from collections import Counter
+import zlib
+from collections import Counter, defaultdict
 from typing import Any
 
 import pyarrow as pa
@@ -30,195 +37,229 @@ from raypose.table import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
 
 KEYPOINTS_DIR = "keypoints"
 ERRORS_DIR = "errors"
+SHARDS_DIR = "_shards"
 SCHEMAS_FILE = "keypoint_schemas.json"
 MANIFEST_FILE = "manifest.json"
+JOB_FILE = "_job.json"
 TMP_DIR = "_tmp"
-OUTPUT_ENTRIES = (KEYPOINTS_DIR, ERRORS_DIR, SCHEMAS_FILE, MANIFEST_FILE, TMP_DIR)
+OUTPUT_ENTRIES = (KEYPOINTS_DIR, ERRORS_DIR, SHARDS_DIR, SCHEMAS_FILE, MANIFEST_FILE, JOB_FILE, TMP_DIR)
 
 
-def check_output(output: OutputSpec, storage_options: dict[str, Any]) -> None:
-    """Refuse (before any work) to mix a new job into existing output unless mode says so."""
-    try:
-        fs, root = url_to_fs(output.path, **storage_options)
-        existing = [e for e in OUTPUT_ENTRIES if fs.exists(posixpath.join(root, e))]
-    except Exception as exc:  # any filesystem's failure (credentials, endpoint) ends here
-        raise SpecError(f"output.path: cannot access {output.path}: {type(exc).__name__}: {exc}") from exc
-    if existing and output.mode == "error":
-        raise SpecError(
-            f"output.path: {output.path} already holds raypose output ({', '.join(existing)}); "
-            "set output.mode: overwrite to replace it, or choose another path"
-        )
+def shard_of(image_key: str, num_shards: int) -> int:
+    """The shard an image belongs to: stable across runs, machines and worker counts."""
+    return zlib.crc32(image_key.encode("utf-8")) % num_shards
 
 
-def clear_output(output: OutputSpec, storage_options: dict[str, Any]) -> None:
-    """Remove a previous job's output (output.mode: overwrite); other files are left alone."""
-    fs, root = url_to_fs(output.path, **storage_options)
-    for entry in OUTPUT_ENTRIES:
-        path = posixpath.join(root, entry)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+def keys_fingerprint(keys: list[str]) -> str:
+    """A short hash of a shard's image keys: a committed shard is reused only for the same inputs."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
 
 
-class OutputWriter:
-    """Streams batches of pose rows into rolling Parquet files: keypoints and errors apart."""
+class OutputStore:
+    """The output path: what earlier runs left there, and the small JSON files around the data."""
+
+    def __init__(self, output: OutputSpec, storage_options: dict[str, Any]):
+        self.output = output
+        try:
+            self.fs, self.root = url_to_fs(output.path, **storage_options)
+        except Exception as exc:
+            raise SpecError(f"output.path: cannot open {output.path}: {type(exc).__name__}: {exc}") from exc
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def existing_entries(self) -> list[str]:
+        """The raypose entries already at the output path."""
+        try:
+            return [e for e in OUTPUT_ENTRIES if self.fs.exists(self.path(e))]
+        except Exception as exc:  # any filesystem's failure (credentials, endpoint) ends here
+            raise SpecError(f"output.path: cannot access {self.output.path}: {type(exc).__name__}: {exc}") from exc
+
+    def check_writable(self) -> None:
+        """Write and remove a probe file, so a missing bucket or a read-only path fails before Ray starts."""
+        probe = self.path(TMP_DIR, ".probe")
+        try:
+            self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"raypose")
+            self.fs.rm(probe)
+        except Exception as exc:
+            raise SpecError(f"output.path: cannot write to {self.output.path}: {type(exc).__name__}: {exc}") from exc
+
+    def read_json(self, name: str) -> Any | None:
+        path = self.path(name)
+        if not self.fs.exists(path):
+            return None
+        return json.loads(self.fs.cat_file(path))
+
+    def write_json(self, name: str, data: Any) -> None:
+        """Write a JSON file atomically (temp file, then move)."""
+        tmp = self.path(TMP_DIR, name.replace("/", "__"))
+        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+        self.fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
+        self.fs.mv(tmp, self.path(name))
+
+    def committed_shards(self) -> dict[int, dict]:
+        """Commit markers of the shards earlier runs finished."""
+        folder = self.path(SHARDS_DIR)
+        if not self.fs.exists(folder):
+            return {}
+        markers = {}
+        for path in self.fs.ls(folder, detail=False):
+            if path.endswith(".json"):
+                marker = json.loads(self.fs.cat_file(path))
+                markers[int(marker["shard"])] = marker
+        return markers
+
+    def remove_shard(self, shard: int) -> None:
+        """Remove what an unfinished run may have left of a shard."""
+        for path in (self.path(SHARDS_DIR, f"{shard:05d}.json"), *self.shard_files(shard)):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def shard_files(self, shard: int) -> tuple[str, str]:
+        return (self.path(KEYPOINTS_DIR, f"shard-{shard:05d}.parquet"), self.path(ERRORS_DIR, f"shard-{shard:05d}.parquet"))
+
+    def clear(self) -> None:
+        """Remove a previous job's output (output.mode: overwrite); other files are left alone."""
+        for entry in OUTPUT_ENTRIES:
+            if self.fs.exists(self.path(entry)):
+                self.fs.rm(self.path(entry), recursive=True)
+
+    def finish(self, manifest: dict[str, Any]) -> None:
+        """Write manifest.json last: its presence marks the output complete."""
+        self.write_json(MANIFEST_FILE, manifest)
+        if self.fs.exists(self.path(TMP_DIR)):  # object stores have no empty folders to remove
+            self.fs.rm(self.path(TMP_DIR), recursive=True)
+
+
+class ShardWriter:
+    """Buffers pose rows per shard and commits a shard as soon as all of its images are in."""
 
     def __init__(
         self,
-        output: OutputSpec,
-        storage_options: dict[str, Any],
+        store: OutputStore,
         *,
         job_id: str,
         models: dict[str, tuple[str, str]],
         schemas: list[KeypointSchema],
+        shard_images: dict[int, list[str]],
     ):
-        self.output = output
-        self.fs, self.root = url_to_fs(output.path, **storage_options)
+        self.store = store
         self.job_id = job_id
         self.models = models  # expert -> (model id, revision)
         self.schemas = {s.name: s.describe() for s in schemas}
-        self.image_keys: set[str] = set()
         metadata = {
             "raypose": json.dumps(
                 {"job_id": job_id, "models": {e: {"id": m, "revision": r} for e, (m, r) in models.items()},
                  "keypoint_schemas": self.schemas}
             )
         }
-        self.fs.makedirs(posixpath.join(self.root, TMP_DIR), exist_ok=True)
-        self.keypoints = _RollingParquet(self, KEYPOINTS_DIR, KEYPOINTS_SCHEMA.with_metadata(metadata))
-        self.errors = _RollingParquet(self, ERRORS_DIR, ERRORS_SCHEMA.with_metadata(metadata))
-        self.errors_by_stage: Counter[str] = Counter()
+        self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(metadata)
+        self.errors_schema = ERRORS_SCHEMA.with_metadata(metadata)
+        self.pending_images = {shard: len(keys) for shard, keys in shard_images.items()}
+        self.fingerprints = {shard: keys_fingerprint(keys) for shard, keys in shard_images.items()}
+        self.rows_seen: Counter[str] = Counter()
+        self.buffers: dict[int, list[pa.Table]] = defaultdict(list)
+        self.committed: dict[int, dict] = {}
+        for shard in [s for s, n in self.pending_images.items() if n == 0]:
+            self._commit(shard)
 
     def write(self, batch: pa.Table) -> None:
-        """Route one batch of pose-stage rows: instances to keypoints, failures to errors."""
-        self.image_keys.update(batch.column("image_key").to_pylist())
-        failed = batch.column("error_stage").is_valid()
-        instances = batch.filter(pc.invert(failed))
-        if instances.num_rows:
-            experts = instances.column("expert").to_pylist()
-            run = {
-                "job_id": [self.job_id] * len(experts),
-                "model_id": [self.models[e][0] for e in experts],
-                "model_revision": [self.models[e][1] for e in experts],
-            }
-            columns = {
-                name: pa.array(run[name], pa.string()) if name in run else instances.column(name)
-                for name in KEYPOINTS_SCHEMA.names
-            }
-            self.keypoints.append(pa.table(columns, schema=self.keypoints.schema))
-        failures = batch.filter(failed)
-        if failures.num_rows:
-            self.write_errors(
-                failures.select(["image_key", "image_uri", "instance_index", "error_stage", "error_reason"])
-                .rename_columns(["image_key", "image_uri", "instance_index", "stage", "reason"])
-            )
+        """Take a batch of pose-stage rows; commit every shard it completes."""
+        for shard in set(batch.column("shard").to_pylist()):
+            rows = batch.filter(pc.equal(batch.column("shard"), shard))
+            self.buffers[shard].append(rows)
+            for key, expected in zip(rows.column("image_key").to_pylist(), rows.column("image_rows").to_pylist()):
+                self.rows_seen[key] += 1
+                if self.rows_seen[key] == expected:
+                    del self.rows_seen[key]
+                    self.pending_images[shard] -= 1
+            if self.pending_images[shard] == 0:
+                self._commit(shard)
 
-    def write_errors(self, errors: pa.Table) -> None:
-        """Append error rows (image_key, image_uri, instance_index, stage, reason)."""
-        n = errors.num_rows
-        if not n:
-            return
-        columns = {
-            name: pa.array([self.job_id] * n, pa.string()) if name == "job_id" else errors.column(name)
-            for name in ERRORS_SCHEMA.names
-        }
-        table = pa.table(columns, schema=self.errors.schema)
-        self.errors_by_stage.update(table.column("stage").to_pylist())
-        self.errors.append(table)
+    def write_listing_errors(self, errors: pa.Table) -> None:
+        """Errors found while listing (boxes for images not in storage): one file, rewritten each run."""
+        # Written even when empty, so errors/ always holds a file with the schema for readers.
+        self._write_parquet(self._errors(errors), self.store.path(ERRORS_DIR, "listing.parquet"), self.errors_schema)
 
     def close(self) -> dict[str, Any]:
-        """Finish all files, write the schema sidecar; return what was written."""
-        keypoint_files = self.keypoints.close()
-        error_files = self.errors.close()
-        self._commit(SCHEMAS_FILE, self.schemas)
-        return {
-            "instances": self.keypoints.rows,
-            "errors": self.errors.rows,
-            "errors_by_stage": dict(self.errors_by_stage),
-            "image_keys": self.image_keys,
-            "keypoint_files": keypoint_files,
-            "error_files": error_files,
+        """Check every shard was committed; write the schema sidecar; return this run's counts."""
+        unfinished = sorted(s for s, n in self.pending_images.items() if n > 0)
+        if unfinished:
+            raise RuntimeError(f"the pipeline ended with shards not complete: {unfinished[:10]}")
+        self.store.write_json(SCHEMAS_FILE, self.schemas)
+        return self.committed
+
+    def _commit(self, shard: int) -> None:
+        rows = pa.concat_tables(self.buffers.pop(shard, [])) if shard in self.buffers else None
+        instances = errors = None
+        if rows is not None and rows.num_rows:
+            failed = rows.column("error_stage").is_valid()
+            has_pose = rows.column("keypoint_x").is_valid()
+            instances = self._instances(rows.filter(has_pose))
+            errors = self._errors(
+                rows.filter(failed)
+                .select(["image_key", "image_uri", "instance_index", "error_stage", "error_reason"])
+                .rename_columns(["image_key", "image_uri", "instance_index", "stage", "reason"])
+            )
+        keypoints_path, errors_path = self.store.shard_files(shard)
+        # Every shard has a keypoints file (maybe empty: readers always find the schema); an
+        # errors file only when it has errors.
+        self._write_parquet(instances if instances is not None else self.keypoints_schema.empty_table(),
+                            keypoints_path, self.keypoints_schema)
+        files = [keypoints_path]
+        if errors is not None and errors.num_rows:
+            self._write_parquet(errors, errors_path, self.errors_schema)
+            files.append(errors_path)
+        marker = {
+            "shard": shard,
+            "job_id": self.job_id,
+            "inputs": self.fingerprints[shard],
+            "images": 0 if rows is None else len(set(rows.column("image_key").to_pylist())),
+            "instances": 0 if instances is None else instances.num_rows,
+            "errors": 0 if errors is None else errors.num_rows,
+            "errors_by_stage": dict(Counter(errors.column("stage").to_pylist())) if errors is not None else {},
+            "images_without_boxes": 0 if rows is None else _count_empty(rows),
+            "files": files,
         }
+        self.store.write_json(posixpath.join(SHARDS_DIR, f"{shard:05d}.json"), marker)
+        self.committed[shard] = marker
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write manifest.json last: its presence marks the output complete."""
-        self._commit(MANIFEST_FILE, manifest)
-        tmp = posixpath.join(self.root, TMP_DIR)
-        if self.fs.exists(tmp):  # object stores have no empty folders to remove
-            self.fs.rm(tmp, recursive=True)
+    def _instances(self, rows: pa.Table) -> pa.Table:
+        experts = rows.column("expert").to_pylist()
+        run = {
+            "job_id": [self.job_id] * len(experts),
+            "model_id": [self.models[e][0] for e in experts],
+            "model_revision": [self.models[e][1] for e in experts],
+        }
+        columns = {
+            name: pa.array(run[name], pa.string()) if name in run else rows.column(name)
+            for name in KEYPOINTS_SCHEMA.names
+        }
+        return pa.table(columns, schema=self.keypoints_schema)
 
-    def _commit(self, name: str, data: Any) -> None:
-        tmp = posixpath.join(self.root, TMP_DIR, name)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
-        self.fs.mv(tmp, posixpath.join(self.root, name))
+    def _errors(self, errors: pa.Table) -> pa.Table:
+        columns = {
+            name: pa.array([self.job_id] * errors.num_rows, pa.string()) if name == "job_id" else errors.column(name)
+            for name in ERRORS_SCHEMA.names
+        }
+        return pa.table(columns, schema=self.errors_schema)
+
+    def _write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
+        output = self.store.output
+        tmp = self.store.path(TMP_DIR, posixpath.basename(posixpath.dirname(path)) + "-" + posixpath.basename(path))
+        self.store.fs.makedirs(self.store.path(TMP_DIR), exist_ok=True)
+        self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        compression = None if output.compression == "none" else output.compression
+        with self.store.fs.open(tmp, "wb") as f:
+            pq.write_table(table.cast(schema), f, row_group_size=output.row_group_size, compression=compression)
+        self.store.fs.mv(tmp, path)
 
 
-class _RollingParquet:
-    """Parquet files of at most `rows_per_file` rows, in row groups of `row_group_size`."""
-
-    def __init__(self, owner: OutputWriter, folder: str, schema: pa.Schema):
-        self.owner = owner
-        self.folder = folder
-        self.schema = schema
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.rows = 0
-        self.files: list[str] = []
-        self._file = None
-        self._writer: pq.ParquetWriter | None = None
-        self._file_rows = 0
-        owner.fs.makedirs(posixpath.join(owner.root, folder), exist_ok=True)
-
-    def append(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        self.rows += table.num_rows
-        if self.pending_rows >= self.owner.output.row_group_size:
-            self._flush(self.owner.output.row_group_size)
-
-    def close(self) -> list[str]:
-        self._flush(0)
-        if not self.files and self._writer is None:
-            self._open()  # an empty table still carries the schema for readers
-        self._finish_file()
-        return self.files
-
-    def _flush(self, at_least: int) -> None:
-        if not self.pending:
-            return
-        table = pa.concat_tables(self.pending)
-        self.pending, self.pending_rows = [], 0
-        output = self.owner.output
-        start = 0
-        while table.num_rows - start >= max(at_least, 1):
-            if self._writer is None:
-                self._open()
-            room = output.rows_per_file - self._file_rows
-            take = min(room, output.row_group_size, table.num_rows - start)
-            self._writer.write_table(table.slice(start, take), row_group_size=output.row_group_size)
-            self._file_rows += take
-            start += take
-            if self._file_rows >= output.rows_per_file:
-                self._finish_file()
-        if start < table.num_rows:
-            rest = table.slice(start)
-            self.pending, self.pending_rows = [rest], rest.num_rows
-
-    def _open(self) -> None:
-        owner = self.owner
-        name = f"part-{len(self.files):05d}.parquet"
-        self._tmp = posixpath.join(owner.root, TMP_DIR, f"{self.folder}-{name}")
-        self._final = posixpath.join(owner.root, self.folder, name)
-        self._file = owner.fs.open(self._tmp, "wb")
-        compression = None if owner.output.compression == "none" else owner.output.compression
-        self._writer = pq.ParquetWriter(self._file, self.schema, compression=compression)
-        self._file_rows = 0
-
-    def _finish_file(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._file.close()
-        self.owner.fs.mv(self._tmp, self._final)
-        self.files.append(self._final)
-        self._writer = self._file = None
+def _count_empty(rows: pa.Table) -> int:
+    """Images that reached the writer with nothing to label (e.g. nothing detected)."""
+    empty = pc.and_(pc.invert(rows.column("error_stage").is_valid()), pc.invert(rows.column("keypoint_x").is_valid()))
+    return pc.sum(empty.cast(pa.int64())).as_py() or 0

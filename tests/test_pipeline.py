@@ -124,7 +124,7 @@ def test_bad_inputs_become_error_rows_and_the_job_finishes(ray_session, tiny_che
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(coco))
 
-    job = write_job(job_dict(images, boxes, tiny_checkpoint, tmp_path / "out"))
+    job = write_job(job_dict(images, boxes, tiny_checkpoint, tmp_path / "out", limits={"max_errored_fraction": 1.0}))
     result = submit(job)
     assert result.exit_code == 0, result.output
     errors = {(r["image_key"], r["instance_index"]): (r["stage"], r["reason"])
@@ -201,7 +201,7 @@ def test_submit_from_and_to_s3(ray_session, s3_server, tiny_checkpoint, coco_fol
     assert "testing-secret" not in result.output
 
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("raypose-test/labels/run1/")) == [
-        "errors", "keypoint_schemas.json", "keypoints", "manifest.json"]
+        "_job.json", "_shards", "errors", "keypoint_schemas.json", "keypoints", "manifest.json"]
     con = duckdb.connect()
     con.register_filesystem(fs)
     [(count, keys)] = con.sql(
