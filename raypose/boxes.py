@@ -17,6 +17,7 @@ from fsspec.core import url_to_fs
 
 from raypose.errors import SpecError
 from raypose.spec import BoxesSpec
+from raypose.storage import with_retries
 from raypose.table import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
 
@@ -44,7 +45,7 @@ class BoxSet:
 def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
     """Load the job's boxes from a COCO annotations JSON or a Parquet/JSONL box table."""
     try:
-        fs, path = url_to_fs(boxes.path, **storage_options)
+        fs, path = url_to_fs(boxes.path, **with_retries(boxes.path, storage_options))
         if not fs.isfile(path):
             raise SpecError(f"boxes.path: {boxes.path} does not exist")
         raw = fs.cat_file(path)
@@ -81,7 +82,7 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
             and (wanted is None or ann.get("category_id") in wanted)
             and (boxes.include_crowd or not ann.get("iscrowd", 0))
             and bbox is not None
-            and not _area(ann) < boxes.min_area  # NaN boxes go on, to be reported
+            and not (_usable(bbox) and _area(ann) < boxes.min_area)  # broken boxes go on, to be reported
         )
         if not keep:
             dropped += 1
@@ -118,7 +119,7 @@ def table_boxes(table: pa.Table, boxes: BoxesSpec) -> BoxSet:
             and bbox is not None
             and (wanted is None or category is None or category in wanted)
             and (score is None or score >= boxes.min_score)
-            and not _box_area(bbox) < boxes.min_area  # NaN boxes go on, to be reported
+            and not (_usable(bbox) and _box_area(bbox) < boxes.min_area)  # broken boxes go on, to be reported
         )
         if not keep:
             dropped += 1
@@ -142,6 +143,9 @@ def attach_boxes(
     """
     keys = images.column("image_key").to_pylist()
     uris = images.column("image_uri").to_pylist()
+    where = {name: images.column(name).to_pylist() if name in images.column_names else [None] * len(keys)
+             for name in ("container", "offset", "length")}
+    place = {k: {name: values[i] for name, values in where.items()} for i, k in enumerate(keys)}
     listed = set(keys)
     matched = [(k, u) for k, u in zip(keys, uris) if k in box_set.by_image]
     if box_set.by_image and not matched:
@@ -162,6 +166,7 @@ def attach_boxes(
             "box_xywh": entry.xywh, "annotation_id": entry.annotation_id, "category": entry.category,
             "box_score": entry.score, "box_source": None if detect else box_set.source,
             "needs_detection": detect,
+            **place[key],
         }
         for name in rows:
             rows[name].append(values.get(name))
@@ -190,6 +195,23 @@ def attach_boxes(
     return pa.table(rows, schema=IMAGE_TASK_SCHEMA), errors, counts
 
 
+def inline_boxes(images: pa.Table, boxes: BoxesSpec) -> BoxSet:
+    """Boxes that came with the images (WebDataset .json members, Parquet columns), filtered like a table's."""
+    rows = []
+    for key, bboxes, categories, scores in zip(
+        images.column("image_key").to_pylist(), images.column("bbox").to_pylist(),
+        images.column("category").to_pylist(), images.column("score").to_pylist(),
+    ):
+        rows += [{"image_key": key, "bbox": b, "category": c, "score": s} for b, c, s in zip(bboxes, categories, scores)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema(
+        [("image_key", pa.string()), ("bbox", pa.list_(pa.float64())), ("category", pa.string()), ("score", pa.float64())]
+    ))
+    spec = boxes.model_copy(update={"image_key_column": "image_key", "bbox_column": "bbox",
+                                    "category_column": "category", "score_column": "score"})
+    box_set = table_boxes(table, spec)
+    return BoxSet(by_image=box_set.by_image, source="inline", dropped=box_set.dropped)
+
+
 def clip_boxes(xywh: np.ndarray, width: int, height: int) -> tuple[np.ndarray, list[str | None]]:
     """Clip COCO xywh boxes to the image; return the clipped boxes and, per box, why it is unusable (or None)."""
     xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
@@ -203,8 +225,10 @@ def clip_boxes(xywh: np.ndarray, width: int, height: int) -> tuple[np.ndarray, l
             reasons.append(f"box has a non-finite coordinate: {box.tolist()}")
         elif box[2] <= 0 or box[3] <= 0:
             reasons.append(f"box has zero or negative size: w={box[2]:g}, h={box[3]:g}")
-        elif out[2] < 1 or out[3] < 1:
+        elif out[2] <= 0 or out[3] <= 0:
             reasons.append(f"box {box.tolist()} lies outside the {width}x{height} image")
+        elif out[2] < 1 or out[3] < 1:
+            reasons.append(f"box {box.tolist()} covers less than a pixel of the {width}x{height} image")
         else:
             reasons.append(None)
     return clipped, reasons
@@ -236,6 +260,15 @@ def _box_area(bbox) -> float:
         return float(bbox[2]) * float(bbox[3])
     except (TypeError, ValueError, IndexError):
         return math.nan
+
+
+def _usable(bbox: Any) -> bool:
+    """Four finite numbers with a positive width and height; the area filter applies to these only.
+
+    A NaN, negative or zero-size box is not filtered away but kept, to become an error row.
+    """
+    x, y, w, h = _xywh(bbox)
+    return all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
 
 
 def _number(value: Any) -> float:

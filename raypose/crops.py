@@ -15,7 +15,7 @@ from PIL import Image
 
 from raypose.boxes import clip_boxes
 from raypose.faults import inject
-from raypose.reader import ImageError, decode_image_reduced, read_bytes
+from raypose.reader import ImageError, decode_image_reduced, read_task_bytes
 from raypose.table import CROP_SCHEMA
 
 PADDING = 1.25
@@ -137,6 +137,7 @@ def make_crops(
     storage_options: dict[str, Any],
     max_pixels: int,
     jpeg_draft: bool = False,
+    image_column: str = "image",
 ) -> pa.Table:
     """CPU stage: image rows with boxes -> one row per crop (or per failure), see `table.CROP_SCHEMA`.
 
@@ -151,14 +152,19 @@ def make_crops(
     """
     inject("crop")
     out = _CropRows()
+    containers: dict = {}  # the Parquet file being read, shared by its images in this batch
+
+    def read(task: dict) -> bytes:
+        return read_task_bytes(task, storage_options, image_column, containers)
+
     for task in batch.to_pylist():
         start = out.count()
-        _crop_task(task, out, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft)
+        _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft)
         out.finish_image(task, start)
     return out.table(CROP_SCHEMA)
 
 
-def _crop_task(task, out, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft) -> None:
+def _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft) -> None:
     """One image's rows: a crop or a failure per box, or one failure for the whole image."""
     if task.get("error_stage"):
         out.failure(task, None, task["error_stage"], task["error_reason"])
@@ -167,7 +173,7 @@ def _crop_task(task, out, input_sizes, routes, default_expert, storage_options, 
         return  # nothing to label (e.g. nothing detected): finish_image records the image
     experts = [routes.get(c, default_expert) if c is not None else default_expert for c in task["category"]]
     try:
-        data = task.get("image_bytes") or read_bytes(task["image_uri"], storage_options)
+        data = read(task)
         reduction = _reduction_for(task["box_xywh"], [input_sizes.get(e) for e in experts]) if jpeg_draft else None
         decoded, factor, full_size = decode_image_reduced(data, max_pixels, reduction)
     except ImageError as exc:

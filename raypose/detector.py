@@ -12,7 +12,7 @@ import torch
 
 from raypose.errors import SpecError
 from raypose.pose import _load_pretrained, resolve_device, resolve_dtype
-from raypose.reader import ImageError, decode_image, read_bytes
+from raypose.reader import ImageError, decode_image, read_task_bytes
 from raypose.spec import DetectorSpec
 from raypose.table import IMAGE_TASK_SCHEMA
 
@@ -130,26 +130,29 @@ class DetectStage:
     """Ray actor for the detector stage: fills the boxes of image tasks that need detection."""
 
     def __init__(self, detector: DetectorSpec, categories: list[str] | None, storage_options: dict[str, Any],
-                 max_pixels: int, num_threads: int | None = None):
+                 max_pixels: int, num_threads: int | None = None, image_column: str = "image"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.detector = Detector(detector, categories)
         self.storage_options = storage_options
         self.max_pixels = max_pixels
+        self.image_column = image_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return detect_rows(self.detector, batch, self.storage_options, self.max_pixels)
+        return detect_rows(self.detector, batch, self.storage_options, self.max_pixels, self.image_column)
 
 
-def detect_rows(detector: Detector, batch: pa.Table, storage_options: dict[str, Any], max_pixels: int) -> pa.Table:
+def detect_rows(
+    detector: Detector, batch: pa.Table, storage_options: dict[str, Any], max_pixels: int, image_column: str = "image"
+) -> pa.Table:
     """Image tasks in, the same tasks out with detected boxes (or a read/decode failure) filled in."""
     tasks = batch.to_pylist()
-    todo, images = [], []
+    todo, images, containers = [], [], {}
     for task in tasks:
         if not task["needs_detection"] or task["error_stage"]:
             continue
         try:
-            data = read_bytes(task["image_uri"], storage_options)
+            data = read_task_bytes(task, storage_options, image_column, containers)
             image = np.asarray(decode_image(data, max_pixels))
         except ImageError as exc:
             task["error_stage"], task["error_reason"] = exc.stage, str(exc)

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from raypose import __version__
-from raypose.boxes import BoxSet, attach_boxes, load_boxes
+from raypose.boxes import BoxSet, attach_boxes, inline_boxes, load_boxes
 from raypose.crops import make_crops
 from raypose.detector import DetectorInfo, DetectStage, inspect_detector
 from raypose.errors import JobFailed, SpecError
@@ -90,9 +90,11 @@ def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
     if previous is not None and not force:
         _check_same_job(previous, spec, models)
     store.check_writable()
-    images = list_images(spec.images)
+    images = list_images(spec.images, spec.boxes)
     if spec.boxes.source == "detector":
         box_set = BoxSet(by_image={}, source="detector")
+    elif spec.boxes.source == "inline":
+        box_set = inline_boxes(images, spec.boxes)
     else:
         box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
     tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
@@ -174,6 +176,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
                 "storage_options": dict(spec.images.storage_options),
                 "max_pixels": spec.images.max_pixels,
                 "num_threads": max(1, int(resources.cpus_per_detector_actor)),
+                "image_column": spec.images.image_column,
             },
             batch_size=spec.boxes.detector.batch_size,
             batch_format="pyarrow",
@@ -193,6 +196,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             "default_expert": routing.default,
             "storage_options": dict(spec.images.storage_options),
             "max_pixels": spec.images.max_pixels,
+            "image_column": spec.images.image_column,
         },
         num_cpus=1,
         **task_retries,

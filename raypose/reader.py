@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import posixpath
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import numpy as np
@@ -14,9 +14,11 @@ from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raypose.errors import SpecError
-from raypose.spec import ImagesSpec
+from raypose.spec import BoxesSpec, ImagesSpec
+from raypose.storage import with_retries
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
+_ORIENTATION = 0x0112  # EXIF Orientation tag
 GLOB_CHARS = "*?["
 
 
@@ -28,12 +30,32 @@ class ImageError(Exception):
         self.stage = stage
 
 
-def list_images(images: ImagesSpec) -> pa.Table:
+def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
     """List (image_key, image_uri) under a directory, glob or manifest, sorted by key.
 
     Keys are stable across runs: the path relative to the directory (or to the glob's
-    fixed prefix, or to the manifest's folder).
+    fixed prefix, or to the manifest's folder); for WebDataset tars and Parquet files, the
+    image's name inside them (see `containers`), with where its bytes are, and its inline
+    boxes when `boxes.source` is `inline`.
     """
+    if images.format != "files":
+        from raypose.containers import CONTAINER_SUFFIXES, list_container_images
+
+        files = _list_files(images, CONTAINER_SUFFIXES[images.format], f"{images.format} files")
+        table = list_container_images(images, boxes, [uri for _, uri in files])
+        if not table.num_rows:
+            raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
+        keys = table.column("image_key").to_pylist()
+        if len(set(keys)) != len(keys):
+            duplicate = next(k for k in keys if keys.count(k) > 1)
+            raise SpecError(f"images.path: image key {duplicate!r} appears more than once in the {images.format} files")
+        return table.sort_by("image_key")
+    pairs = _list_files(images, tuple(s.lower() for s in images.extensions), "images")
+    return pa.table({"image_key": [k for k, _ in pairs], "image_uri": [uri for _, uri in pairs]})
+
+
+def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> list[tuple[str, str]]:
+    """(key, uri) of the files under a directory, glob or manifest that end with a suffix."""
     fs, root = _filesystem(images.path, images.storage_options, "images.path")
     if root.lower().endswith(MANIFEST_SUFFIXES):
         pairs = _list_manifest(fs, root)
@@ -44,25 +66,17 @@ def list_images(images: ImagesSpec) -> pa.Table:
         if not _call(fs.isdir, root, url=images.path):
             raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
         pairs = [(posixpath.relpath(p, root), p) for p in _call(fs.find, root, url=images.path)]
-    suffixes = tuple(s.lower() for s in images.extensions)
     # One task per key: a manifest that lists an image twice must not label it twice.
     pairs = sorted(dict((k, p) for k, p in pairs if k.lower().endswith(suffixes) and not _hidden(k)).items())
     if not pairs:
-        raise SpecError(
-            f"images.path: no images under {images.path} (looked for {', '.join(images.extensions)})"
-        )
-    return pa.table(
-        {
-            "image_key": [k for k, _ in pairs],
-            "image_uri": [_uri(fs, p) for _, p in pairs],
-        }
-    )
+        raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
+    return [(k, _uri(fs, p)) for k, p in pairs]
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
     """Read one object's bytes; missing or unreadable objects raise ImageError."""
     try:
-        with fsspec.open(uri, "rb", **storage_options) as f:
+        with fsspec.open(uri, "rb", **with_retries(uri, storage_options)) as f:
             return f.read()
     except FileNotFoundError as exc:
         raise ImageError("not found in storage", stage="read") from exc
@@ -70,11 +84,42 @@ def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
         raise ImageError(f"cannot read: {type(exc).__name__}: {exc}", stage="read") from exc
 
 
+def read_task_bytes(task: dict, storage_options: dict[str, Any], image_column: str, containers: dict) -> bytes:
+    """An image task's bytes: already read by the detector, inside a container, or a file of its own.
+
+    `containers` caches the Parquet file being read across calls (one batch's images).
+    """
+    if task.get("image_bytes"):
+        return task["image_bytes"]
+    if task.get("container"):
+        from raypose.containers import read_container_bytes
+
+        try:
+            return read_container_bytes(task, with_retries(task["container"], storage_options), image_column, containers)
+        except Exception as exc:  # a broken container costs its images, not the batch
+            raise ImageError(f"cannot read from {task['container']}: {type(exc).__name__}: {exc}", stage="read") from exc
+    return read_bytes(task["image_uri"], storage_options)
+
+
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode image bytes to an RGB image, EXIF orientation applied.
 
     Animated images give their first frame; 16-bit images are scaled to 8 bits;
     transparent pixels are composited on white, as transformers' `convert_to_rgb` does.
+    """
+    return decode_image_reduced(data, max_pixels)[0]
+
+
+def decode_image_reduced(
+    data: bytes, max_pixels: int, reduction: Callable[[tuple[int, int]], int] | None = None
+) -> tuple[Image.Image, int, tuple[int, int]]:
+    """`decode_image`, optionally decoding a JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft mode).
+
+    `reduction(size)` gets the full (width, height) and returns the wanted factor (1, 2, 4
+    or 8); libjpeg then decodes straight to the smaller size (a DCT-domain downscale, so
+    each pixel is roughly the mean of a factor x factor block) and skips the full-size
+    image. Only JPEGs without an EXIF rotation are reduced. Returns the RGB image, the
+    factor it was reduced by (1 when not), and the full size (after EXIF orientation).
     """
     if not data:
         raise ImageError("empty file (0 bytes)")
@@ -85,12 +130,20 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
-                    f"{width}x{height} = {width * height / 1e6:.0f} Mpx is above images.max_pixels "
-                    f"({max_pixels / 1e6:.0f} Mpx): refused as a possible decompression bomb"
+                    f"{width}x{height} = {width * height / 1e6:.3g} Mpx is above images.max_pixels "
+                    f"({max_pixels:,} pixels): refused as a possible decompression bomb"
                 )
+            factor = 1
+            if reduction is not None and image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) == 1:
+                wanted = int(reduction((width, height)))
+                if wanted > 1:
+                    drafted = image.draft("RGB", (max(1, width // wanted), max(1, height // wanted)))
+                    if drafted is not None:
+                        factor = max(1, round(width / drafted[1][2]))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            ImageOps.exif_transpose(image, in_place=True)
+            full_size = image.size if factor == 1 else (width, height)
+            return _to_rgb(image), factor, full_size
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
@@ -113,12 +166,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image needs no copy
 
 
 def _filesystem(url: str, storage_options: dict[str, Any], field: str):
     try:
-        return url_to_fs(url, **storage_options)
+        return url_to_fs(url, **with_retries(url, storage_options))
     except (ImportError, ValueError, TypeError) as exc:
         raise SpecError(f"{field}: cannot open {url}: {exc}") from exc
 

@@ -75,8 +75,10 @@ class ImagesSpec(_Section):
     """Where the images are."""
 
     path: Text
-    format: Literal["files"] = "files"
+    format: Literal["files", "webdataset", "parquet"] = "files"
     storage_options: Options = {}
+    image_column: Text = "image"  # parquet: binary, or a struct with `bytes` (and `path`), as HF datasets export
+    key_column: Text | None = None  # parquet: the image key (default: image.path, else file/row)
     extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
     max_pixels: PositiveInt = 100_000_000
 
@@ -98,7 +100,7 @@ class DetectorSpec(_Section):
 class BoxesSpec(_Section):
     """Where the person (or animal) boxes come from."""
 
-    source: Literal["coco", "table", "detector"] = "coco"
+    source: Literal["coco", "table", "detector", "inline"] = "coco"
     path: Text | None = None
     detector: DetectorSpec = DetectorSpec()
     detect_missing: Flag = False
@@ -289,10 +291,12 @@ def cross_field_problems(spec: JobSpec) -> list[str]:
     """What the field types cannot say: required-if, and names that must refer to each other."""
     problems = []
     boxes, pose = spec.boxes, spec.pose
-    if boxes.source != "detector" and boxes.path is None:
+    if boxes.source == "inline" and spec.images.format == "files":
+        problems.append("boxes.source: inline boxes come with webdataset or parquet images (images.format)")
+    if boxes.source in ("coco", "table") and boxes.path is None:
         problems.append(f"boxes.path: required with boxes.source: {boxes.source}")
     if boxes.source == "detector" and boxes.detect_missing:
-        problems.append("boxes.detect_missing: only with boxes.source coco or table (a detector job detects everything)")
+        problems.append("boxes.detect_missing: only with boxes.source coco, table or inline (a detector job detects everything)")
     known = sorted(set(BUILTIN_EXPERTS) | set(pose.experts))
     if pose.expert not in known:
         problems.append(f"pose.expert: unknown expert {pose.expert!r}; expected one of: {', '.join(known)}")

@@ -13,6 +13,9 @@ IMAGE_TASK_SCHEMA = pa.schema(
     [
         ("image_key", pa.string()),
         ("image_uri", pa.string()),
+        ("container", pa.string()),  # the tar or Parquet file holding the image, if any
+        ("offset", pa.int64()),  # tar: the member's byte offset; Parquet: the row
+        ("length", pa.int64()),  # tar: the member's size
         ("expected_width", pa.int32()),  # from the boxes file, when it says
         ("expected_height", pa.int32()),
         ("box_xywh", pa.list_(pa.list_(pa.float64(), 4))),

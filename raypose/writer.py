@@ -30,9 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from raypose.errors import SpecError
+from raypose.errors import JobFailed, SpecError
 from raypose.keypoint_schemas import KeypointSchema
 from raypose.spec import OutputSpec
+from raypose.storage import with_retries
 from raypose.table import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
 
 KEYPOINTS_DIR = "keypoints"
@@ -43,6 +44,9 @@ MANIFEST_FILE = "manifest.json"
 JOB_FILE = "_job.json"
 TMP_DIR = "_tmp"
 OUTPUT_ENTRIES = (KEYPOINTS_DIR, ERRORS_DIR, SHARDS_DIR, SCHEMAS_FILE, MANIFEST_FILE, JOB_FILE, TMP_DIR)
+# Object stores have no folders to make, and their makedirs creates a missing bucket (s3fs,
+# gcsfs, adlfs): raypose never makes one, so a missing or vanished bucket fails the job.
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci"}
 
 
 def shard_of(image_key: str, num_shards: int) -> int:
@@ -61,12 +65,24 @@ class OutputStore:
     def __init__(self, output: OutputSpec, storage_options: dict[str, Any]):
         self.output = output
         try:
-            self.fs, self.root = url_to_fs(output.path, **storage_options)
+            self.fs, self.root = url_to_fs(output.path, **with_retries(output.path, storage_options))
         except Exception as exc:
             raise SpecError(f"output.path: cannot open {output.path}: {type(exc).__name__}: {exc}") from exc
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
+
+    def makedirs(self, path: str) -> None:
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        if not protocols & OBJECT_STORES:
+            self.fs.makedirs(path, exist_ok=True)
+
+    def write_failed(self, what: str, exc: Exception) -> JobFailed:
+        """A write that failed mid-job (the bucket went away, permissions changed): the job fails, naming the output."""
+        return JobFailed(
+            f"output.path: cannot write {what} to {self.output.path}: {type(exc).__name__}: {exc}; "
+            "the job stopped (committed shards are kept: rerun with --resume when the output is writable)"
+        )
 
     def existing_entries(self) -> list[str]:
         """The raypose entries already at the output path."""
@@ -76,13 +92,21 @@ class OutputStore:
             raise SpecError(f"output.path: cannot access {self.output.path}: {type(exc).__name__}: {exc}") from exc
 
     def check_writable(self) -> None:
-        """Write and remove a probe file, so a missing bucket or a read-only path fails before Ray starts."""
-        probe = self.path(TMP_DIR, ".probe")
+        """Write and remove a probe file, so a missing bucket or a read-only path fails before Ray starts.
+
+        Leaves nothing behind that was not there: `validate` must not change the output path.
+        """
+        tmp = self.path(TMP_DIR)
         try:
-            self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
-            with self.fs.open(probe, "wb") as f:
+            had_root, had_tmp = self.fs.exists(self.root), self.fs.exists(tmp)
+            self.fs.makedirs(tmp, exist_ok=True)
+            with self.fs.open(posixpath.join(tmp, ".probe"), "wb") as f:
                 f.write(b"raypose")
-            self.fs.rm(probe)
+            self.fs.rm(posixpath.join(tmp, ".probe"))
+            if not had_tmp and self.fs.exists(tmp):
+                self.fs.rm(tmp, recursive=True)
+            if not had_root and self.fs.exists(self.root) and not self.fs.ls(self.root):
+                self.fs.rm(self.root, recursive=True)
         except Exception as exc:
             raise SpecError(f"output.path: cannot write to {self.output.path}: {type(exc).__name__}: {exc}") from exc
 
@@ -95,11 +119,14 @@ class OutputStore:
     def write_json(self, name: str, data: Any) -> None:
         """Write a JSON file atomically (temp file, then move)."""
         tmp = self.path(TMP_DIR, name.replace("/", "__"))
-        self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
-        self.fs.makedirs(posixpath.dirname(self.path(name)), exist_ok=True)
-        self.fs.mv(tmp, self.path(name))
+        try:
+            self.makedirs(self.path(TMP_DIR))
+            with self.fs.open(tmp, "wb") as f:
+                f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+            self.makedirs(posixpath.dirname(self.path(name)))
+            self.fs.mv(tmp, self.path(name))
+        except Exception as exc:
+            raise self.write_failed(name, exc) from exc
 
     def committed_shards(self) -> dict[int, dict]:
         """Commit markers of the shards earlier runs finished."""
@@ -251,12 +278,15 @@ class ShardWriter:
     def _write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
         output = self.store.output
         tmp = self.store.path(TMP_DIR, posixpath.basename(posixpath.dirname(path)) + "-" + posixpath.basename(path))
-        self.store.fs.makedirs(self.store.path(TMP_DIR), exist_ok=True)
-        self.store.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         compression = None if output.compression == "none" else output.compression
-        with self.store.fs.open(tmp, "wb") as f:
-            pq.write_table(table.cast(schema), f, row_group_size=output.row_group_size, compression=compression)
-        self.store.fs.mv(tmp, path)
+        try:
+            self.store.makedirs(self.store.path(TMP_DIR))
+            self.store.makedirs(posixpath.dirname(path))
+            with self.store.fs.open(tmp, "wb") as f:
+                pq.write_table(table.cast(schema), f, row_group_size=output.row_group_size, compression=compression)
+            self.store.fs.mv(tmp, path)
+        except Exception as exc:
+            raise self.store.write_failed(posixpath.relpath(path, self.store.root), exc) from exc
 
 
 def _count_empty(rows: pa.Table) -> int:
