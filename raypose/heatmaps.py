@@ -4,6 +4,10 @@ A port of transformers' `VitPoseImageProcessor.post_process_pose_estimation`: ar
 DARK refinement (Gaussian-smoothed log-heatmap, one Newton step), then the UDP inverse
 transform back to image pixels. It reproduces the reference's edge cases, including
 the `-1` location of a keypoint whose heatmap has no positive value.
+
+`decode="original"` smooths as the original ViTPose does instead (mmpose 0.x `post_dark_udp`,
+used by its UDP configs: `cv2.GaussianBlur(heatmap, (k, k), 0)`, i.e. sigma 0.3 * ((k - 1) / 2 - 1)
++ 0.8 = 2.0 for k=11, border reflect-101); every other step is the same in both.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from raypose.crops import PIXEL_STD
 
 DARK_KERNEL = 11
 DARK_SIGMA = 0.8  # transformers' value; the original ViTPose (cv2.GaussianBlur(k, k, 0)) uses 2.0 for k=11
+DECODES = ("transformers", "original")
+
+
+def opencv_sigma(kernel: int) -> float:
+    """The sigma cv2.getGaussianKernel derives from a kernel size when given sigma 0 (kernels > 7)."""
+    return 0.3 * ((kernel - 1) * 0.5 - 1) + 0.8
 
 
 def decode_heatmaps(
@@ -22,14 +32,24 @@ def decode_heatmaps(
     centers: torch.Tensor,
     scales: torch.Tensor,
     kernel: int = DARK_KERNEL,
-    sigma: float = DARK_SIGMA,
+    sigma: float | None = None,
+    decode: str = "transformers",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Heatmaps (N, K, h, w) and crop centers/scales (N, 2) -> keypoints (N, K, 2) in image pixels and scores (N, K)."""
+    """Heatmaps (N, K, h, w) and crop centers/scales (N, 2) -> keypoints (N, K, 2) in image pixels and scores (N, K).
+
+    `decode`: "transformers" (sigma 0.8, scipy's reflect border) or "original" (cv2's sigma for
+    `kernel`, reflect-101 border); `sigma` overrides the variant's.
+    """
+    if decode not in DECODES:
+        raise ValueError(f"decode: expected one of {DECODES}, got {decode!r}")
+    original = decode == "original"
+    if sigma is None:
+        sigma = opencv_sigma(kernel) if original else DARK_SIGMA
     heatmaps = heatmaps.float()
     centers = centers.to(heatmaps.device, torch.float32)
     scales = scales.to(heatmaps.device, torch.float32)
     coords, scores = heatmap_argmax(heatmaps)
-    coords = dark_refine(coords, heatmaps, kernel, sigma)
+    coords = dark_refine(coords, heatmaps, kernel, sigma, border="reflect_101" if original else "reflect")
     return heatmap_to_image(coords, centers, scales, heatmaps.shape[-2:]), scores
 
 
@@ -42,29 +62,35 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return coords, scores
 
 
-def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border.
+def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float, border: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border, or
+    `reflect_101` (OpenCV's BORDER_DEFAULT, scipy's `mirror`: the edge pixel is not repeated).
 
     Accumulates in float64 and returns the input dtype, as scipy's `gaussian_filter` does.
     """
+    if border not in ("reflect", "reflect_101"):
+        raise ValueError(f"border: expected reflect or reflect_101, got {border!r}")
+    pad = _symmetric_index if border == "reflect" else _reflect_101_index
     n, k, height, width = heatmaps.shape
     radius = (kernel - 1) // 2
     taps = torch.arange(-radius, radius + 1, device=heatmaps.device, dtype=torch.float64)
     weights = torch.exp(-0.5 * taps**2 / sigma**2)
     weights = weights / weights.sum()
     planes = heatmaps.reshape(n * k, 1, height, width).double()
-    planes = planes.index_select(2, _symmetric_index(height, radius, heatmaps.device))
-    planes = planes.index_select(3, _symmetric_index(width, radius, heatmaps.device))
+    planes = planes.index_select(2, pad(height, radius, heatmaps.device))
+    planes = planes.index_select(3, pad(width, radius, heatmaps.device))
     # scipy filters one axis at a time and stores each pass in the input's dtype.
     planes = F.conv2d(planes, weights.view(1, 1, -1, 1)).to(heatmaps.dtype).double()
     planes = F.conv2d(planes, weights.view(1, 1, 1, -1))
     return planes.reshape(n, k, height, width).to(heatmaps.dtype)
 
 
-def dark_refine(coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+def dark_refine(
+    coords: torch.Tensor, heatmaps: torch.Tensor, kernel: int, sigma: float, border: str = "reflect"
+) -> torch.Tensor:
     """One Newton step on the smoothed log-heatmap around each integer peak (DARK, Zhang et al. 2020)."""
     n, k, height, width = heatmaps.shape
-    logs = gaussian_blur(heatmaps, kernel, sigma).clamp(0.001, 50).log()
+    logs = gaussian_blur(heatmaps, kernel, sigma, border).clamp(0.001, 50).log()
     padded = F.pad(logs.reshape(n * k, 1, height, width), (1, 1, 1, 1), mode="replicate").reshape(-1)
     row = width + 2
     plane = row * (height + 2)
@@ -132,5 +158,15 @@ def _symmetric_index(size: int, radius: int, device) -> torch.Tensor:
     index = torch.arange(-radius, size + radius, device=device)
     index = torch.where(index < 0, -index - 1, index)
     index = torch.where(index >= size, 2 * size - index - 1, index)
+    # Kernels wider than the map reflect more than once.
+    return index.clamp(0, size - 1)
+
+
+def _reflect_101_index(size: int, radius: int, device) -> torch.Tensor:
+    index = torch.arange(-radius, size + radius, device=device)
+    if size == 1:
+        return torch.zeros_like(index)  # OpenCV: a one-pixel row reflects onto itself
+    index = torch.where(index < 0, -index, index)
+    index = torch.where(index >= size, 2 * size - index - 2, index)
     # Kernels wider than the map reflect more than once.
     return index.clamp(0, size - 1)

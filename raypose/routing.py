@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raypose.errors import SpecError
 from raypose.keypoint_schemas import EXPERT_INDEX, EXPERT_SCHEMA, SCHEMAS
+
+# The ViTPose++ dataset (expert) whose head emits each schema, and its dataset_index.
+SCHEMA_DATASET = {schema: expert for expert, schema in EXPERT_SCHEMA.items()}
+SCHEMA_INDEX = {schema: EXPERT_INDEX[expert] for schema, expert in SCHEMA_DATASET.items()}
 from raypose.pose import ModelInfo, inspect_model
 from raypose.spec import PoseSpec
 
@@ -18,6 +22,7 @@ class Expert:
     model: ModelInfo
     dataset_index: int | None  # None for dense (non-MoE) checkpoints
     keypoint_schema: str
+    folded: bool = False  # pose.fold_expert: the MoE checkpoint is loaded with this expert folded in
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -31,6 +36,7 @@ class Routing:
     experts: dict[str, Expert]
     rules: dict[str, str]
     default: str
+    decode: str = "transformers"  # pose.decode
 
     def expert_for(self, category: str | None) -> str:
         """The expert that labels a box of this category."""
@@ -50,11 +56,31 @@ def resolve_routing(pose: PoseSpec) -> Routing:
         if key not in models:
             models[key] = inspect_model(*key, field=f"{field}.model" if own else "pose.model")
         experts[name] = _resolve_expert(name, spec, models[key], field)
-    return Routing(experts=experts, rules=dict(pose.routing), default=pose.expert)
+    if pose.fold_expert:
+        experts = _fold(experts)
+    return Routing(experts=experts, rules=dict(pose.routing), default=pose.expert, decode=pose.decode)
+
+
+def _fold(experts: dict[str, Expert]) -> dict[str, Expert]:
+    """pose.fold_expert: each MoE checkpoint is folded for its one expert (dense checkpoints are left as they are)."""
+    by_model: dict[tuple[str, str], list[Expert]] = {}
+    for expert in experts.values():
+        if expert.model.num_experts > 1:
+            by_model.setdefault((expert.model.model_id, expert.model.revision), []).append(expert)
+    for (model_id, _), users in by_model.items():
+        if len({e.dataset_index for e in users}) > 1:
+            served = ", ".join(f"{e.name} (dataset_index {e.dataset_index})" for e in users)
+            raise SpecError(
+                f"pose.fold_expert: {model_id!r} serves experts {served}; a folded checkpoint serves one "
+                "dataset_index: give all but one of them their own converted checkpoint "
+                "(`raypose convert vitpose-plus`), or set pose.fold_expert: false"
+            )
+    return {name: replace(e, folded=e.model.num_experts > 1) for name, e in experts.items()}
 
 
 def _resolve_expert(name: str, spec, info: ModelInfo, field: str) -> Expert:
-    schema_name = (spec.keypoint_schema if spec else None) or EXPERT_SCHEMA.get(name)
+    recorded = info.head_schema if info.head_schema_source.startswith("recorded") else None
+    schema_name = (spec.keypoint_schema if spec else None) or EXPERT_SCHEMA.get(name) or recorded
     if schema_name is None:
         raise SpecError(
             f"{field}.keypoint_schema: required for expert {name!r} (known schemas: {', '.join(SCHEMAS)})"
@@ -66,6 +92,13 @@ def _resolve_expert(name: str, spec, info: ModelInfo, field: str) -> Expert:
         raise SpecError(
             f"{field}: expert {name!r} means {schema.num_keypoints} keypoints ({schema_name}) but "
             f"{info.model_id!r} outputs {info.num_keypoints} heatmaps"
+        )
+    head, head_source = _head(name, spec, info)
+    if head is not None and head != schema_name:
+        raise SpecError(
+            f"{field}: expert {name!r} emits {schema_name} keypoints, but the head of {info.model_id!r} is "
+            f"{head} ({head_source}): its heatmaps would be read with the wrong keypoint names. "
+            + _head_fix(name, schema_name)
         )
     given = spec.dataset_index if spec else None
     if info.num_experts > 1:
@@ -79,6 +112,14 @@ def _resolve_expert(name: str, spec, info: ModelInfo, field: str) -> Expert:
             raise SpecError(
                 f"{field}.dataset_index: {index} is out of range: {info.model_id!r} has {info.num_experts} experts"
             )
+        head_index = SCHEMA_INDEX.get(head) if not head_source.startswith("set by") else None
+        if head_index is not None and index != head_index:
+            # The head was trained on its own expert's features; another expert's are decoded wrongly.
+            raise SpecError(
+                f"{field}.dataset_index: {index} selects another ViTPose++ expert than the one the head of "
+                f"{info.model_id!r} belongs to ({head}, dataset_index {head_index}; {head_source}). Fix: use "
+                f"dataset_index {head_index}, or set pose.experts.{name}.head_schema if you know the head is expert {index}'s"
+            )
     else:
         if given is not None:
             raise SpecError(
@@ -86,3 +127,25 @@ def _resolve_expert(name: str, spec, info: ModelInfo, field: str) -> Expert:
             )
         index = None
     return Expert(name=name, model=info, dataset_index=index, keypoint_schema=schema_name)
+
+
+def _head(name: str, spec, info: ModelInfo) -> tuple[str | None, str]:
+    """The schema the checkpoint's head emits for this expert, and how that is known."""
+    given = spec.head_schema if spec else None
+    if given is None:
+        return info.head_schema, info.head_schema_source
+    if given not in SCHEMAS:
+        raise SpecError(
+            f"pose.experts.{name}.head_schema: unknown schema {given!r}; expected one of: {', '.join(SCHEMAS)}"
+        )
+    return given, f"set by pose.experts.{name}.head_schema"
+
+
+def _head_fix(name: str, schema_name: str) -> str:
+    dataset = SCHEMA_DATASET.get(schema_name)
+    convert = (
+        f"convert the original ViTPose++ checkpoint (with all six heads) with `raypose convert vitpose-plus "
+        f"ORIGINAL.pth --dataset {dataset} --out DIR` and set pose.experts.{name}.model: DIR, or "
+        if dataset else "use a checkpoint whose head emits it, or "
+    )
+    return f"Fix: {convert}set pose.experts.{name}.head_schema: {schema_name} if you know its head emits {schema_name}"

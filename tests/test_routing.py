@@ -37,7 +37,10 @@ def routing_of(**pose):
 
 
 def test_builtin_experts_on_a_moe_checkpoint_get_their_dataset_index(moe_checkpoint):
-    routing = routing_of(model=str(moe_checkpoint), routing={"dog": "ap10k", "person": "coco"})
+    # The tiny MoE's one head is taken as COCO's (as the published transformers ViTPose++ checkpoints);
+    # the AP-10K expert is served only when told its head is AP-10K's (tests/test_convert.py: refused otherwise).
+    routing = routing_of(model=str(moe_checkpoint), routing={"dog": "ap10k", "person": "coco"},
+                         experts={"ap10k": {"head_schema": "ap10k17"}})
     assert {n: (e.dataset_index, e.keypoint_schema) for n, e in routing.experts.items()} == {
         "coco": (0, "coco17"), "ap10k": (3, "ap10k17")}
     assert routing.expert_for("dog") == "ap10k" and routing.expert_for("zebra") == "coco"
@@ -125,7 +128,8 @@ def test_mixed_people_and_animals_job(ray_session, moe_checkpoint, wholebody_che
     spec["boxes"].update(source="table", categories=["person", "dog", "cat"])
     spec["pose"].update(
         routing={"person": "coco", "dog": "ap10k", "cat": "wholebody"},
-        experts={"wholebody": {"model": str(wholebody_checkpoint)}},
+        # The tiny MoE has one head; say it is AP-10K's for the dog expert (else refused, see test_convert.py).
+        experts={"wholebody": {"model": str(wholebody_checkpoint)}, "ap10k": {"head_schema": "ap10k17"}},
     )
     result = CliRunner().invoke(app, ["submit", str(write_job(spec))], catch_exceptions=False)
     assert result.exit_code == 0, result.output

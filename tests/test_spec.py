@@ -120,7 +120,7 @@ def test_unknown_top_level_key_suggests_and_lists_allowed():
     raw["resourses"] = {"pose_actors": 2}
     message = problems(raw)
     assert "resourses: unknown key (did you mean 'resources'?)" in message
-    assert "expected one of: name, images, boxes, pose, resources, output" in message
+    assert "expected one of: name, images, boxes, pose, resources, limits, output" in message
 
 
 def test_unknown_key_in_a_section_suggests_and_lists_allowed():
@@ -132,7 +132,7 @@ def test_unknown_key_in_a_section_suggests_and_lists_allowed():
 def test_unknown_key_in_an_optional_section_lists_that_sections_keys():
     message = problems(with_field("output", "comression", "zstd"))
     assert "output.comression: unknown key (did you mean 'compression'?)" in message
-    assert "rows_per_file" in message and "batch_size" not in message
+    assert "images_per_shard" in message and "batch_size" not in message
 
 
 def test_missing_required_field():
