@@ -19,6 +19,7 @@ from fsspec.core import url_to_fs
 
 from raypose.errors import SpecError
 from raypose.spec import BoxesSpec, ImagesSpec
+from raypose.storage import with_retries
 
 CONTAINER_SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet", ".pq")}
 BOX_FIELDS = ("bbox", "category", "score")  # inline boxes, per image: lists of equal length
@@ -26,7 +27,7 @@ BOX_FIELDS = ("bbox", "category", "score")  # inline boxes, per image: lists of 
 
 def list_container_images(images: ImagesSpec, boxes: BoxesSpec | None, containers: list[str]) -> pa.Table:
     """One row per image found in the containers: key, uri, container, offset, length [+ inline boxes]."""
-    fs, _ = url_to_fs(containers[0], **images.storage_options)
+    fs, _ = url_to_fs(containers[0], **with_retries(containers[0], images.storage_options))
     rows: list[dict[str, Any]] = []
     for container in containers:
         try:
@@ -44,7 +45,7 @@ def list_container_images(images: ImagesSpec, boxes: BoxesSpec | None, container
 def read_container_bytes(task: dict, storage_options: dict[str, Any], image_column: str, cache: dict) -> bytes:
     """An image's bytes from its container (a tar byte range, or one Parquet row)."""
     container = task["container"]
-    fs, path = url_to_fs(container, **storage_options)
+    fs, path = url_to_fs(container, **with_retries(container, storage_options))
     if task["length"] is not None:
         return fs.cat_file(path, start=task["offset"], end=task["offset"] + task["length"])
     if container not in cache:

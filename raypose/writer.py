@@ -99,7 +99,7 @@ class OutputStore:
         tmp = self.path(TMP_DIR)
         try:
             had_root, had_tmp = self.fs.exists(self.root), self.fs.exists(tmp)
-            self.fs.makedirs(tmp, exist_ok=True)
+            self.makedirs(tmp)
             with self.fs.open(posixpath.join(tmp, ".probe"), "wb") as f:
                 f.write(b"raypose")
             self.fs.rm(posixpath.join(tmp, ".probe"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,9 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray Data's console handler keeps the sys.stderr it was created with (at `import ray.data`);
+    # created inside a CliRunner invocation, it would write to that run's closed stream ever after.
+    import ray.data  # noqa: F401
     yield ray
     ray.shutdown()
 
@@ -64,3 +68,28 @@ def job_dict(images: Path | str, boxes: Path | str, model: Path | str, output: P
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A real S3 API: moto's standalone server on 127.0.0.1, one for the session; yields its endpoint URL."""
+    moto_server = pytest.importorskip("moto.server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def s3_bucket(endpoint: str, bucket: str, key: str = "testing", secret: str = "testing-secret") -> dict:
+    """Create `bucket` on the S3 server at `endpoint`; return the fsspec storage_options that reach it.
+
+    moto accepts any credentials, so tests pick their own to check that none leaks.
+    """
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    return {"key": key, "secret": secret, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}

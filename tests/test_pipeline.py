@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import duckdb
@@ -14,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import job_dict, read_json
+from conftest import job_dict, read_json, s3_bucket
 from raypose.cli import app
 from raypose.keypoint_schemas import COCO17
 from raypose.table import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
@@ -165,28 +164,10 @@ def test_a_job_where_everything_fails_exits_non_zero(ray_session, tiny_checkpoin
     assert read_json(tmp_path / "out" / "manifest.json")["status"] == "failed"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    """A real S3 API: moto's standalone server on 127.0.0.1."""
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 def test_submit_from_and_to_s3(ray_session, s3_server, tiny_checkpoint, coco_folder, write_job):
     import s3fs
 
-    options = {"key": "testing", "secret": "testing-secret", "endpoint_url": s3_server,
-               "client_kwargs": {"region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing-secret",
-                 region_name="us-east-1").create_bucket(Bucket="raypose-test")
+    options = s3_bucket(s3_server, "raypose-test")
     fs = s3fs.S3FileSystem(**options)
     for image in (coco_folder / "images").iterdir():
         fs.put(str(image), f"raypose-test/coco/val/{image.name}")

@@ -475,4 +475,6 @@ def test_make_crops_passes_an_earlier_stage_failure_and_skips_imageless_boxes(cr
     failed.update(error_stage="detect", error_reason="RuntimeError: boom")
     nothing = task(crop_inputs, "good.png", [])  # e.g. the detector found nobody
     got = make_crops(pa.Table.from_pylist([failed, nothing], schema=IMAGE_TASK_SCHEMA), **CROP_ARGS).to_pylist()
-    assert [(r["error_stage"], r["error_reason"]) for r in got] == [("detect", "RuntimeError: boom")]
+    # The image with nothing to label still leaves one empty row, so the writer knows it is done.
+    assert [(r["error_stage"], r["error_reason"], r["crop"], r["image_rows"]) for r in got] == [
+        ("detect", "RuntimeError: boom", None, 1), (None, None, None, 1)]
