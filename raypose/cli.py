@@ -93,9 +93,16 @@ def submit(
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="text, or json: one JSON object per line (for scheduled runs).")
     ] = LogFormat.text,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Finish an interrupted job: keep its committed shards (output.mode=resume).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --resume: resume even if the spec or the models changed.")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run a job on an embedded local Ray (or the cluster in RAY_ADDRESS, or at --address) and write its Parquet."""
+    set_ = [*(set_ or []), *(["output.mode=resume"] if resume else [])]
     from raypose.logs import setup_logging
 
     fmt = LogFormat(log_format).value
@@ -105,13 +112,14 @@ def submit(
             from raypose.cluster import run_remote
 
             code = run_remote(job, set_ or [], address, wait=wait, runtime_env_json=runtime_env_json,
-                              quiet=quiet, log_format=fmt, debug=debug, echo=typer.echo)
+                              quiet=quiet, log_format=fmt, debug=debug, force=force, echo=typer.echo)
             raise typer.Exit(code)
-        _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json)
+        _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json, force=force)
 
 
 def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait: bool,
-                  runtime_env_json: Optional[str]) -> None:
+                  runtime_env_json: Optional[str], force: bool = False) -> None:
+    import dataclasses
     import json
     import os
 
@@ -122,14 +130,20 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
-    plan = plan_job(load_job_spec(job, overrides))
+    plan = plan_job(load_job_spec(job, overrides), force=force)
+    if os.environ.get("RAYPOSE_JOB_ID") and plan.spec.output.mode != "resume":
+        # submitted with --address: the run's id is the Ray submission id (cluster.py); a resumed
+        # job keeps the id of the run it finishes
+        plan = dataclasses.replace(plan, job_id=os.environ["RAYPOSE_JOB_ID"])
     c = plan.counts
     if not quiet and fmt == "text":
         typer.echo(
             f"job {plan.job_id}: {c['images']} images, {c['boxes']} boxes "
-            f"({c['images_without_boxes']} images without boxes skipped)",
+            f"({c['images_without_boxes']} images without boxes skipped); "
+            f"{len(plan.shard_images)} of {plan.num_shards} shards to do",
             err=True,
         )
+    quiet_ray(fmt, quiet)
     if os.environ.get("RAY_ADDRESS", "local") != "local":
         # On a cluster (a Ray job's entrypoint, a KubeRay RayJob): join it without the embedded
         # Ray's arguments (num_cpus), which ray.init refuses when connecting.
@@ -137,7 +151,6 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
 
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
-    quiet_ray(fmt, quiet)
     result = run_job(plan)
     c = result.counts
     if fmt == "json":
@@ -203,7 +216,7 @@ app.add_typer(export_app, name="export")
 
 
 @export_app.command("coco")
-def export_coco(
+def export_coco_command(
     output: OutputArg,
     to: Annotated[Optional[str], typer.Option("--to", help="Write the COCO keypoints dataset here.")] = None,
     results: Annotated[Optional[str], typer.Option("--results", help="Write COCO results (for COCOeval) here.")] = None,
@@ -213,19 +226,19 @@ def export_coco(
     debug: DebugOpt = False,
 ) -> None:
     """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
-    from raypose.export import export_coco as run_export
+    from raypose.export import export_coco
     from raypose.output import parse_storage_options
 
     with _errors_as_exit(debug):
-        done = run_export(output, to, results, gt=gt, min_score=min_score,
+        done = export_coco(output, to, results, gt=gt, min_score=min_score,
                           storage_options=parse_storage_options(storage_option))
     written = [p for p in (done["to"], done["results_path"]) if p]
     typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations, "
                f"{done['categories']} categories -> {', '.join(written)}")
 
 
-@app.command()
-def render(
+@app.command("render")
+def render_command(
     output: OutputArg,
     out: Annotated[str, typer.Option("--out", help="Folder for the pictures and index.html.")],
     images: Annotated[Optional[str], typer.Option("--images", help="Read images from here + image_key instead of image_uri.")] = None,
@@ -249,8 +262,8 @@ def render(
     typer.echo(f"rendered: {drawn} of {len(rendered)} sampled images -> {out.rstrip('/')}/index.html")
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_command(
     output: OutputArg,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     storage_option: StorageOpt = None,
@@ -263,6 +276,44 @@ def inspect(
     with _errors_as_exit(debug):
         summary = summarize(output, storage_options=parse_storage_options(storage_option))
     typer.echo(format_json(summary) if as_json else format_text(summary), nl=as_json)
+
+
+# --- Making checkpoints raypose can serve (raypose/convert.py) ---
+
+convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers ViTPose folders.",
+                          no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("vitpose-plus")
+def convert_vitpose_plus(
+    checkpoint: Annotated[str, typer.Argument(help="An original ViTPose++ .pth (ViTAE-Transformer/ViTPose), all six heads.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (with --all: one subfolder per dataset).")],
+    dataset: Annotated[
+        Optional[str], typer.Option("--dataset", help="coco, aic, mpii, ap10k, apt36k or wholebody.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Convert all six datasets into OUT/<dataset>.")] = False,
+    num_heads: Annotated[
+        Optional[int], typer.Option("--num-heads", help="Attention heads (default: from the embedding size, as ViTPose++-S/B/L/H).")
+    ] = None,
+    input_size: Annotated[str, typer.Option("--input-size", help="Model input HEIGHTxWIDTH.")] = "256x192",
+    debug: DebugOpt = False,
+) -> None:
+    """Fold one ViTPose++ expert into a dense ViTPose with its own dataset's head (as the original model_split.py)."""
+    from raypose.convert import DATASETS, ConvertError
+    from raypose.convert import convert_vitpose_plus as run_convert
+
+    with _errors_as_exit(debug):
+        if all_ == (dataset is not None):
+            raise ConvertError("give either --dataset NAME or --all")
+        try:
+            height, width = (int(v) for v in input_size.lower().split("x"))
+        except ValueError:
+            raise ConvertError(f"--input-size: expected HEIGHTxWIDTH such as 256x192, got {input_size!r}") from None
+        written = run_convert(checkpoint, out, list(DATASETS) if all_ else [dataset], num_attention_heads=num_heads,
+                              image_size=(height, width), into_subfolders=all_)
+    for folder in written:
+        typer.echo(f"converted: {folder} ({folder.name if all_ else dataset})")
 
 
 if __name__ == "__main__":
