@@ -63,3 +63,66 @@ def test_crop_of_box_outside_image_is_black_where_reference_is():
     ref = reference_crop(image, box)
     np.testing.assert_array_equal(ours == 0, ref == 0)
     assert (ours == 200).any() and (ours == 0).any()
+
+
+# --- fast paths: crops cut from the PIL image, and JPEG draft (reduced) decoding -----------------
+
+
+@pytest.mark.parametrize("image_shape", [(120, 160, 3), (161, 97, 3)])
+def test_crop_from_pil_image_equals_crop_from_array(image_shape):
+    from raypose.crops import crop_image
+
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, image_shape, dtype=np.uint8)
+    for box in BOXES:
+        center, scale = center_scale_from_boxes(np.array([box]), (192, 256))
+        np.testing.assert_array_equal(
+            crop_image(Image.fromarray(image), center[0], scale[0], (192, 256)),
+            crop_image(image, center[0], scale[0], (192, 256)),
+        )
+
+
+def test_jpeg_reduction_is_the_largest_that_every_crop_affords():
+    from raypose.crops import jpeg_reduction
+
+    def reduction(*heights):
+        boxes = np.array([[0, 0, h * 0.75, h] for h in heights])
+        _, scales = center_scale_from_boxes(boxes, (192, 256))
+        return jpeg_reduction(scales, [(192, 256)] * len(heights))
+
+    # pitch = 1.25 h / 255 image pixels per crop pixel
+    assert reduction(3000) == 8 and reduction(900) == 4 and reduction(450) == 2
+    assert reduction(400) == 1 and reduction(100) == 1
+    assert reduction(3000, 450) == 2  # the smallest crop decides
+    assert jpeg_reduction(np.zeros((0, 2)), []) == 1
+
+
+def test_jpeg_draft_crop_keeps_the_geometry():
+    import io
+
+    from raypose.crops import _reduction_for, crop_image
+    from raypose.reader import decode_image_reduced
+
+    # A smooth picture: block means and point samples agree closely, so any misplacement shows.
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    image = (10 + np.stack([xx * 245 // 1599, yy * 245 // 1199, (xx + yy) * 245 // 2798], -1)).astype(np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(image).save(data, format="JPEG", quality=95)
+    boxes = [[100, 50, 700, 1000], [-200, 300, 900, 1200]]  # the second is clipped to the image
+    decoded, factor, size = decode_image_reduced(data.getvalue(), 10**9, _reduction_for(boxes, [(192, 256)] * 2))
+    assert factor == 4 and size == (1600, 1200) and decoded.size == (400, 300)
+    full = np.asarray(Image.open(data).convert("RGB"))
+    from raypose.boxes import clip_boxes
+
+    clipped, _ = clip_boxes(np.array(boxes, np.float64), 1600, 1200)
+    centers, scales = center_scale_from_boxes(clipped, (192, 256))
+    from raypose.crops import crop_sampling_grid
+
+    for center, scale in zip(centers, scales):
+        ours = crop_image(decoded, center, scale, (192, 256), reduction=factor, full_size=size).astype(int)
+        ref = crop_image(full, center, scale, (192, 256)).astype(int)
+        np.testing.assert_array_equal(ours == 0, ref == 0)  # the same zero border (the picture has no 0)
+        xs, ys = crop_sampling_grid(center, scale, (192, 256))
+        inside = ((xs >= 0) & (xs <= 1599))[None, :] & ((ys >= 0) & (ys <= 1199))[:, None]
+        assert inside.any() and not inside.all()
+        assert np.abs(ours - ref)[inside].mean() < 1.5

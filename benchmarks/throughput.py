@@ -1,0 +1,828 @@
+#!/usr/bin/env python
+"""Throughput: the seed's reference pipeline vs the model ceiling vs `raypose submit`, in one run.
+
+    python benchmarks/throughput.py --preset vitpose-small --images 64
+    python benchmarks/throughput.py --preset vitpose-base --images 256 --device cuda --dtype bfloat16 --scale
+
+It makes its own inputs (raypose.synthetic: JPEGs cycling 640x480 / 1280x720 / 4000x3000 with
+1-8 drawn people each, their COCO boxes, and a checkpoint of the preset's shape with random
+weights), then measures on the same images, boxes, model, device and dtype:
+
+  reference  transformers' VitPoseImageProcessorPil -> VitPoseForPoseEstimation ->
+             post_process_pose_estimation, image by image, JPEG decode (PIL) included;
+  ceiling    the model forward alone (PoseEngine's model, dtype, device and normalisation) on
+             pre-made crop tensors at the job's batch size, after warm-up; on CPU with every
+             core's torch threads (the device's limit, not one actor's);
+  raypose    the job end to end (plan_job + run_job in this process, Ray Data from JPEG bytes
+             to Parquet), as crops/s over the pipeline (the issue's figure: Ray start-up
+             excluded), over plan + Ray start + pipeline, and from the first crop task's start
+             to the end.
+
+It prints a table and writes JSON (--json). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+DEFAULT_SIZES = "640x480,1280x720,4000x3000"
+ROWS = ("reference", "ceiling", "raypose")
+
+
+# --------------------------------------------------------------------------------------- args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="throughput.py",
+        description="raypose throughput vs the reference pipeline and the model-forward ceiling.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default="vitpose-small", help="raypose.synthetic.PRESETS shape (random weights)")
+    p.add_argument("--images", type=int, default=64, help="number of images (N)")
+    p.add_argument("--sizes", default=DEFAULT_SIZES, help="image sizes WxH, cycled over the images")
+    p.add_argument("--persons", default="1-8", help="people per image, MIN-MAX")
+    p.add_argument("--box-heights", default="0.3-0.8", help="person height as a fraction of image height, MIN-MAX")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="pose.batch_size (default: the spec's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--pose-actors", type=int, default=None, help="resources.pose_actors (default: the spec's)")
+    p.add_argument("--flip-test", action="store_true", help="pose.flip_test for all three rows")
+    p.add_argument("--scale", action="store_true",
+                   help="also run raypose at N (warm) and 4N images: time ratio and peak-memory ratio")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra job override, as `raypose submit --set` (repeatable)")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows to measure (comma-separated)")
+    p.add_argument("--ceiling-threads", type=int, default=None,
+                   help="CPU: torch threads for the ceiling and reference (default: all usable cores)")
+    p.add_argument("--ceiling-min-seconds", type=float, default=3.0, help="least timed time for the ceiling")
+    p.add_argument("--sample-interval", type=float, default=0.2, help="memory/GPU sampling period (s)")
+    p.add_argument("--out", default="bench-out", help="work folder: data, checkpoint, job outputs")
+    p.add_argument("--json", dest="json_path", default=None, help="result JSON (default OUT/throughput.json)")
+    p.add_argument("--jpeg-draft", action="store_true",
+                   help="experimental: pass jpeg_draft=True to raypose.crops.make_crops (JPEG DCT-domain "
+                        "downscale; changes crop pixels) until the job spec has a key for it")
+    p.add_argument("--no-trace", action="store_true",
+                   help="do not wrap the pipeline's stages to time them (no first-crop / actor-busy figures)")
+    args = p.parse_args(argv)
+    args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
+    args.person_range = tuple(int(v) for v in args.persons.split("-"))
+    args.height_range = tuple(float(v) for v in args.box_heights.split("-"))
+    args.row_set = {r.strip() for r in args.rows.split(",") if r.strip()}
+    unknown = args.row_set - set(ROWS)
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {ROWS}")
+    if args.images < 1:
+        p.error("--images: expected a positive integer")
+    return args
+
+
+# ------------------------------------------------------------------------- memory and GPU
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _process_tree(root: int) -> list[int]:
+    """root and its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _cpu_seconds(pid: int, tick: float) -> float | None:
+    """utime + stime of a process so far (its own, not its reaped children's)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * tick
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _rss_pss(pid: int, page: int) -> tuple[int, int]:
+    rss = pss = 0
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * page
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss, pss
+
+
+class Sampler:
+    """Samples this process tree's memory (sum of RSS, sum of PSS) and, with nvidia-smi, the GPU.
+
+    Peaks are kept per phase (`with sampler.phase("name")`). RSS sums count shared pages
+    (libraries, Ray's object store) once per process; PSS shares them out, so the PSS sum is
+    the tree's real footprint. Processes outside this tree (a remote Ray cluster) are not seen.
+    CPU time: per process, the last sampled utime+stime minus its value at the phase's start
+    (0 for processes started during the phase); a process that exits loses at most one
+    sampling period. CPU-seconds per crop are robust to other load on a shared machine,
+    wall-clock rates are not.
+    """
+
+    def __init__(self, interval: float = 0.2, gpu: bool = False):
+        self.interval = interval
+        self.available = os.path.isdir("/proc/self")
+        self.page = os.sysconf("SC_PAGE_SIZE") if self.available else 4096
+        self.tick = 1.0 / os.sysconf("SC_CLK_TCK") if self.available else 0.01
+        self._lock = threading.Lock()
+        self.phases: dict[str, dict[str, Any]] = {}
+        self.current: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+        self._smi: subprocess.Popen | None = None
+        self.gpu = gpu and shutil.which("nvidia-smi") is not None
+        if self.gpu:
+            self._smi = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                 f"-lms={max(100, int(interval * 1000))}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )
+            threading.Thread(target=self._read_smi, name="bench-smi", daemon=True).start()
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._smi is not None:
+            self._smi.terminate()
+            with contextlib.suppress(Exception):
+                self._smi.wait(timeout=5)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        stats = {"rss_peak": 0, "pss_peak": 0, "self_rss_peak": 0, "self_pss_peak": 0, "samples": 0, "gpu_util": [], "gpu_mem_peak_mib": None,
+                 "cpu_start": {}, "cpu_last": {}, "wall_start": time.perf_counter()}
+        if self.available:
+            for pid in _process_tree(os.getpid()):
+                cpu = _cpu_seconds(pid, self.tick)
+                if cpu is not None:
+                    stats["cpu_start"][pid] = cpu
+        self.phases[name] = stats
+        self.current = stats
+        self._sample()
+        try:
+            yield stats
+        finally:
+            self._sample()
+            self.current = None
+            stats["wall_seconds"] = time.perf_counter() - stats["wall_start"]
+
+    def _sample(self) -> None:
+        stats = self.current
+        if stats is None or not self.available:
+            return
+        rss = pss = 0
+        me = os.getpid()
+        with self._lock:
+            for pid in _process_tree(me):
+                r, p = _rss_pss(pid, self.page)
+                rss, pss = rss + r, pss + p
+                if pid == me:
+                    stats["self_rss_peak"] = max(stats["self_rss_peak"], r)
+                    stats["self_pss_peak"] = max(stats["self_pss_peak"], p)
+                cpu = _cpu_seconds(pid, self.tick)
+                if cpu is not None:
+                    stats["cpu_last"][pid] = cpu
+        stats["rss_peak"] = max(stats["rss_peak"], rss)
+        stats["pss_peak"] = max(stats["pss_peak"], pss)
+        stats["samples"] += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _read_smi(self) -> None:
+        assert self._smi is not None and self._smi.stdout is not None
+        for line in self._smi.stdout:
+            stats = self.current
+            try:
+                util, mem = (float(v) for v in line.split(",")[:2])  # first GPU's line comes first
+            except ValueError:
+                continue
+            if stats is not None:
+                stats["gpu_util"].append(util)
+                stats["gpu_mem_peak_mib"] = max(stats["gpu_mem_peak_mib"] or 0.0, mem)
+
+    @staticmethod
+    def summary(stats: dict[str, Any] | None, own: bool = False) -> dict[str, Any]:
+        """Peaks of the phase; `own`: this process's alone (for work done in this process only,
+        while a Ray started earlier idles beside it)."""
+        if not stats:
+            return {}
+        if own:
+            stats = {**stats, "rss_peak": stats["self_rss_peak"], "pss_peak": stats["self_pss_peak"]}
+        util = stats.get("gpu_util") or []
+        cpu = sum(last - stats["cpu_start"].get(pid, 0.0) for pid, last in stats.get("cpu_last", {}).items())
+        wall = stats.get("wall_seconds")
+        return {
+            "cpu_seconds_tree": round(cpu, 2) if stats.get("cpu_last") else None,
+            "cores_busy_mean": round(cpu / wall, 2) if stats.get("cpu_last") and wall else None,
+            "peak_rss_tree_mib": round(stats["rss_peak"] / 2**20, 1) if stats["rss_peak"] else None,
+            "peak_pss_tree_mib": round(stats["pss_peak"] / 2**20, 1) if stats["pss_peak"] else None,
+            "memory_samples": stats["samples"],
+            "gpu_util_mean_pct": round(sum(util) / len(util), 1) if util else None,
+            "gpu_mem_peak_smi_mib": stats.get("gpu_mem_peak_mib"),
+        }
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def prepare_inputs(args: argparse.Namespace, counts: list[int]) -> dict[str, Any]:
+    """Images (shared pool, grown as needed), per-count manifests and boxes, and the checkpoint."""
+    from raypose.synthetic import make_benchmark_dataset, make_checkpoint
+
+    out = Path(args.out)
+    sizes = "_".join(f"{w}x{h}" for w, h in args.size_list)
+    pool = out / "data" / f"s{args.seed}-{sizes}-p{args.persons}-h{args.box_heights}"
+    started = time.perf_counter()
+    sets = {}
+    for n in sorted(set(counts)):
+        manifest, boxes = make_benchmark_dataset(
+            pool, n, sizes=args.size_list, persons=args.person_range, box_heights=args.height_range, seed=args.seed
+        )
+        sets[n] = {"manifest": manifest, "boxes": boxes, "folder": pool}
+    checkpoint = out / "checkpoints" / f"{args.preset}-seed{args.seed}"
+    if not (checkpoint / "config.json").exists():
+        make_checkpoint(checkpoint, preset=args.preset, seed=args.seed)
+    return {"sets": sets, "checkpoint": checkpoint, "seconds": time.perf_counter() - started}
+
+
+def _coco_images(boxes_path: Path) -> list[tuple[str, list[list[float]]]]:
+    coco = json.loads(Path(boxes_path).read_text())
+    by_image: dict[int, list[list[float]]] = {}
+    for ann in coco["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["bbox"])
+    return [(img["file_name"], by_image.get(img["id"], [])) for img in coco["images"]]
+
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, Any]:
+    """The seed's pipeline, image by image: PIL decode -> processor -> model -> post-process."""
+    import torch
+    from PIL import Image
+    from transformers import VitPoseForPoseEstimation
+    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+
+    from raypose.keypoint_schemas import SCHEMAS
+    from raypose.pose import resolve_device, resolve_dtype
+
+    device = resolve_device(pose.device)
+    dtype = resolve_dtype(pose.dtype, device)
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    checkpoint = expert.model.model_id
+    processor = VitPoseImageProcessorPil.from_pretrained(checkpoint)
+    model = VitPoseForPoseEstimation.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+    flip_pairs = torch.tensor(SCHEMAS[expert.keypoint_schema].flip_pairs, dtype=torch.long, device=device)
+    folder = data["folder"]
+    images = _coco_images(data["boxes"])
+
+    def one(name: str, boxes: list[list[float]]) -> int:
+        image = Image.open(folder / name).convert("RGB")
+        inputs = processor(image, boxes=[boxes], return_tensors="pt")
+        pixels = inputs["pixel_values"].to(device, dtype)
+        kwargs = {}
+        if expert.dataset_index is not None:
+            kwargs["dataset_index"] = torch.full((len(boxes),), expert.dataset_index, device=device)
+        with torch.inference_mode():
+            outputs = model(pixel_values=pixels, **kwargs)
+            if pose.flip_test:  # transformers' documented flip test: mirrored pass, flipped back, averaged
+                flipped = model(pixel_values=pixels.flip(3), flip_pairs=flip_pairs, **kwargs)
+                outputs.heatmaps = (outputs.heatmaps + flipped.heatmaps) * 0.5
+        outputs.heatmaps = outputs.heatmaps.float()  # numpy has no bfloat16
+        processor.post_process_pose_estimation(outputs, boxes=[np.array(boxes, np.float32)])
+        return len(boxes)
+
+    one(*images[0])  # warm-up, not timed
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    crops = sum(one(name, boxes) for name, boxes in images if boxes)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    result = {
+        "crops": crops, "images": len(images), "seconds": seconds, "crops_per_second": crops / seconds,
+        "cpu_seconds_per_crop": (time.process_time() - cpu_started) / crops,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "batching": "one image's boxes per forward",
+    }
+    if device.type == "cuda":
+        result["gpu_mem_peak_torch_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    del model
+    return result
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------- ceiling
+
+
+def run_ceiling(expert, pose, n_crops: int, threads: int | None, min_seconds: float) -> dict[str, Any]:
+    """PoseEngine's model forward alone, on pre-made normalised crops at the job's batch size.
+
+    `expert` is the job's default expert (routing.Expert: checkpoint info, dataset_index);
+    with pose.flip_test the forward takes the doubled batch, as PoseEngine.estimate does.
+    """
+    import torch
+
+    from raypose.pose import PoseEngine
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = PoseEngine(expert.model, device=pose.device, dtype=pose.dtype)
+    device, dtype, bs = engine.device, engine.dtype, pose.batch_size
+    width, height = engine.info.input_size
+    rng = np.random.default_rng(0)
+    crops = torch.from_numpy(rng.integers(0, 256, (bs, height, width, 3), dtype=np.uint8))
+    mean = torch.tensor(engine.info.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(engine.info.image_std, device=device).view(1, 3, 1, 1)
+    pixels = ((crops.to(device).permute(0, 3, 1, 2).float() / 255.0 - mean) / std).to(dtype)
+    if pose.flip_test:
+        pixels = torch.cat([pixels, pixels.flip(-1)])
+    pixels = pixels.contiguous()
+    kwargs = {}
+    if expert.dataset_index is not None:
+        kwargs["dataset_index"] = torch.full((pixels.shape[0],), expert.dataset_index, dtype=torch.long, device=device)
+
+    def forward() -> None:
+        engine.model(pixel_values=pixels, **kwargs)
+
+    with torch.inference_mode():
+        for _ in range(3 if device.type == "cuda" else 1):  # warm-up
+            forward()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        wanted = max(2, math.ceil(n_crops / bs))
+        batches, started, cpu_started = 0, time.perf_counter(), time.process_time()
+        while True:
+            forward()
+            batches += 1
+            if device.type == "cuda" and batches % 8 == 0:
+                _sync(device)
+            elapsed = time.perf_counter() - started
+            if batches >= wanted and elapsed >= min_seconds:
+                break
+            if batches >= 2 and elapsed >= max(60.0, 4 * min_seconds):
+                break
+        _sync(device)
+        seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
+    result = {
+        "crops": batches * bs, "batches": batches, "batch_size": bs, "seconds": seconds,
+        "cpu_seconds_per_crop": cpu_seconds / (batches * bs),
+        "crops_per_second": batches * bs / seconds, "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "flip_test": pose.flip_test,
+    }
+    if device.type == "cuda":
+        result["gpu_mem_peak_torch_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    del engine
+    return result
+
+
+# ------------------------------------------------------------------------------------- raypose
+
+
+def write_job(args: argparse.Namespace, data: dict, checkpoint: Path, output: Path, path: Path) -> Path:
+    pose: dict[str, Any] = {"model": str(checkpoint), "dtype": args.dtype, "device": args.device,
+                            "flip_test": bool(args.flip_test)}
+    if args.batch_size is not None:
+        pose["batch_size"] = args.batch_size
+    job: dict[str, Any] = {
+        "name": "bench",
+        "images": {"path": str(data["manifest"])},
+        "boxes": {"source": "coco", "path": str(data["boxes"])},
+        "pose": pose,
+        "output": {"path": str(output), "mode": "overwrite"},
+    }
+    if args.pose_actors is not None:
+        job["resources"] = {"pose_actors": args.pose_actors}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def load_spec(job: Path, overrides: list[str]):
+    from raypose.spec import load_job_spec
+
+    return load_job_spec(job, overrides)
+
+
+@contextlib.contextmanager
+def traced_stages(trace_path: Path, enabled: bool = True, crop_kwargs: dict | None = None):
+    """Time the pipeline's crop tasks and pose-actor calls from inside the workers.
+
+    Wraps `raypose.pipeline.make_crops` and `raypose.pipeline.PoseStage` for the duration
+    (restored after): each call appends one JSON line (wall-clock start/end, rows) to
+    `trace_path`. The workers share this machine's clock, so the first crop task's start
+    can be set against the driver's end time. Costs a file append per block/batch.
+    `crop_kwargs` are added to make_crops' keyword arguments (for levers the spec lacks).
+    """
+    import raypose.pipeline as pipeline
+
+    if not hasattr(pipeline, "make_crops") or not hasattr(pipeline, "PoseStage"):
+        if crop_kwargs:
+            raise RuntimeError("raypose.pipeline has no make_crops/PoseStage to pass crop options to")
+        yield False
+        return
+    if not enabled and not crop_kwargs:
+        yield False
+        return
+    extra = dict(crop_kwargs or {})
+    original_crops, original_pose = pipeline.make_crops, pipeline.PoseStage
+    trace = str(trace_path)
+
+    # Defined here (not at module level) so Ray pickles them by value: the workers need
+    # not import this script.
+    def append(record: dict) -> None:
+        import json as _json
+
+        if not enabled:
+            return
+        with open(trace, "a") as f:
+            f.write(_json.dumps(record) + "\n")
+
+    def make_crops(batch, **kwargs):
+        import os as _os
+        import time as _time
+
+        start = _time.time()
+        out = original_crops(batch, **{**extra, **kwargs})
+        crops = out.num_rows - out.column("crop").null_count if out.num_rows else 0
+        append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
+                "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
+        return out
+
+    class PoseStage(original_pose):
+        def __init__(self, *a, **k):
+            import os as _os
+            import time as _time
+
+            start = _time.time()
+            super().__init__(*a, **k)
+            append({"stage": "pose_init", "start": start, "end": _time.time(), "pid": _os.getpid()})
+
+        def __call__(self, batch):
+            import os as _os
+            import time as _time
+
+            import torch as _torch
+
+            start = _time.time()
+            out = super().__call__(batch)
+            record = {"stage": "pose", "start": start, "end": _time.time(), "rows": batch.num_rows,
+                      "pid": _os.getpid(), "threads": _torch.get_num_threads()}
+            if _torch.cuda.is_available() and _torch.cuda.is_initialized():
+                record["gpu_mem_peak_torch_mib"] = round(_torch.cuda.max_memory_allocated() / 2**20, 1)
+            append(record)
+            return out
+
+    PoseStage.__name__ = PoseStage.__qualname__ = original_pose.__name__
+    pipeline.make_crops, pipeline.PoseStage = make_crops, PoseStage
+    try:
+        yield True
+    finally:
+        pipeline.make_crops, pipeline.PoseStage = original_crops, original_pose
+
+
+def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str) -> dict[str, Any]:
+    """One `raypose submit` in this process: plan_job + run_job (Ray reused if already up)."""
+    import ray
+
+    from raypose.pipeline import plan_job, run_job
+
+    out = Path(args.out)
+    job = write_job(args, data, checkpoint, out / "runs" / tag, out / "jobs" / f"{tag}.yaml")
+    trace = out / "traces" / f"{tag}.jsonl"
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    trace.unlink(missing_ok=True)
+    ray_was_up = ray.is_initialized()
+    started = time.time()
+    spec = load_spec(job, args.overrides)
+    plan = plan_job(spec)
+    planned = time.time()
+    crop_kwargs = {"jpeg_draft": True} if args.jpeg_draft else None
+    with traced_stages(trace, enabled=not args.no_trace, crop_kwargs=crop_kwargs) as tracing:
+        result = run_job(plan)
+    ended = time.time()
+    seconds = dict(result.seconds)
+    instances = result.counts.get("instances_this_run", result.counts["instances"])
+    row: dict[str, Any] = {
+        "tag": tag, "job": str(job), "output": result.output_path, "images": plan.counts.get("images_with_boxes", plan.counts.get("images")),
+        "crops": instances, "errors": result.counts.get("errors"),
+        "seconds": {"plan": planned - started, "ray_start": seconds["ray_start"],
+                    "pipeline": seconds["pipeline"], "total": seconds["total"], "end_to_end": ended - started},
+        "ray_started_here": not ray_was_up,
+        "crops_per_second": instances / seconds["pipeline"],
+        "crops_per_second_with_start": instances / (ended - started),
+        "spec": {"batch_size": spec.pose.batch_size, "dtype": spec.pose.dtype, "device": spec.pose.device,
+                 "flip_test": spec.pose.flip_test, "resources": spec.resources.model_dump()},
+        "ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0.0),
+    }
+    if tracing and not args.no_trace:
+        row["trace"] = summarize_trace(trace, ended, instances)
+        if row["trace"].get("first_crop_start"):
+            row["crops_per_second_from_first_crop"] = instances / (ended - row["trace"]["first_crop_start"])
+    return row
+
+
+def summarize_trace(path: Path, ended: float, instances: int) -> dict[str, Any]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    crop = [r for r in records if r["stage"] == "crop"]
+    pose = [r for r in records if r["stage"] == "pose"]
+    init = [r for r in records if r["stage"] == "pose_init"]
+    if not crop:
+        return {}
+    first = min(r["start"] for r in crop)
+    summary: dict[str, Any] = {
+        "first_crop_start": first,
+        "seconds_first_crop_to_end": ended - first,
+        "seconds_first_crop_block": min(r["end"] for r in crop) - first,
+        "crop_tasks": len(crop),
+        "crop_task_seconds_sum": sum(r["end"] - r["start"] for r in crop),
+        "crop_task_processes": len({r["pid"] for r in crop}),
+    }
+    crops = sum(r.get("crops", 0) for r in crop)
+    if crops:
+        summary["crop_stage_ms_per_crop"] = 1000 * summary["crop_task_seconds_sum"] / crops
+    if init:
+        summary["pose_actor_init_seconds"] = [round(r["end"] - r["start"], 3) for r in init]
+        summary["seconds_first_crop_to_first_actor_ready"] = min(r["end"] for r in init) - first
+    if pose:
+        busy = sum(r["end"] - r["start"] for r in pose)
+        span = max(r["end"] for r in pose) - min(r["start"] for r in pose)
+        summary.update({
+            "pose_batches": len(pose),
+            "pose_busy_seconds": busy,
+            "pose_busy_fraction_of_first_crop_to_end": busy / (ended - first) / max(1, len({r["pid"] for r in pose})),
+            "pose_crops_per_busy_second": sum(r["rows"] for r in pose) / busy if busy else None,
+            "pose_span_seconds": span,
+            "seconds_first_crop_to_first_pose": min(r["start"] for r in pose) - first,
+            "seconds_last_pose_to_end": ended - max(r["end"] for r in pose),
+            "pose_threads": sorted({r.get("threads") for r in pose}),
+        })
+        gpu = [r["gpu_mem_peak_torch_mib"] for r in pose if "gpu_mem_peak_torch_mib" in r]
+        if gpu:
+            summary["gpu_mem_peak_torch_mib"] = max(gpu)
+    return summary
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def machine_info() -> dict[str, Any]:
+    import ray
+    import torch
+    import transformers
+
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu, "usable_cores": _usable_cores(), "python": platform.python_version(),
+        "torch": torch.__version__, "ray": ray.__version__, "transformers": transformers.__version__,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _fmt(value, spec: str = ".1f", empty: str = "-") -> str:
+    if value is None:
+        return empty
+    return format(value, spec)
+
+
+def print_table(result: dict[str, Any], file=sys.stdout) -> None:
+    rows = result["rows"]
+    ref = rows.get("reference", {}).get("crops_per_second")
+    ceil = rows.get("ceiling", {}).get("crops_per_second")
+    header = ("row", "crops", "seconds", "crops/s", "x reference", "x ceiling", "CPU-s/crop", "peak RSS MiB",
+              "peak PSS MiB", "GPU util %", "GPU mem MiB")
+    lines = []
+    for name, row in rows.items():
+        cps = row.get("crops_per_second")
+        lines.append((
+            name, str(row.get("crops", "-")), _fmt(row.get("seconds"), ".2f"), _fmt(cps, ".2f"),
+            _fmt(cps / ref if cps and ref else None, ".2f"), _fmt(cps / ceil if cps and ceil else None, ".2f"),
+            _fmt(row.get("cpu_seconds_per_crop"), ".3f"), _fmt(row.get("peak_rss_tree_mib"), ".0f"), _fmt(row.get("peak_pss_tree_mib"), ".0f"),
+            _fmt(row.get("gpu_util_mean_pct"), ".0f"),
+            _fmt(row.get("gpu_mem_peak_torch_mib") or row.get("gpu_mem_peak_smi_mib"), ".0f"),
+        ))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    cfg = result["config"]
+    resolved = rows.get("ceiling") or rows.get("reference") or {}
+    device, dtype = resolved.get("device", cfg["device"]), resolved.get("dtype", cfg["dtype"])
+    print(f"\nraypose throughput: preset {cfg['preset']}, {cfg['images']} images, batch {cfg['batch_size']}, "
+          f"{device} {dtype}, flip_test {cfg['flip_test']}, jpeg_draft {cfg['jpeg_draft']}, "
+          f"overrides {cfg['overrides'] or 'none'}; {result['machine']['cpu']} "
+          f"({result['machine']['usable_cores']} cores){', ' + result['machine']['gpu'] if 'gpu' in result['machine'] else ''}",
+          file=file)
+    load = [result["machine"].get(k) for k in ("load_average_at_start", "load_average_at_end")]
+    if all(load):
+        print(f"load average (1 min) {load[0][0]:.1f} at start, {load[1][0]:.1f} at end: with more runnable "
+              f"threads than the {result['machine']['usable_cores']} cores, the timings are contended", file=file)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=file)
+    for line in lines:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))), file=file)
+    print("memory: reference and ceiling rows are this process; raypose rows its process tree (driver, Ray, "
+          "workers), PSS-summed so shared pages count once. CPU-s/crop: reference/ceiling = timed loop; raypose = "
+          "whole tree over the run, start-up included", file=file)
+    main = result.get("raypose")
+    if main and main.get("trace"):
+        t = main["trace"]
+        print(f"raypose stages: crop {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop over {t['crop_tasks']} tasks; "
+              f"first crop block {_fmt(t.get('seconds_first_crop_block'), '.2f')} s; pose actor busy "
+              f"{_fmt(100 * t['pose_busy_fraction_of_first_crop_to_end'] if 'pose_busy_fraction_of_first_crop_to_end' in t else None, '.0f')}% "
+              f"at {_fmt(t.get('pose_crops_per_busy_second'), '.2f')} crops/busy-s "
+              f"(threads {t.get('pose_threads')}); last batch to end {_fmt(t.get('seconds_last_pose_to_end'), '.2f')} s",
+              file=file)
+    scale = result.get("scale")
+    if scale:
+        print(f"linearity: {scale['n']} -> {scale['n4']} images: time x{scale['time_ratio']:.2f} (target <= 4.4), "
+              f"peak PSS x{_fmt(scale.get('pss_ratio'), '.2f')}, peak RSS x{_fmt(scale.get('rss_ratio'), '.2f')} "
+              "(target <= 1.2)", file=file)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import ray
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = args.images
+    inputs = prepare_inputs(args, [n, 4 * n] if args.scale else [n])
+    data, checkpoint = inputs["sets"][n], inputs["checkpoint"]
+    from raypose.routing import resolve_routing
+
+    spec = load_spec(write_job(args, data, checkpoint, out / "runs" / "probe", out / "jobs" / "probe.yaml"),
+                     args.overrides)
+    routing = resolve_routing(spec.pose)
+    expert = routing.experts[routing.default]
+    cores = _usable_cores()
+    threads = args.ceiling_threads or cores
+    torch_threads = torch.get_num_threads()
+    ray_was_up = ray.is_initialized()
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    result: dict[str, Any] = {
+        "config": {
+            "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
+            "box_heights": args.box_heights, "seed": args.seed, "batch_size": spec.pose.batch_size,
+            "dtype": spec.pose.dtype, "device": spec.pose.device, "flip_test": spec.pose.flip_test,
+            "resources": spec.resources.model_dump(), "overrides": args.overrides,
+            "jpeg_draft": args.jpeg_draft, "ceiling_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
+        },
+        "machine": machine_info(),
+        "inputs": {"seconds": inputs["seconds"], "checkpoint": str(checkpoint), "boxes": str(data["boxes"]),
+                   "crops": sum(len(b) for _, b in _coco_images(data["boxes"]))},
+        "rows": {},
+    }
+    rows = result["rows"]
+    try:
+        with Sampler(args.sample_interval, gpu=gpu) as sampler:
+            # raypose first: its peak memory is then not inflated by models the driver loaded.
+            if "raypose" in args.row_set:
+                with sampler.phase("raypose") as stats:
+                    main_run = run_raypose(args, data, checkpoint, f"n{n}")
+                result["raypose"] = {**main_run, **Sampler.summary(stats)}
+            if "ceiling" in args.row_set:
+                with sampler.phase("ceiling") as stats:
+                    ceiling = run_ceiling(expert, spec.pose, result["inputs"]["crops"],
+                                          threads if spec.pose.device != "cuda" else None, args.ceiling_min_seconds)
+                rows["ceiling"] = {**ceiling, **Sampler.summary(stats, own=True)}
+                gc.collect()
+            if "reference" in args.row_set:
+                with sampler.phase("reference") as stats:
+                    reference = run_reference(expert, spec.pose, data, threads)
+                rows["reference"] = {**reference, **Sampler.summary(stats, own=True)}
+                gc.collect()
+            if args.scale and "raypose" in args.row_set:
+                runs = {}
+                for count, tag in ((n, f"n{n}-warm"), (4 * n, f"n{4 * n}")):
+                    with sampler.phase(tag) as stats:
+                        runs[count] = {**run_raypose(args, inputs["sets"][count], checkpoint, tag),
+                                       **Sampler.summary(stats)}
+                a, b = runs[n], runs[4 * n]
+                result["scale"] = {
+                    "n": n, "n4": 4 * n, "runs": {tag: run for tag, run in zip(("n", "n4"), (a, b))},
+                    "time_ratio": b["seconds"]["pipeline"] / a["seconds"]["pipeline"],
+                    "crops_ratio": b["crops"] / a["crops"],
+                    "pss_ratio": _ratio(b.get("peak_pss_tree_mib"), a.get("peak_pss_tree_mib")),
+                    "rss_ratio": _ratio(b.get("peak_rss_tree_mib"), a.get("peak_rss_tree_mib")),
+                }
+    finally:
+        torch.set_num_threads(torch_threads)
+        if not ray_was_up and ray.is_initialized():
+            ray.shutdown()
+
+    # Table order: reference, ceiling, raypose rows.
+    ordered = {k: rows[k] for k in ("reference", "ceiling") if k in rows}
+    main_run = result.get("raypose")
+    if main_run:
+        mem = {k: main_run.get(k) for k in ("peak_rss_tree_mib", "peak_pss_tree_mib", "gpu_util_mean_pct",
+                                             "gpu_mem_peak_smi_mib")}
+        if main_run.get("cpu_seconds_tree") is not None:
+            mem["cpu_seconds_per_crop"] = main_run["cpu_seconds_tree"] / max(1, main_run["crops"])
+        gpu_torch = main_run.get("trace", {}).get("gpu_mem_peak_torch_mib")
+        ordered["raypose"] = {"crops": main_run["crops"], "seconds": main_run["seconds"]["pipeline"],
+                              "crops_per_second": main_run["crops_per_second"], **mem,
+                              "gpu_mem_peak_torch_mib": gpu_torch}
+        ordered["raypose incl. plan + Ray start"] = {
+            "crops": main_run["crops"], "seconds": main_run["seconds"]["end_to_end"],
+            "crops_per_second": main_run["crops_per_second_with_start"], **mem}
+        if "crops_per_second_from_first_crop" in main_run:
+            ordered["raypose first crop -> end"] = {
+                "crops": main_run["crops"], "seconds": main_run["trace"]["seconds_first_crop_to_end"],
+                "crops_per_second": main_run["crops_per_second_from_first_crop"], **mem}
+    result["rows"] = ordered
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+    ref = ordered.get("reference", {}).get("crops_per_second")
+    ceil = ordered.get("ceiling", {}).get("crops_per_second")
+    for row in ordered.values():
+        cps = row.get("crops_per_second")
+        row["x_reference"] = cps / ref if cps and ref else None
+        row["x_ceiling"] = cps / ceil if cps and ceil else None
+    print_table(result)
+    json_path = Path(args.json_path) if args.json_path else out / "throughput.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"json: {json_path}")
+    return result
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+    main()

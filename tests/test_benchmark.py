@@ -1,0 +1,49 @@
+"""The throughput benchmark in CI size: tiny preset, three small images, all three rows, JSON written.
+
+A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
+machines mean nothing). It runs on the session's Ray, which the benchmark reuses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
+pytest.importorskip("scipy")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("raypose_benchmark_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
+    bench = load_benchmark()
+    json_path = tmp_path / "result.json"
+    result = bench.main([
+        "--preset", "tiny", "--images", "3", "--sizes", "320x240,240x320", "--persons", "1-2",
+        "--batch-size", "4", "--device", "cpu", "--ceiling-min-seconds", "0.1",
+        "--out", str(tmp_path / "bench"), "--json", str(json_path),
+    ])
+    rows = result["rows"]
+    for name in ("reference", "ceiling", "raypose"):
+        assert name in rows, name
+        assert rows[name]["crops"] > 0 and rows[name]["crops_per_second"] > 0, (name, rows[name])
+    assert rows["raypose"]["crops"] == rows["reference"]["crops"]  # same images and boxes
+    assert rows["raypose"]["x_reference"] > 0 and rows["raypose"]["x_ceiling"] > 0
+    assert result["raypose"]["errors"] == 0
+    assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
+
+    written = json.loads(json_path.read_text())
+    assert set(written["rows"]) >= {"reference", "ceiling", "raypose"}
+    assert written["config"]["preset"] == "tiny" and written["config"]["batch_size"] == 4
+    table = capsys.readouterr().out
+    assert "reference" in table and "ceiling" in table and "x ceiling" in table
