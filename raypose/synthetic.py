@@ -78,6 +78,12 @@ def draw_people(width: int, height: int, boxes: np.ndarray, seed: int = 0) -> Im
     ).astype(np.uint8)
     noise = rng.integers(0, 24, size=base.shape, dtype=np.uint8)
     image = Image.fromarray(base // 2 + noise)
+    _draw_stick_figures(image, boxes, rng)
+    return image
+
+
+def _draw_stick_figures(image: Image.Image, boxes: np.ndarray, rng: np.random.Generator) -> None:
+    """A stick figure (head, spine, arms, legs) inside each xywh box, in a random light colour."""
     draw = ImageDraw.Draw(image)
     for x, y, w, h in boxes:
         color = tuple(int(c) for c in rng.integers(80, 256, size=3))
@@ -88,7 +94,6 @@ def draw_people(width: int, height: int, boxes: np.ndarray, seed: int = 0) -> Im
         draw.line([neck, hip], fill=color, width=line)
         draw.line([(x + 0.1 * w, y + 0.3 * h), (cx, y + 0.25 * h), (x + 0.9 * w, y + 0.3 * h)], fill=color, width=line)
         draw.line([(x + 0.2 * w, y + h), hip, (x + 0.8 * w, y + h)], fill=color, width=line)
-    return image
 
 
 def make_coco_dataset(
@@ -229,16 +234,7 @@ def draw_scene(width: int, height: int, boxes: np.ndarray, seed: int = 0) -> Ima
     reps = (-(-height // 256), -(-width // 256), 1)
     base += np.tile(patch, reps)[:height, :width]
     image = Image.fromarray(base)
-    draw = ImageDraw.Draw(image)
-    for x0, y0, w, h in boxes:
-        color = tuple(int(c) for c in rng.integers(80, 256, size=3))
-        cx, line = x0 + w / 2, max(1, int(min(w, h) / 12))
-        head = h * 0.1
-        draw.ellipse([cx - head, y0, cx + head, y0 + 2 * head], outline=color, width=line)
-        neck, hip = (cx, y0 + 2 * head), (cx, y0 + 0.55 * h)
-        draw.line([neck, hip], fill=color, width=line)
-        draw.line([(x0 + 0.1 * w, y0 + 0.3 * h), (cx, y0 + 0.25 * h), (x0 + 0.9 * w, y0 + 0.3 * h)], fill=color, width=line)
-        draw.line([(x0 + 0.2 * w, y0 + h), hip, (x0 + 0.8 * w, y0 + h)], fill=color, width=line)
+    _draw_stick_figures(image, boxes, rng)
     return image
 
 
