@@ -121,17 +121,7 @@ def make_coco_dataset(
             folder / "images" / name, quality=quality
         )
         images.append({"id": index + 1, "file_name": name, "width": width, "height": height})
-        for box in boxes:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": index + 1,
-                    "category_id": 1,
-                    "bbox": [round(v, 2) for v in box],
-                    "area": round(box[2] * box[3], 2),
-                    "iscrowd": 0,
-                }
-            )
+        annotations += [_person_annotation(len(annotations) + i + 1, index + 1, box) for i, box in enumerate(boxes)]
     coco = {
         "images": images,
         "annotations": annotations,
@@ -140,6 +130,14 @@ def make_coco_dataset(
     path = folder / "boxes.json"
     path.write_text(json.dumps(coco, indent=1))
     return path
+
+
+def _person_annotation(annotation_id: int, image_id: int, box: list[float]) -> dict:
+    """A COCO person annotation for an xywh box."""
+    return {
+        "id": annotation_id, "image_id": image_id, "category_id": 1, "bbox": [round(v, 2) for v in box],
+        "area": round(box[2] * box[3], 2), "iscrowd": 0,
+    }
 
 
 def make_quickstart(folder: str | Path) -> None:
@@ -193,17 +191,7 @@ def make_benchmark_dataset(
             partial.replace(path)
         keys.append(key)
         images.append({"id": index + 1, "file_name": key, "width": width, "height": height})
-        for box in boxes:
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": index + 1,
-                    "category_id": 1,
-                    "bbox": [round(v, 2) for v in box],
-                    "area": round(box[2] * box[3], 2),
-                    "iscrowd": 0,
-                }
-            )
+        annotations += [_person_annotation(len(annotations) + i + 1, index + 1, box) for i, box in enumerate(boxes)]
     manifest = folder / f"images-{count}.txt"
     manifest.write_text("".join(f"{key}\n" for key in keys))
     boxes_path = folder / f"boxes-{count}.json"
