@@ -77,14 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-out", help="work folder: data, checkpoint, job outputs")
     p.add_argument("--json", dest="json_path", default=None, help="result JSON (default OUT/throughput.json)")
     p.add_argument("--jpeg-draft", action="store_true",
-                   help="experimental: pass jpeg_draft=True to raypose.crops.make_crops (JPEG DCT-domain "
-                        "downscale; changes crop pixels) until the job spec has a key for it")
+                   help="images.jpeg_draft for the raypose rows (JPEG DCT-domain downscale; changes crop pixels)")
     p.add_argument("--no-trace", action="store_true",
                    help="do not wrap the pipeline's stages to time them (no first-crop / actor-busy figures)")
     args = p.parse_args(argv)
     args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
     args.person_range = tuple(int(v) for v in args.persons.split("-"))
     args.height_range = tuple(float(v) for v in args.box_heights.split("-"))
+    args.trace_prefix = f"{Path(args.json_path).stem}-" if args.json_path else ""
+    if args.jpeg_draft:
+        args.overrides.append("images.jpeg_draft=true")
     args.row_set = {r.strip() for r in args.rows.split(",") if r.strip()}
     unknown = args.row_set - set(ROWS)
     if unknown:
@@ -287,7 +289,8 @@ def prepare_inputs(args: argparse.Namespace, counts: list[int]) -> dict[str, Any
     sets = {}
     for n in sorted(set(counts)):
         manifest, boxes = make_benchmark_dataset(
-            pool, n, sizes=args.size_list, persons=args.person_range, box_heights=args.height_range, seed=args.seed
+            pool, n, sizes=args.size_list, persons=args.person_range, box_heights=args.height_range, seed=args.seed,
+            workers=_usable_cores(),
         )
         sets[n] = {"manifest": manifest, "boxes": boxes, "folder": pool}
     checkpoint = out / "checkpoints" / f"{args.preset}-seed{args.seed}"
@@ -311,8 +314,7 @@ def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, An
     """The seed's pipeline, image by image: PIL decode -> processor -> model -> post-process."""
     import torch
     from PIL import Image
-    from transformers import VitPoseForPoseEstimation
-    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+    from transformers import AutoProcessor, VitPoseForPoseEstimation
 
     from raypose.keypoint_schemas import SCHEMAS
     from raypose.pose import resolve_device, resolve_dtype
@@ -322,7 +324,7 @@ def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, An
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     checkpoint = expert.model.model_id
-    processor = VitPoseImageProcessorPil.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint)  # as the seed: PIL/scipy, or torchvision where installed
     model = VitPoseForPoseEstimation.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
     flip_pairs = torch.tensor(SCHEMAS[expert.keypoint_schema].flip_pairs, dtype=torch.long, device=device)
     folder = data["folder"]
@@ -357,7 +359,7 @@ def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, An
         "cpu_seconds_per_crop": (time.process_time() - cpu_started) / crops,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "batching": "one image's boxes per forward",
+        "batching": "one image's boxes per forward", "processor": type(processor).__name__,
     }
     if device.type == "cuda":
         result["gpu_mem_peak_torch_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -375,7 +377,7 @@ def _sync(device) -> None:
 # ------------------------------------------------------------------------------------- ceiling
 
 
-def run_ceiling(expert, pose, n_crops: int, threads: int | None, min_seconds: float) -> dict[str, Any]:
+def run_ceiling(expert, pose, bs: int, n_crops: int, threads: int | None, min_seconds: float) -> dict[str, Any]:
     """PoseEngine's model forward alone, on pre-made normalised crops at the job's batch size.
 
     `expert` is the job's default expert (routing.Expert: checkpoint info, dataset_index);
@@ -388,7 +390,7 @@ def run_ceiling(expert, pose, n_crops: int, threads: int | None, min_seconds: fl
     if threads:
         torch.set_num_threads(threads)
     engine = PoseEngine(expert.model, device=pose.device, dtype=pose.dtype)
-    device, dtype, bs = engine.device, engine.dtype, pose.batch_size
+    device, dtype = engine.device, engine.dtype
     width, height = engine.info.input_size
     rng = np.random.default_rng(0)
     crops = torch.from_numpy(rng.integers(0, 256, (bs, height, width, 3), dtype=np.uint8))
@@ -469,26 +471,19 @@ def load_spec(job: Path, overrides: list[str]):
 
 
 @contextlib.contextmanager
-def traced_stages(trace_path: Path, enabled: bool = True, crop_kwargs: dict | None = None):
+def traced_stages(trace_path: Path, enabled: bool = True):
     """Time the pipeline's crop tasks and pose-actor calls from inside the workers.
 
     Wraps `raypose.pipeline.make_crops` and `raypose.pipeline.PoseStage` for the duration
     (restored after): each call appends one JSON line (wall-clock start/end, rows) to
     `trace_path`. The workers share this machine's clock, so the first crop task's start
     can be set against the driver's end time. Costs a file append per block/batch.
-    `crop_kwargs` are added to make_crops' keyword arguments (for levers the spec lacks).
     """
     import raypose.pipeline as pipeline
 
-    if not hasattr(pipeline, "make_crops") or not hasattr(pipeline, "PoseStage"):
-        if crop_kwargs:
-            raise RuntimeError("raypose.pipeline has no make_crops/PoseStage to pass crop options to")
+    if not enabled or not hasattr(pipeline, "make_crops") or not hasattr(pipeline, "PoseStage"):
         yield False
         return
-    if not enabled and not crop_kwargs:
-        yield False
-        return
-    extra = dict(crop_kwargs or {})
     original_crops, original_pose = pipeline.make_crops, pipeline.PoseStage
     trace = str(trace_path)
 
@@ -497,8 +492,6 @@ def traced_stages(trace_path: Path, enabled: bool = True, crop_kwargs: dict | No
     def append(record: dict) -> None:
         import json as _json
 
-        if not enabled:
-            return
         with open(trace, "a") as f:
             f.write(_json.dumps(record) + "\n")
 
@@ -507,7 +500,7 @@ def traced_stages(trace_path: Path, enabled: bool = True, crop_kwargs: dict | No
         import time as _time
 
         start = _time.time()
-        out = original_crops(batch, **{**extra, **kwargs})
+        out = original_crops(batch, **kwargs)
         crops = out.num_rows - out.column("crop").null_count if out.num_rows else 0
         append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
                 "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
@@ -553,7 +546,7 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
 
     out = Path(args.out)
     job = write_job(args, data, checkpoint, out / "runs" / tag, out / "jobs" / f"{tag}.yaml")
-    trace = out / "traces" / f"{tag}.jsonl"
+    trace = out / "traces" / f"{args.trace_prefix}{tag}.jsonl"
     trace.parent.mkdir(parents=True, exist_ok=True)
     trace.unlink(missing_ok=True)
     ray_was_up = ray.is_initialized()
@@ -561,8 +554,7 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     spec = load_spec(job, args.overrides)
     plan = plan_job(spec)
     planned = time.time()
-    crop_kwargs = {"jpeg_draft": True} if args.jpeg_draft else None
-    with traced_stages(trace, enabled=not args.no_trace, crop_kwargs=crop_kwargs) as tracing:
+    with traced_stages(trace, enabled=not args.no_trace) as tracing:
         result = run_job(plan)
     ended = time.time()
     seconds = dict(result.seconds)
@@ -721,6 +713,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.images
     inputs = prepare_inputs(args, [n, 4 * n] if args.scale else [n])
     data, checkpoint = inputs["sets"][n], inputs["checkpoint"]
+    from raypose.pose import default_batch_size
     from raypose.routing import resolve_routing
 
     spec = load_spec(write_job(args, data, checkpoint, out / "runs" / "probe", out / "jobs" / "probe.yaml"),
@@ -732,13 +725,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch_threads = torch.get_num_threads()
     ray_was_up = ray.is_initialized()
     gpu = torch.cuda.is_available() and args.device != "cpu"
+    batch_size = spec.pose.batch_size or default_batch_size(on_gpu=gpu)
     result: dict[str, Any] = {
         "config": {
             "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
-            "box_heights": args.box_heights, "seed": args.seed, "batch_size": spec.pose.batch_size,
+            "box_heights": args.box_heights, "seed": args.seed, "batch_size": batch_size,
             "dtype": spec.pose.dtype, "device": spec.pose.device, "flip_test": spec.pose.flip_test,
             "resources": spec.resources.model_dump(), "overrides": args.overrides,
-            "jpeg_draft": args.jpeg_draft, "ceiling_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
+            "jpeg_draft": spec.images.jpeg_draft, "ceiling_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "machine": machine_info(),
         "inputs": {"seconds": inputs["seconds"], "checkpoint": str(checkpoint), "boxes": str(data["boxes"]),
@@ -755,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["raypose"] = {**main_run, **Sampler.summary(stats)}
             if "ceiling" in args.row_set:
                 with sampler.phase("ceiling") as stats:
-                    ceiling = run_ceiling(expert, spec.pose, result["inputs"]["crops"],
+                    ceiling = run_ceiling(expert, spec.pose, batch_size, result["inputs"]["crops"],
                                           threads if spec.pose.device != "cuda" else None, args.ceiling_min_seconds)
                 rows["ceiling"] = {**ceiling, **Sampler.summary(stats, own=True)}
                 gc.collect()

@@ -28,7 +28,7 @@ from raypose.detector import DetectorInfo, DetectStage, inspect_detector
 from raypose.errors import JobFailed, SpecError
 from raypose.faults import fault_env
 from raypose.keypoint_schemas import SCHEMAS
-from raypose.pose import PoseStage
+from raypose.pose import PoseStage, default_batch_size
 from raypose.reader import list_images
 from raypose.routing import Routing, resolve_routing
 from raypose.spec import JobSpec
@@ -196,6 +196,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             "default_expert": routing.default,
             "storage_options": dict(spec.images.storage_options),
             "max_pixels": spec.images.max_pixels,
+            "jpeg_draft": spec.images.jpeg_draft,
             "image_column": spec.images.image_column,
         },
         num_cpus=1,
@@ -209,9 +210,10 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             "device": device,
             "dtype": spec.pose.dtype,
             "flip_test": spec.pose.flip_test,
-            "num_threads": max(1, int(resources.cpus_per_pose_actor)),
+            "num_threads": resources.threads_per_pose_actor,
+            "actors": resources.pose_actors,
         },
-        batch_size=spec.pose.batch_size,
+        batch_size=spec.pose.batch_size or default_batch_size(on_gpu=gpus > 0 or device == "cuda"),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=resources.pose_actors),
         num_cpus=resources.cpus_per_pose_actor,

@@ -93,6 +93,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
+
+
+def default_batch_size(on_gpu: bool) -> int:
+    """pose.batch_size when the spec leaves it out: what measured fastest (benchmarks/README.md)."""
+    return GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` -> bfloat16 on a GPU that has it (float16 otherwise), float32 on CPU."""
     if dtype == "auto":
@@ -174,9 +183,9 @@ class PoseStage:
     """Ray actor for the pose stage: every checkpoint the routing uses, loaded once."""
 
     def __init__(self, routing, device: str = "auto", dtype: str = "auto", flip_test: bool = False,
-                 num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
+                 num_threads: int | None = None, actors: int = 1):
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+            torch.set_num_threads(num_threads or cpu_pose_threads(actors))
         self.routing = routing
         self.flip_test = flip_test
         self.engines: dict[tuple[str, str], PoseEngine] = {}
@@ -192,6 +201,32 @@ class PoseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         inject("pose")
         return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test)
+
+
+def cpu_pose_threads(actors: int) -> int:
+    """Torch threads for a CPU pose actor: its node's CPUs shared among the pose actors.
+
+    The forward pass is almost all of a CPU job's work (crops are ~5% of it), so the actor
+    takes the cores its reservation leaves idle; Ray's CPU count only paces the crop tasks.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, _ray_node_cpus() or cores) // max(1, actors))
+
+
+def _ray_node_cpus() -> int | None:
+    """The CPUs Ray gives this process's node (an embedded Ray may be told to use fewer than it has)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        node = ray.get_runtime_context().get_node_id()
+        return next((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["NodeID"] == node), None)
+    except Exception:  # outside Ray, or a GCS hiccup: fall back to the machine's count
+        return None
 
 
 def estimate_rows(engines: dict, routing, batch: pa.Table, flip_test: bool = False) -> pa.Table:

@@ -81,6 +81,7 @@ class ImagesSpec(_Section):
     key_column: Text | None = None  # parquet: the image key (default: image.path, else file/row)
     extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
     max_pixels: PositiveInt = 100_000_000
+    jpeg_draft: Flag = False  # decode a JPEG at 1/2-1/8 size when its crops need no more pixels (crops.jpeg_reduction)
 
 
 class DetectorSpec(_Section):
@@ -141,7 +142,7 @@ class PoseSpec(_Section):
             "expected a mapping of category -> expert name",
         ),
     ] = {}
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt | None = None  # crops per forward pass; default by device (pose.default_batch_size)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip_test: Flag = False
@@ -154,6 +155,7 @@ class ResourcesSpec(_Section):
 
     pose_actors: PositiveInt = 1
     cpus_per_pose_actor: PositiveFloat = 1.0
+    threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; see PoseStage
     gpus_per_pose_actor: NonNegativeFloat | None = None
     detector_actors: PositiveInt = 1
     cpus_per_detector_actor: PositiveFloat = 1.0

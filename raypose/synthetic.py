@@ -158,6 +158,7 @@ def make_benchmark_dataset(
     box_heights: tuple[float, float] = (0.3, 0.8),
     seed: int = 0,
     quality: int = 90,
+    workers: int = 1,
 ) -> tuple[Path, Path]:
     """Benchmark inputs: `count` JPEGs under `folder/images/`, a manifest and COCO boxes for them.
 
@@ -168,11 +169,12 @@ def make_benchmark_dataset(
     fraction `box_heights` of the image height, as in `make_coco_dataset`.
 
     Returns (manifest, boxes): `folder/images-{count}.txt` (one `images/NAME` per line, the
-    image keys) and `folder/boxes-{count}.json` (COCO, file_name = key).
+    image keys) and `folder/boxes-{count}.json` (COCO, file_name = key). `workers` > 1 draws
+    the missing pictures in that many processes (each image is seeded on its own: same files).
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations, keys = [], [], []
+    images, annotations, keys, to_draw = [], [], [], []
     for index in range(count):
         width, height = sizes[index % len(sizes)]
         rng = np.random.default_rng([seed, index])
@@ -182,16 +184,19 @@ def make_benchmark_dataset(
             w = min(h * rng.uniform(0.3, 0.6), width * 0.9)
             boxes.append([float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)), float(w), float(h)])
         key = f"images/img_{index:05d}_{width}x{height}.jpg"
-        path = folder / key
-        if not path.exists():
-            partial = path.with_suffix(".part")
-            draw_scene(width, height, np.array(boxes).reshape(-1, 4), seed=seed * 100_003 + index).save(
-                partial, format="JPEG", quality=quality
-            )
-            partial.replace(path)
+        if not (folder / key).exists():
+            to_draw.append((folder / key, width, height, boxes, seed * 100_003 + index, quality))
         keys.append(key)
         images.append({"id": index + 1, "file_name": key, "width": width, "height": height})
         annotations += [_person_annotation(len(annotations) + i + 1, index + 1, box) for i, box in enumerate(boxes)]
+    if workers > 1 and len(to_draw) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_draw_jpeg, to_draw, chunksize=4))
+    else:
+        for job in to_draw:
+            _draw_jpeg(job)
     manifest = folder / f"images-{count}.txt"
     manifest.write_text("".join(f"{key}\n" for key in keys))
     boxes_path = folder / f"boxes-{count}.json"
@@ -202,6 +207,13 @@ def make_benchmark_dataset(
     }
     boxes_path.write_text(json.dumps(coco))
     return manifest, boxes_path
+
+
+def _draw_jpeg(job: tuple) -> None:
+    path, width, height, boxes, seed, quality = job
+    partial = path.with_suffix(".part")
+    draw_scene(width, height, np.array(boxes).reshape(-1, 4), seed=seed).save(partial, format="JPEG", quality=quality)
+    partial.replace(path)
 
 
 def draw_scene(width: int, height: int, boxes: np.ndarray, seed: int = 0) -> Image.Image:

@@ -48,7 +48,8 @@ def test_minimal_yaml_gets_documented_defaults(write_job):
     assert spec.boxes.min_area == 0.0 and spec.boxes.min_score == 0.0
     assert spec.boxes.include_crowd is False
     assert spec.boxes.storage_options is None
-    assert spec.pose.batch_size == 32
+    assert spec.pose.batch_size is None  # by device: pose.default_batch_size
+    assert spec.images.jpeg_draft is False
     assert spec.pose.dtype == "auto"
     assert spec.pose.device == "auto"
     assert spec.pose.expert == "coco"
@@ -399,7 +400,7 @@ def test_redacted_hides_credentials_and_keeps_the_rest():
 
 
 def test_redacted_keeps_fields_whose_names_look_like_credentials():
-    redacted = secret_spec(boxes__image_key_column="file_name").redacted()
+    redacted = secret_spec(boxes__image_key_column="file_name", pose__batch_size=32).redacted()
     assert redacted["boxes"]["image_key_column"] == "file_name"
     assert redacted["pose"]["batch_size"] == 32
     assert redacted["images"]["path"] == "/data/images"
