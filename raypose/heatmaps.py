@@ -63,26 +63,44 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def gaussian_blur(heatmaps: torch.Tensor, kernel: int, sigma: float, border: str = "reflect") -> torch.Tensor:
-    """Separable Gaussian smoothing with scipy's `reflect` (half-sample symmetric) border, or
-    `reflect_101` (OpenCV's BORDER_DEFAULT, scipy's `mirror`: the edge pixel is not repeated).
+    """Separable Gaussian smoothing of whole heatmaps (N, K, h, w), as `blurred_at` every pixel."""
+    n, k, height, width = heatmaps.shape
+    device = heatmaps.device
+    planes = torch.arange(n * k, device=device).view(-1, 1, 1)
+    ys, xs = torch.arange(height, device=device).view(1, -1, 1), torch.arange(width, device=device).view(1, 1, -1)
+    return blurred_at(heatmaps, planes, ys, xs, kernel, sigma, border).reshape(n, k, height, width)
 
-    Accumulates in float64 and returns the input dtype, as scipy's `gaussian_filter` does.
+
+def blurred_at(
+    heatmaps: torch.Tensor, planes: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+    kernel: int, sigma: float, border: str = "reflect",
+) -> torch.Tensor:
+    """The Gaussian-smoothed heatmaps at some points: plane (index into N*K), row and column, broadcast.
+
+    scipy's `reflect` (half-sample symmetric) border, or `reflect_101` (OpenCV's
+    BORDER_DEFAULT, scipy's `mirror`: the edge pixel is not repeated). As scipy's
+    `gaussian_filter`: one axis at a time (rows first), each pass accumulated in float64 and
+    stored in the input's dtype. DARK needs 9 smoothed values per keypoint, so only the
+    kernel-sized window around each is read, not the whole plane.
     """
     if border not in ("reflect", "reflect_101"):
         raise ValueError(f"border: expected reflect or reflect_101, got {border!r}")
     pad = _symmetric_index if border == "reflect" else _reflect_101_index
     n, k, height, width = heatmaps.shape
+    device = heatmaps.device
     radius = (kernel - 1) // 2
-    taps = torch.arange(-radius, radius + 1, device=heatmaps.device, dtype=torch.float64)
-    weights = torch.exp(-0.5 * taps**2 / sigma**2)
+    taps = torch.arange(-radius, radius + 1, device=device)
+    weights = torch.exp(-0.5 * taps.double() ** 2 / sigma**2)
     weights = weights / weights.sum()
-    planes = heatmaps.reshape(n * k, 1, height, width).double()
-    planes = planes.index_select(2, pad(height, radius, heatmaps.device))
-    planes = planes.index_select(3, pad(width, radius, heatmaps.device))
-    # scipy filters one axis at a time and stores each pass in the input's dtype.
-    planes = F.conv2d(planes, weights.view(1, 1, -1, 1)).to(heatmaps.dtype).double()
-    planes = F.conv2d(planes, weights.view(1, 1, 1, -1))
-    return planes.reshape(n, k, height, width).to(heatmaps.dtype)
+    planes, ys, xs = torch.broadcast_tensors(planes, ys, xs)
+    # pad(size, radius)[c + radius + t] is the in-map index that tap t of coordinate c reads.
+    rows = pad(height, radius, device)[ys.unsqueeze(-1) + radius + taps]  # (..., T)
+    cols = pad(width, radius, device)[xs.unsqueeze(-1) + radius + taps]
+    window = heatmaps.reshape(n * k, height, width)[
+        planes[..., None, None], rows.unsqueeze(-1), cols.unsqueeze(-2)
+    ]  # (..., T rows, T cols)
+    down = (window.double() * weights.view(-1, 1)).sum(-2).to(heatmaps.dtype)
+    return (down.double() * weights).sum(-1).to(heatmaps.dtype)
 
 
 def dark_refine(
@@ -90,16 +108,21 @@ def dark_refine(
 ) -> torch.Tensor:
     """One Newton step on the smoothed log-heatmap around each integer peak (DARK, Zhang et al. 2020)."""
     n, k, height, width = heatmaps.shape
-    logs = gaussian_blur(heatmaps, kernel, sigma, border).clamp(0.001, 50).log()
-    padded = F.pad(logs.reshape(n * k, 1, height, width), (1, 1, 1, 1), mode="replicate").reshape(-1)
+    # The reference smooths whole maps, takes log(clip(., 0.001, 50)), pads by one (edge
+    # mode) and reads the 3x3 neighbourhood through flat indices, so a peak at (-1, -1) wraps
+    # into the previous map. Same reads here, each smoothed value computed where it is read.
     row = width + 2
     plane = row * (height + 2)
-    # Flat indices as in the reference, including its wrap-around for peaks at (-1, -1).
+    total = plane * n * k
     index = (coords[..., 0] + 1 + (coords[..., 1] + 1) * row).long()
     index = index + plane * torch.arange(n * k, device=coords.device).reshape(n, k)
 
     def at(offset: int) -> torch.Tensor:
-        return padded[(index + offset) % padded.numel()]
+        flat = (index + offset) % total
+        padded_y, padded_x = (flat % plane) // row, flat % row
+        ys = (padded_y - 1).clamp(0, height - 1)
+        xs = (padded_x - 1).clamp(0, width - 1)
+        return blurred_at(heatmaps, flat // plane, ys, xs, kernel, sigma, border).clamp(0.001, 50).log()
 
     center, right, left = at(0), at(1), at(-1)
     down, up = at(row), at(-row)

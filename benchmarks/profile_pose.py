@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Where a pose-actor batch spends its time, and which kernels the forward pass runs.
+
+    python benchmarks/profile_pose.py --preset vitpose-base --device cuda --dtype bfloat16 --batch-size 256
+
+Builds a checkpoint of the preset's shape (random weights) and one pose-stage batch as the
+crop stage makes it (uint8 crops in a binary Arrow column), then times, median of --repeat:
+
+  crops -> array    the crop column -> one (N, H, W, 3) uint8 array (`pose._crop_array`)
+  estimate          `PoseEngine.estimate`: host->device copy, normalise, forward, decode, back
+  forward           the model forward alone on ready device tensors (the ceiling's unit)
+  estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
+
+On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
+--compile, the forward under `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+from raypose.pose import PoseEngine, _crop_array, estimate_rows, inspect_model
+from raypose.routing import resolve_routing
+from raypose.spec import PoseSpec
+from raypose.synthetic import make_checkpoint
+from raypose.table import CROP_SCHEMA
+
+
+def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
+    """n crop rows as `crops.make_crops` emits them (random pixels, plausible geometry)."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    crops = rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+    columns = {
+        "image_key": [f"img{i // 4}" for i in range(n)], "image_uri": [f"/x/img{i // 4}.jpg" for i in range(n)],
+        "image_width": [1280] * n, "image_height": [720] * n, "instance_index": [i % 4 for i in range(n)],
+        "annotation_id": list(range(n)), "category": ["person"] * n, "box_score": [None] * n,
+        "box_source": ["coco"] * n, "detector_id": [None] * n, "shard": [0] * n, "image_rows": [4] * n,
+        "bbox": [[10.0, 20.0, 100.0, 200.0]] * n, "expert": ["coco"] * n,
+        "center": [[60.0, 120.0]] * n, "scale": [[0.94, 1.25]] * n, "error_stage": [None] * n,
+        "error_reason": [None] * n, "crop": [c.tobytes() for c in crops],
+    }
+    return pa.table({name: pa.array(columns[name], CROP_SCHEMA.field(name).type) for name in CROP_SCHEMA.names})
+
+
+def timed(fn, repeat: int, device: torch.device) -> float:
+    """Median seconds of fn() over `repeat` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="vitpose-small")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the forward under torch.compile")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = make_checkpoint(Path(tmp) / args.preset, preset=args.preset)
+        spec = PoseSpec(model=str(checkpoint), device=args.device, dtype=args.dtype)
+        routing = resolve_routing(spec)
+        started = time.perf_counter()
+        engine = PoseEngine(inspect_model(str(checkpoint)), device=args.device, dtype=args.dtype)
+        load_seconds = time.perf_counter() - started
+        expert = routing.experts[routing.default]
+        engines = {(expert.model.model_id, expert.model.revision): engine}
+        device, n = engine.device, args.batch_size
+        width, height = engine.info.input_size
+        batch = crop_batch(n, (width, height))
+        column = batch.column("crop").combine_chunks()
+        array = _crop_array(column, list(range(n)), (width, height))
+        centers = np.tile(np.float32([[60, 120]]), (n, 1))
+        scales = np.tile(np.float32([[0.94, 1.25]]), (n, 1))
+        pixels = torch.randn(n, 3, height, width, device=device).to(engine.dtype)
+
+        @torch.inference_mode()
+        def forward():
+            engine.model(pixel_values=pixels)
+
+        rows = {
+            "crops -> array": timed(lambda: _crop_array(column, list(range(n)), (width, height)), args.repeat, device),
+            "estimate": timed(lambda: engine.estimate(array, centers, scales), args.repeat, device),
+            "forward": timed(forward, args.repeat, device),
+            "estimate_rows": timed(lambda: estimate_rows(engines, routing, batch), args.repeat, device),
+        }
+        print(f"{args.preset} on {device} {str(engine.dtype).replace('torch.', '')}, batch {n}, "
+              f"attention {engine.model.backbone.config._attn_implementation}, torch threads {torch.get_num_threads()}, "
+              f"engine load {load_seconds:.1f} s (first in this process: CUDA context included)")
+        for name, seconds in rows.items():
+            print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s")
+        if device.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                forward()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+        if args.compile:
+            model = engine.model
+            compiled = torch.compile(model)
+
+            @torch.inference_mode()
+            def compiled_forward():
+                compiled(pixel_values=pixels)
+
+            seconds = timed(compiled_forward, args.repeat, device)
+            print(f"  {'forward compiled':16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s")
+
+
+if __name__ == "__main__":
+    main()
