@@ -192,3 +192,11 @@ def test_inspect_model_reads_shape_without_weights(tiny_checkpoint):
     assert info.num_keypoints == 17 and info.num_experts == 1
     assert info.revision.startswith("sha256:")
     assert info.image_mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_channels_last_upsample_gives_the_same_values():
+    from raypose.pose import ChannelsLastUpsample
+
+    upsample = torch.nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+    hidden = torch.randn(3, 8, 16, 12)
+    assert torch.equal(ChannelsLastUpsample(upsample)(hidden), upsample(hidden))
