@@ -389,7 +389,7 @@ def run_ceiling(expert, pose, bs: int, n_crops: int, threads: int | None, min_se
 
     if threads:
         torch.set_num_threads(threads)
-    engine = PoseEngine(expert.model, device=pose.device, dtype=pose.dtype)
+    engine = PoseEngine(expert.model, device=pose.device, dtype=pose.dtype, compile=pose.compile)
     device, dtype = engine.device, engine.dtype
     width, height = engine.info.input_size
     rng = np.random.default_rng(0)

@@ -147,6 +147,7 @@ class PoseSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip_test: Flag = False
     fold_expert: Flag = False  # fold a MoE checkpoint's one used expert into a dense model at load time
+    compile: Flag = False  # torch.compile the model: faster forward, a compile per actor before the first batch
     decode: Literal["transformers", "original"] = "transformers"  # DARK smoothing: sigma 0.8, or cv2's k=11 (2.0)
 
 
@@ -235,6 +236,7 @@ class JobSpec(_Section):
             data.pop(section, None)
         data.pop("name", None)
         data["pose"].pop("batch_size", None)
+        data["pose"].pop("compile", None)
         data["boxes"]["detector"].pop("batch_size", None)
         for key in ("mode", "row_group_size", "compression", "images_per_shard"):
             data["output"].pop(key, None)

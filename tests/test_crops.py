@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raypose.crops import center_scale_from_boxes, crop_image
+from raypose.crops import _single_block_images, center_scale_from_boxes, crop_image, pixel_view
 
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
@@ -126,3 +126,25 @@ def test_jpeg_draft_crop_keeps_the_geometry():
         inside = ((xs >= 0) & (xs <= 1599))[None, :] & ((ys >= 0) & (ys <= 1199))[:, None]
         assert inside.any() and not inside.all()
         assert np.abs(ours - ref)[inside].mean() < 1.5
+
+
+def test_pixel_view_is_the_images_pixels_without_a_copy():
+    _single_block_images()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    view = pixel_view(image)
+    assert view.shape == (90, 120, 4) and not view.flags.owndata
+    np.testing.assert_array_equal(view[..., :3], np.asarray(image))
+    center, scale = center_scale_from_boxes(np.array([10.0, 5.0, 60.0, 80.0]), (48, 64))
+    np.testing.assert_array_equal(
+        crop_image(view, center[0], scale[0], (48, 64)), crop_image(np.asarray(image), center[0], scale[0], (48, 64))
+    )
+
+
+def test_pixel_view_of_an_image_in_several_blocks_is_the_image():
+    size = Image.core.get_block_size()
+    Image.core.set_block_size(4096)  # a 120x90 RGB image (43 KB) then spans several blocks
+    try:
+        image = Image.new("RGB", (120, 90), (10, 20, 30))
+        assert pixel_view(image) is image
+    finally:
+        Image.core.set_block_size(size)

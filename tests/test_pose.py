@@ -10,7 +10,7 @@ from PIL import Image
 
 from raypose.crops import center_scale_from_boxes, crop_image, make_crops
 from raypose.keypoint_schemas import COCO17
-from raypose.pose import PoseEngine, PoseStage, inspect_model
+from raypose.pose import PoseEngine, PoseStage, cpu_pose_threads, default_batch_size, inspect_model
 from raypose.routing import resolve_routing
 from raypose.spec import PoseSpec
 from raypose.synthetic import draw_people, make_checkpoint
@@ -200,3 +200,23 @@ def test_channels_last_upsample_gives_the_same_values():
     upsample = torch.nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
     hidden = torch.randn(3, 8, 16, 12)
     assert torch.equal(ChannelsLastUpsample(upsample)(hidden), upsample(hidden))
+
+
+def test_compiled_engine_gives_the_eager_keypoints(tiny_checkpoint):
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes), seed=0)
+    eager = ours(engine_for(tiny_checkpoint), image, boxes)
+    compiled_engine = PoseEngine(inspect_model(str(tiny_checkpoint)), compile=True)
+    compiled = ours(compiled_engine, image, boxes)
+    np.testing.assert_allclose(compiled[1], eager[1], atol=1e-4)
+    assert_same_keypoints(compiled[0], eager[0], boxes, compiled_engine)
+
+
+def test_cpu_pose_actors_share_the_cores():
+    assert cpu_pose_threads(node_cpus=16, actors=1) == 16
+    assert cpu_pose_threads(node_cpus=16, actors=3) == 5
+    assert cpu_pose_threads(node_cpus=16, actors=32) == 1
+
+
+def test_default_batch_size_by_device():
+    assert default_batch_size(on_gpu=False) == 32 and default_batch_size(on_gpu=True) == 256

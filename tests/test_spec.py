@@ -440,3 +440,16 @@ def test_fingerprint_ignores_secrets():
 def test_bundled_jobs_are_valid_specs(job):
     spec = load_job_spec(job)
     assert spec.output.path and spec.pose.model
+
+
+def test_speed_knobs_do_not_change_what_a_resume_must_match():
+    base = parse_job_spec(minimal()).result_fingerprint()
+    assert parse_job_spec(with_field("pose", "compile", True)).result_fingerprint() == base
+    assert parse_job_spec(with_field("pose", "batch_size", 512)).result_fingerprint() == base
+    assert parse_job_spec(with_field("resources", "threads_per_pose_actor", 3)).result_fingerprint() == base
+    # JPEG draft changes the crops' pixels, hence the keypoints.
+    assert parse_job_spec(with_field("images", "jpeg_draft", True)).result_fingerprint() != base
+
+
+def test_jpeg_draft_must_be_a_flag():
+    assert "images.jpeg_draft:" in problems(with_field("images", "jpeg_draft", "sometimes"))
