@@ -162,7 +162,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
     retries = spec.limits.max_retries
     task_retries = {"max_retries": retries, **_runtime_env()}
-    actor_retries = {"max_restarts": retries, "max_task_retries": retries}
+    actor_retries = {"max_restarts": retries, "max_task_retries": retries, **_runtime_env()}
     per_task = resources.images_per_crop_task
     blocks = [plan.tasks.slice(i, per_task) for i in range(0, plan.tasks.num_rows, per_task)]
     dataset = ray.data.from_arrow(blocks)
@@ -184,7 +184,6 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             num_cpus=resources.cpus_per_detector_actor,
             num_gpus=gpus,
             **actor_retries,
-            **_runtime_env(),
         )
     routing = plan.routing
     crops = dataset.map_batches(
@@ -223,14 +222,11 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
         num_cpus=resources.cpus_per_pose_actor,
         num_gpus=gpus,
         **actor_retries,
-        # OpenMP sizes its pool from the environment at start-up; Ray sets OMP_NUM_THREADS=1 in
-        # its workers, and torch.set_num_threads alone then ran the forward ~13% slower.
-        **_runtime_env({"OMP_NUM_THREADS": str(threads)} if threads else {}),
     )
 
 
-def _runtime_env(env_vars: dict[str, str] | None = None) -> dict:
-    env = {**fault_env(), **(env_vars or {})}
+def _runtime_env() -> dict:
+    env = fault_env()
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
@@ -240,7 +236,6 @@ def _smallest_node_cpus() -> int:
 
     cpus = [int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
     return min((c for c in cpus if c > 0), default=1)
-
 
 
 def _accelerator(gpus: float | None, device: str, gpus_in_cluster: float) -> tuple[float, str]:
