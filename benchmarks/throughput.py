@@ -8,7 +8,7 @@ It makes its own inputs (raypose.synthetic: JPEGs cycling 640x480 / 1280x720 / 4
 1-8 drawn people each, their COCO boxes, and a checkpoint of the preset's shape with random
 weights), then measures on the same images, boxes, model, device and dtype:
 
-  reference  transformers' VitPoseImageProcessorPil -> VitPoseForPoseEstimation ->
+  reference  AutoProcessor (as the seed: PIL/scipy, or torchvision where installed) -> VitPoseForPoseEstimation ->
              post_process_pose_estimation, image by image, JPEG decode (PIL) included;
   ceiling    the model forward alone (PoseEngine's model, dtype, device and normalisation) on
              pre-made crop tensors at the job's batch size, after warm-up; on CPU with every
