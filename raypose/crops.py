@@ -187,7 +187,8 @@ def make_crops(
     crop of the image still samples at no more than one point per decoded pixel
     (`jpeg_reduction`). Much less decoding and copying for large photos with large people;
     the crops' geometry is unchanged but their pixels are block means, not the reference's
-    point samples (see benchmarks/README.md for the measured difference). Off by default.
+    point samples (benchmarks/README.md gives the measured difference). `images.jpeg_draft`, off
+    by default.
     """
     inject("crop")
     _single_block_images()

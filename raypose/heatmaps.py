@@ -13,7 +13,6 @@ used by its UDP configs: `cv2.GaussianBlur(heatmap, (k, k), 0)`, i.e. sigma 0.3 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from raypose.crops import PIXEL_STD
 

@@ -156,7 +156,7 @@ class ResourcesSpec(_Section):
 
     pose_actors: PositiveInt = 1
     cpus_per_pose_actor: PositiveFloat = 1.0
-    threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; see PoseStage
+    threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; default: pose.cpu_pose_threads
     gpus_per_pose_actor: NonNegativeFloat | None = None
     detector_actors: PositiveInt = 1
     cpus_per_detector_actor: PositiveFloat = 1.0
