@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import s3_bucket
 from job_output import DOG_SCHEMA, NESTED_KEY, shared_job
 from raypose.keypoint_schemas import COCO17, SCHEMAS
 
@@ -28,25 +28,12 @@ def job(ray_session, tmp_path_factory, coco_folder, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def s3_output(job):
-    """The job's output copied into a bucket on moto's standalone S3 server (127.0.0.1)."""
-    moto_server = pytest.importorskip("moto.server")
+def s3_output(job, s3_server):
+    """The job's output copied into a bucket on the session's moto S3 server (127.0.0.1)."""
     s3fs = pytest.importorskip("s3fs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing-secret",
-                 region_name="us-east-1").create_bucket(Bucket="raypose-docs")
-    fs = s3fs.S3FileSystem(key="testing", secret="testing-secret", endpoint_url=endpoint,
-                           client_kwargs={"region_name": "us-east-1"})
-    fs.put(str(job.output), "raypose-docs/labels/run1", recursive=True)
-    yield endpoint, "s3://raypose-docs/labels/run1"
-    server.stop()
+    options = s3_bucket(s3_server, "raypose-docs")
+    s3fs.S3FileSystem(**options).put(str(job.output), "raypose-docs/labels/run1", recursive=True)
+    return s3_server, "s3://raypose-docs/labels/run1"
 
 
 def test_the_page_has_every_recipe_the_issue_asks_for():
