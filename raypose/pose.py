@@ -212,8 +212,9 @@ class PoseStage:
 def cpu_pose_threads(node_cpus: int, actors: int) -> int:
     """Torch threads for a CPU pose actor: its node's CPUs shared among the pose actors.
 
-    The forward pass is almost all of a CPU job's work (crops are ~5% of it), so the actor
-    takes the cores its reservation leaves idle; Ray's CPU count only paces the crop tasks.
+    The forward pass is almost all of a CPU job's work (the crop stage took 20 of ~270 CPU-ms
+    per crop in benchmarks/README.md's CPU run), so the actor takes the cores its reservation
+    leaves idle; Ray's CPU count only paces the crop tasks.
     """
     return max(1, node_cpus // max(1, actors))
 
