@@ -7,6 +7,7 @@ warp that maps the box onto the crop's pixel centres 0..W-1 / 0..H-1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 
 from raypose.boxes import clip_boxes
 from raypose.faults import inject
-from raypose.reader import ImageError, decode_image_reduced, read_task_bytes
+from raypose.reader import ImageError, decode_image_reduced, probe_image, read_task_bytes
 from raypose.table import CROP_SCHEMA
 
 PADDING = 1.25
@@ -167,6 +168,16 @@ def jpeg_reduction(scales: np.ndarray, input_sizes: list[tuple[int, int]]) -> in
     return next((r for r in JPEG_REDUCTIONS if r <= pitch), 1)
 
 
+@dataclass
+class PendingImage:
+    """An image whose crops are cut on the pose device (`device_crops.cut_crops`), not here."""
+
+    data: bytes | pa.Buffer  # the encoded image
+    size: tuple[int, int]  # (width, height) after EXIF orientation, from the header
+    plain_jpeg: bool  # a GPU JPEG decoder can take it as it is (`reader.probe_image`)
+    rows: list[int] = field(default_factory=list)  # its crop rows in `plan_crops`' table
+
+
 def make_crops(
     batch: pa.Table,
     *,
@@ -190,6 +201,32 @@ def make_crops(
     point samples (benchmarks/README.md gives the measured difference). `images.jpeg_draft`, off
     by default.
     """
+    return _crop_rows(batch, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft,
+                      image_column, pending=None)
+
+
+def plan_crops(
+    batch: pa.Table,
+    *,
+    input_sizes: dict[str, tuple[int, int]],
+    routes: dict[str, str],
+    default_expert: str,
+    storage_options: dict[str, Any],
+    max_pixels: int,
+    image_column: str = "image",
+) -> tuple[pa.Table, list[PendingImage]]:
+    """`make_crops` without the pixels: the rows, with an empty `crop`, and the images to cut them from.
+
+    Only image headers are read here; the decode and the crops happen on the pose device.
+    """
+    pending: list[PendingImage] = []
+    table = _crop_rows(batch, input_sizes, routes, default_expert, storage_options, max_pixels, False,
+                       image_column, pending=pending)
+    return table, pending
+
+
+def _crop_rows(batch, input_sizes, routes, default_expert, storage_options, max_pixels, jpeg_draft, image_column,
+               pending: list[PendingImage] | None) -> pa.Table:
     inject("crop")
     _single_block_images()
     out = _CropRows()
@@ -198,14 +235,25 @@ def make_crops(
     def read(task: dict) -> bytes:
         return read_task_bytes(task, storage_options, image_column, containers)
 
-    for task in batch.to_pylist():
+    for task in _tasks(batch):
         start = out.count()
-        _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft)
+        _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft, pending)
         out.finish_image(task, start)
     return out.table(CROP_SCHEMA)
 
 
-def _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft) -> None:
+def _tasks(batch: pa.Table) -> list[dict]:
+    """The batch's rows as dicts; bytes read by an earlier stage stay in Arrow (a zero-copy view each)."""
+    if "image_bytes" not in batch.column_names:
+        return batch.to_pylist()
+    data = batch.column("image_bytes")
+    tasks = batch.drop_columns(["image_bytes"]).to_pylist()
+    for i, task in enumerate(tasks):
+        task["image_bytes"] = data[i].as_buffer()
+    return tasks
+
+
+def _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels, jpeg_draft, pending) -> None:
     """One image's rows: a crop or a failure per box, or one failure for the whole image."""
     if task.get("error_stage"):
         out.failure(task, None, task["error_stage"], task["error_reason"])
@@ -215,16 +263,24 @@ def _crop_task(task, out, input_sizes, routes, default_expert, read, max_pixels,
     experts = [routes.get(c, default_expert) if c is not None else default_expert for c in task["category"]]
     try:
         data = read(task)
-        reduction = _reduction_for(task["box_xywh"], [input_sizes.get(e) for e in experts]) if jpeg_draft else None
-        decoded, factor, full_size = decode_image_reduced(data, max_pixels, reduction)
+        if pending is None:
+            reduction = _reduction_for(task["box_xywh"], [input_sizes.get(e) for e in experts]) if jpeg_draft else None
+            decoded, factor, full_size = decode_image_reduced(data, max_pixels, reduction)
+            image = None
+        else:
+            full_size, plain_jpeg = probe_image(data, max_pixels)
+            decoded, factor, image = None, 1, PendingImage(data, full_size, plain_jpeg)
     except ImageError as exc:
         out.failure(task, None, exc.stage, str(exc))
         return
     try:
-        _crop_boxes(task, decoded, factor, full_size, experts, input_sizes, out)
+        _crop_boxes(task, decoded, factor, full_size, experts, input_sizes, out, image)
     except Exception as exc:  # an unforeseen failure costs this image, never the batch
         out.discard(task["image_key"])
         out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
+        return
+    if image is not None and image.rows:
+        pending.append(image)
 
 
 def _reduction_for(boxes: list, sizes: list[tuple[int, int] | None]):
@@ -242,9 +298,10 @@ def _reduction_for(boxes: list, sizes: list[tuple[int, int] | None]):
 
 
 def _crop_boxes(
-    task: dict, decoded: Image.Image, factor: int, size: tuple[int, int], experts: list[str],
-    input_sizes: dict, out: "_CropRows",
+    task: dict, decoded: Image.Image | None, factor: int, size: tuple[int, int], experts: list[str],
+    input_sizes: dict, out: "_CropRows", pending: PendingImage | None = None,
 ) -> None:
+    """The image's box rows; each crop is cut from `decoded`, or left to the device (`pending`)."""
     expected = (task["expected_width"], task["expected_height"])
     if None not in expected and expected != size:
         out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
@@ -255,13 +312,17 @@ def _crop_boxes(
         if reason is None:
             center, scale = center_scale_from_boxes(clipped[index], input_sizes[expert])
             geometry[index] = (center[0], scale[0])
-    source = pixel_view(decoded)
+    source = pixel_view(decoded) if decoded is not None else None
     for index, (reason, expert) in enumerate(zip(reasons, experts)):
         if reason is not None:
             out.failure(task, index, "boxes", reason, size)
             continue
         center, scale = geometry[index]
-        crop = crop_image(source, center, scale, input_sizes[expert], reduction=factor, full_size=size)
+        if pending is not None:
+            pending.rows.append(out.count())
+            crop = None
+        else:
+            crop = crop_image(source, center, scale, input_sizes[expert], reduction=factor, full_size=size)
         out.crop(task, index, size, clipped[index], expert, center, scale, crop)
 
 
@@ -290,12 +351,12 @@ class _CropRows:
         for name, value in row.items():
             self.columns.setdefault(name, []).append(value)
 
-    def crop(self, task, index, size, box, expert, center, scale, crop: np.ndarray) -> None:
+    def crop(self, task, index, size, box, expert, center, scale, crop: np.ndarray | None) -> None:
         self._row(
             task, index, size, bbox=box.tolist(), expert=expert, center=center.tolist(), scale=scale.tolist(),
             error_stage=None, error_reason=None,
         )
-        self.crops.append(crop.tobytes())
+        self.crops.append(crop.tobytes() if crop is not None else None)
 
     def failure(self, task, index, stage: str, reason: str, size=None) -> None:
         self._row(

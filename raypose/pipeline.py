@@ -3,6 +3,8 @@
 Stage order lives here and only here:
     image tasks -> [DetectStage (Ray actors)] -> make_crops (Ray tasks, CPU)
                 -> PoseStage (Ray actors) -> OutputWriter (driver)
+resources.crop_in moves the crops: into PoseStage (pose_actor, the default on CPU), or onto
+its device, with read_images as the CPU stage (pose_device).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from raypose.errors import JobFailed, SpecError
 from raypose.faults import fault_env
 from raypose.keypoint_schemas import SCHEMAS
 from raypose.pose import PoseStage, cpu_pose_threads, default_batch_size
-from raypose.reader import list_images
+from raypose.reader import list_images, read_images
 from raypose.routing import Routing, resolve_routing
 from raypose.spec import JobSpec
 from raypose.writer import JOB_FILE, OutputStore, ShardWriter, keys_fingerprint, shard_of
@@ -186,27 +188,38 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             **actor_retries,
         )
     routing = plan.routing
-    crops = dataset.map_batches(
-        make_crops,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "input_sizes": {name: expert.input_size for name, expert in routing.experts.items()},
-            "routes": routing.rules,
-            "default_expert": routing.default,
-            "storage_options": dict(spec.images.storage_options),
-            "max_pixels": spec.images.max_pixels,
-            "jpeg_draft": spec.images.jpeg_draft,
-            "image_column": spec.images.image_column,
-        },
-        num_cpus=1,
-        **task_retries,
-    )
+    crop_options = {
+        "input_sizes": {name: expert.input_size for name, expert in routing.experts.items()},
+        "routes": routing.rules,
+        "default_expert": routing.default,
+        "storage_options": dict(spec.images.storage_options),
+        "max_pixels": spec.images.max_pixels,
+        "jpeg_draft": spec.images.jpeg_draft,
+        "image_column": spec.images.image_column,
+    }
     gpus, device = _accelerator(resources.gpus_per_pose_actor, spec.pose.device, gpus_in_cluster)
+    on_cpu = device == "cpu"
     threads = None
-    if device == "cpu":
+    if on_cpu:
         threads = resources.threads_per_pose_actor or cpu_pose_threads(_smallest_node_cpus(), resources.pose_actors)
-    return crops.map_batches(
+    crop_in = resources.crop_in
+    if crop_in == "auto":
+        # On CPU the forward pass takes every core it is given: crop tasks beside it only stall
+        # its threads, while cropping in turn with the forwards costs just the crop time
+        # (benchmarks/README.md).
+        crop_in = "pose_actor" if on_cpu else "tasks"
+    if crop_in == "tasks":
+        dataset = dataset.map_batches(
+            make_crops, batch_size=None, batch_format="pyarrow", fn_kwargs=crop_options, num_cpus=1, **task_retries,
+        )
+    elif crop_in == "pose_device":
+        read_options = {"storage_options": crop_options["storage_options"], "image_column": spec.images.image_column}
+        dataset = dataset.map_batches(
+            read_images, batch_size=None, batch_format="pyarrow", fn_kwargs=read_options, num_cpus=1, **task_retries,
+        )
+        crop_options.pop("jpeg_draft")  # refused with pose_device (spec.cross_field_problems)
+    batch_size = spec.pose.batch_size or default_batch_size(on_gpu=not on_cpu)
+    return dataset.map_batches(
         PoseStage,
         fn_constructor_kwargs={
             "routing": routing,
@@ -215,8 +228,14 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             "flip_test": spec.pose.flip_test,
             "compile": spec.pose.compile,
             "num_threads": threads,
+            "batch_size": batch_size,
+            "crop_in": crop_in,
+            "crop_options": crop_options,
         },
-        batch_size=spec.pose.batch_size or default_batch_size(on_gpu=gpus > 0 or device == "cuda"),
+        # Crop rows come pose.batch_size at a time. An actor that crops on the CPU takes a crop
+        # task's block (resources.images_per_crop_task images); one that crops on its device
+        # takes pose.batch_size images, so that its forwards are full.
+        batch_size={"tasks": batch_size, "pose_actor": None, "pose_device": batch_size}[crop_in],
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=resources.pose_actors),
         num_cpus=resources.cpus_per_pose_actor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from raypose.crops import make_crops, plan_crops
+from raypose.device_crops import CropCutter, cut_crops
 from raypose.errors import SpecError
 from raypose.faults import inject
 from raypose.heatmaps import decode_heatmaps, flip_back
@@ -144,7 +147,7 @@ class PoseEngine:
     @torch.inference_mode()
     def estimate(
         self,
-        crops: np.ndarray,
+        crops: np.ndarray | torch.Tensor,
         centers: np.ndarray,
         scales: np.ndarray,
         dataset_index: int | None = None,
@@ -152,10 +155,11 @@ class PoseEngine:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Crops (N, H, W, 3) uint8 + centers/scales (N, 2) -> keypoints (N, K, 2) image px, scores (N, K).
 
-        `flip_pairs` turns on the flip test: the mirrored crops run in the same forward pass.
+        The crops may already be on the device (`device_crops`). `flip_pairs` turns on the flip
+        test: the mirrored crops run in the same forward pass.
         """
-        pixels = torch.from_numpy(crops)
-        if self.device.type == "cuda":
+        pixels = crops if isinstance(crops, torch.Tensor) else torch.from_numpy(crops)
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         pixels = (pixels * self._scale + self._shift).to(self.dtype)
@@ -188,11 +192,19 @@ class PoseStage:
     """Ray actor for the pose stage: every checkpoint the routing uses, loaded once."""
 
     def __init__(self, routing, device: str = "auto", dtype: str = "auto", flip_test: bool = False,
-                 num_threads: int | None = None, compile: bool = False):
+                 num_threads: int | None = None, compile: bool = False, batch_size: int | None = None,
+                 crop_in: str = "tasks", crop_options: dict | None = None):
+        """`crop_in` pose_actor or pose_device: the actor takes image rows and makes their crops itself
+        (`crops.make_crops`, or `crops.plan_crops` + `device_crops.cut_crops` on its device, with
+        `crop_options`), then runs the forwards `batch_size` crops at a time."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.routing = routing
         self.flip_test = flip_test
+        self.batch_size = batch_size
+        self.crop_in = crop_in
+        self.crop_options = crop_options or {}
+        self.device = resolve_device(device)
         self.engines: dict[tuple[str, str], PoseEngine] = {}
         for expert in routing.experts.values():
             key = (expert.model.model_id, expert.model.revision)
@@ -205,8 +217,19 @@ class PoseStage:
                 )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch, pixels = self.crop(batch)
         inject("pose")
-        return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test)
+        return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test, batch_size=self.batch_size,
+                             pixels=pixels)
+
+    def crop(self, batch: pa.Table) -> tuple[pa.Table, CropCutter | None]:
+        """Image rows -> crop rows, where this actor makes the crops (with the device's cutter); crop rows pass."""
+        if self.crop_in == "pose_actor":
+            return make_crops(batch, **self.crop_options), None
+        if self.crop_in == "pose_device":
+            batch, images = plan_crops(batch, **self.crop_options)
+            return cut_crops(batch, images, self.device, self.crop_options["max_pixels"])
+        return batch, None
 
 
 def cpu_pose_threads(node_cpus: int, actors: int) -> int:
@@ -219,25 +242,37 @@ def cpu_pose_threads(node_cpus: int, actors: int) -> int:
     return max(1, node_cpus // max(1, actors))
 
 
-def estimate_rows(engines: dict, routing, batch: pa.Table, flip_test: bool = False) -> pa.Table:
-    """Run each expert on its own rows (homogeneous forward batches); failed rows pass through."""
+def estimate_rows(
+    engines: dict, routing, batch: pa.Table, flip_test: bool = False, batch_size: int | None = None,
+    pixels: CropCutter | None = None,
+) -> pa.Table:
+    """Run each expert on its own rows (homogeneous forward batches of at most `batch_size`); failed rows pass through.
+
+    The crops come from the `crop` column, or from `pixels(rows, input_size)` when given.
+    """
     n = batch.num_rows
     experts = batch.column("expert").to_pylist()
     stage = batch.column("error_stage").to_pylist()
     reason = batch.column("error_reason").to_pylist()
-    crops = batch.column("crop").combine_chunks()
+    if pixels is None:
+        crops = batch.column("crop").combine_chunks()
+        pixels = functools.partial(_crop_array, crops)
     centers = _pairs(batch.column("center"))
     scales = _pairs(batch.column("scale"))
     results: list = [None] * n
+    forwards = []
     for name in sorted({e for e, s in zip(experts, stage) if s is None}):
-        expert = routing.experts[name]
         rows = [i for i in range(n) if experts[i] == name and stage[i] is None]
+        step = batch_size or len(rows)
+        forwards += [(name, rows[start : start + step]) for start in range(0, len(rows), step)]
+    for name, rows in forwards:
+        expert = routing.experts[name]
         engine = engines[(expert.model.model_id, expert.model.revision)]
         schema = SCHEMAS[expert.keypoint_schema]
         try:
             inject("model")
             keypoints, scores = engine.estimate(
-                _crop_array(crops, rows, expert.input_size), centers[rows], scales[rows],
+                pixels(rows, expert.input_size), centers[rows], scales[rows],
                 dataset_index=expert.dataset_index, flip_pairs=schema.flip_pairs if flip_test else None,
             )
         except Exception as exc:  # a failed batch becomes error rows, the job goes on

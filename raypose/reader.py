@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import posixpath
 import warnings
@@ -121,29 +122,56 @@ def decode_image_reduced(
     image. Only JPEGs without an EXIF rotation are reduced. Returns the RGB image, the
     factor it was reduced by (1 when not), and the full size (after EXIF orientation).
     """
+    with _image_errors():
+        image = _open_image(data, max_pixels)
+        width, height = image.size
+        factor = 1
+        if reduction is not None and image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) == 1:
+            wanted = int(reduction((width, height)))
+            if wanted > 1:
+                drafted = image.draft("RGB", (max(1, width // wanted), max(1, height // wanted)))
+                if drafted is not None:
+                    factor = max(1, round(width / drafted[1][2]))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        full_size = image.size if factor == 1 else (width, height)
+        return _to_rgb(image), factor, full_size
+
+
+def probe_image(data: bytes | pa.Buffer, max_pixels: int) -> tuple[tuple[int, int], bool]:
+    """An image's (width, height) after EXIF orientation, from its header alone, and whether it
+    is a plain JPEG (RGB or grey, no EXIF rotation) that a GPU JPEG decoder can take as it is.
+
+    Fails as `decode_image` does on what the header already shows; the pixels are not read.
+    """
+    with _image_errors():
+        image = _open_image(data, max_pixels)
+        orientation = image.getexif().get(_ORIENTATION, 1)
+        width, height = image.size
+        plain_jpeg = image.format == "JPEG" and orientation == 1 and image.mode in ("RGB", "L")
+        return ((height, width) if orientation in (5, 6, 7, 8) else (width, height)), plain_jpeg
+
+
+def _open_image(data: bytes | pa.Buffer, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError("empty file (0 bytes)")
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width}x{height} = {width * height / 1e6:.3g} Mpx is above images.max_pixels "
+            f"({max_pixels:,} pixels): refused as a possible decompression bomb"
+        )
+    return image
+
+
+@contextlib.contextmanager
+def _image_errors():
+    """Any failure to open or decode an image -> ImageError with a reason for the errors table."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{width}x{height} = {width * height / 1e6:.3g} Mpx is above images.max_pixels "
-                    f"({max_pixels:,} pixels): refused as a possible decompression bomb"
-                )
-            factor = 1
-            if reduction is not None and image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) == 1:
-                wanted = int(reduction((width, height)))
-                if wanted > 1:
-                    drafted = image.draft("RGB", (max(1, width // wanted), max(1, height // wanted)))
-                    if drafted is not None:
-                        factor = max(1, round(width / drafted[1][2]))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            full_size = image.size if factor == 1 else (width, height)
-            return _to_rgb(image), factor, full_size
+            yield
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
@@ -152,6 +180,23 @@ def decode_image_reduced(
             raise ImageError("not an image Pillow can decode (unknown format)") from exc
         except Exception as exc:  # hostile bytes can trip any decoder error; none may stop the job
             raise ImageError(f"corrupt or truncated image data: {type(exc).__name__}: {exc}") from exc
+
+
+def read_images(batch: pa.Table, *, storage_options: dict[str, Any], image_column: str = "image") -> pa.Table:
+    """Image tasks -> the same rows with `image_bytes` read; a failed read becomes the row's error.
+
+    The CPU stage when the pose device decodes and crops (resources.crop_in: pose_device).
+    """
+    tasks = batch.to_pylist()
+    containers: dict = {}
+    for task in tasks:
+        if task.get("error_stage") or not task["box_xywh"]:
+            continue  # nothing to read: the crop step records these as they are
+        try:
+            task["image_bytes"] = read_task_bytes(task, storage_options, image_column, containers)
+        except ImageError as exc:
+            task["error_stage"], task["error_reason"] = exc.stage, str(exc)
+    return pa.Table.from_pylist(tasks, schema=batch.schema)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -162,6 +162,9 @@ class ResourcesSpec(_Section):
     cpus_per_detector_actor: PositiveFloat = 1.0
     gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16
+    # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
+    # pose actors' device (nvJPEG when torchvision has it); auto = pose_actor on CPU, tasks on a GPU.
+    crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = "auto"
     num_cpus: PositiveInt | None = None
 
 
@@ -301,6 +304,8 @@ def cross_field_problems(spec: JobSpec) -> list[str]:
         problems.append(f"boxes.path: required with boxes.source: {boxes.source}")
     if boxes.source == "detector" and boxes.detect_missing:
         problems.append("boxes.detect_missing: only with boxes.source coco, table or inline (a detector job detects everything)")
+    if spec.resources.crop_in == "pose_device" and spec.images.jpeg_draft:
+        problems.append("images.jpeg_draft: only where the CPU decodes (resources.crop_in is pose_device)")
     known = sorted(set(BUILTIN_EXPERTS) | set(pose.experts))
     if pose.expert not in known:
         problems.append(f"pose.expert: unknown expert {pose.expert!r}; expected one of: {', '.join(known)}")

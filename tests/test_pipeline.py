@@ -49,8 +49,7 @@ def reference_rows(checkpoint, images_dir: Path, coco: dict) -> dict[int, np.nda
     return out
 
 
-def check_against_reference(table, checkpoint, images_dir, coco):
-    expected = reference_rows(checkpoint, images_dir, coco)
+def check_against_reference(table, expected: dict[int, np.ndarray]):
     assert sorted(table.column("annotation_id").to_pylist()) == sorted(expected)
     for row in table.to_pylist():
         ours = np.stack([row["keypoint_x"], row["keypoint_y"]], axis=1)
@@ -82,8 +81,8 @@ def test_submit_local_job_writes_plain_parquet(ray_session, tiny_checkpoint, coc
     assert manifest["experts"]["coco"]["revision"].startswith("sha256:")
     assert not (output / "_tmp").exists()
 
-    coco = read_json(coco_folder / "boxes.json")
-    check_against_reference(table, tiny_checkpoint, coco_folder / "images", coco)
+    expected = reference_rows(tiny_checkpoint, coco_folder / "images", read_json(coco_folder / "boxes.json"))
+    check_against_reference(table, expected)  # on CPU, by default, the pose actor makes the crops itself
 
     con = duckdb.connect()
     per_image = con.sql(
@@ -95,13 +94,18 @@ def test_submit_local_job_writes_plain_parquet(ray_session, tiny_checkpoint, coc
     # The output is refused a second time unless the job says overwrite.
     again = submit(job)
     assert again.exit_code == 2 and "output.mode" in again.output
-    replaced = submit(job, "output.mode=overwrite", "pose.batch_size=2")
+    replaced = submit(job, "output.mode=overwrite", "pose.batch_size=2", "resources.crop_in=tasks")
     assert replaced.exit_code == 0, replaced.output
-    assert pq.read_table(output / "keypoints").num_rows == 6
+    check_against_reference(pq.read_table(output / "keypoints"), expected)  # crops in Ray tasks, forwards of 2
     assert read_json(output / "manifest.json")["job_id"] != manifest["job_id"]
+    on_device = submit(job, "output.mode=overwrite", "resources.crop_in=pose_device")
+    assert on_device.exit_code == 0, on_device.output
+    check_against_reference(pq.read_table(output / "keypoints"), expected)  # read tasks, crops cut in torch
 
 
-def test_bad_inputs_become_error_rows_and_the_job_finishes(ray_session, tiny_checkpoint, coco_folder, write_job, tmp_path):
+@pytest.mark.parametrize("crop_in", ["auto", "pose_device"])
+def test_bad_inputs_become_error_rows_and_the_job_finishes(ray_session, tiny_checkpoint, coco_folder, write_job, tmp_path,
+                                                           crop_in):
     images = tmp_path / "images"
     shutil.copytree(coco_folder / "images", images)
     good = (images / "img_0000.jpg").read_bytes()
@@ -123,7 +127,8 @@ def test_bad_inputs_become_error_rows_and_the_job_finishes(ray_session, tiny_che
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(coco))
 
-    job = write_job(job_dict(images, boxes, tiny_checkpoint, tmp_path / "out", limits={"max_errored_fraction": 1.0}))
+    job = write_job(job_dict(images, boxes, tiny_checkpoint, tmp_path / "out", limits={"max_errored_fraction": 1.0},
+                             resources={"crop_in": crop_in}))
     result = submit(job)
     assert result.exit_code == 0, result.output
     errors = {(r["image_key"], r["instance_index"]): (r["stage"], r["reason"])
@@ -191,7 +196,7 @@ def test_submit_from_and_to_s3(ray_session, s3_server, tiny_checkpoint, coco_fol
     assert (count, keys) == (6, 3)
     table = pq.read_table("raypose-test/labels/run1/keypoints", filesystem=fs)
     assert set(table.column("image_uri").to_pylist()) == {f"s3://raypose-test/coco/val/img_000{i}.jpg" for i in range(3)}
-    check_against_reference(table, tiny_checkpoint, coco_folder / "images", read_json(coco_folder / "boxes.json"))
+    check_against_reference(table, reference_rows(tiny_checkpoint, coco_folder / "images", read_json(coco_folder / "boxes.json")))
     manifest = json.loads(fs.cat_file("raypose-test/labels/run1/manifest.json"))
     assert manifest["spec"]["images"]["storage_options"]["secret"] == "***"
     assert "testing-secret" not in json.dumps(manifest)

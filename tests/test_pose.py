@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from raypose.crops import center_scale_from_boxes, crop_image, make_crops
 from raypose.keypoint_schemas import COCO17
+from raypose.reader import read_images
 from raypose.pose import PoseEngine, PoseStage, cpu_pose_threads, default_batch_size, inspect_model
 from raypose.routing import resolve_routing
 from raypose.spec import PoseSpec
@@ -58,12 +60,14 @@ def stage_for(checkpoint, **pose) -> PoseStage:
     return PoseStage(resolve_routing(spec), flip_test=spec.flip_test)
 
 
-def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
+def crop_options(stage: PoseStage) -> dict:
     sizes = {name: expert.input_size for name, expert in stage.routing.experts.items()}
-    return make_crops(
-        tasks, input_sizes=sizes, routes=stage.routing.rules, default_expert=stage.routing.default,
-        storage_options={}, max_pixels=10**8,
-    )
+    return dict(input_sizes=sizes, routes=stage.routing.rules, default_expert=stage.routing.default,
+                storage_options={}, max_pixels=10**8)
+
+
+def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
+    return make_crops(tasks, **crop_options(stage))
 
 
 @pytest.mark.parametrize("index", range(len(IMAGES)))
@@ -168,6 +172,31 @@ def test_pose_stage_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path
     # The same crop alone gives the same keypoints: rows are not mixed up within a batch.
     alone = stage(crops.slice(2, 1)).to_pylist()[0]
     np.testing.assert_allclose(alone["keypoint_x"], rows[2]["keypoint_x"], atol=1e-3)
+
+
+@pytest.mark.parametrize("crop_in", ["pose_actor", "pose_device"])
+def test_a_stage_that_crops_takes_image_rows_and_forwards_in_batches(tiny_checkpoint, tmp_path, crop_in):
+    separate = stage_for(tiny_checkpoint)
+    boxes = [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0], [100.0, 5.0, 70.0, 200.0]]
+    tasks = task_table(tmp_path, boxes)
+    expected = separate(crops_for(tasks, separate))
+    if crop_in == "pose_device":
+        tasks = read_images(tasks, storage_options={})
+    fused = PoseStage(separate.routing, batch_size=2, crop_in=crop_in, crop_options=crop_options(separate))
+    [engine] = fused.engines.values()
+    forwards = []
+    engine.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(len(kwargs["pixel_values"])),
+                                           with_kwargs=True)
+    got = fused(tasks)
+    assert forwards == [2, 1]  # three good boxes, at most two crops per forward
+    assert got.drop_columns(["keypoint_x", "keypoint_y", "keypoint_score", "instance_score"]).equals(
+        expected.drop_columns(["keypoint_x", "keypoint_y", "keypoint_score", "instance_score"]))
+    for name in ("keypoint_x", "keypoint_y", "keypoint_score", "instance_score"):
+        ours_, theirs = got.column(name).to_pylist(), expected.column(name).to_pylist()
+        assert [v is None for v in ours_] == [v is None for v in theirs]
+        for a, b in zip(ours_, theirs):
+            if a is not None:
+                np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from PIL import Image
 
 from raypose.crops import make_crops
 from raypose.errors import SpecError
-from raypose.reader import ImageError, decode_image, list_images, read_bytes
+from raypose.reader import ImageError, decode_image, list_images, probe_image, read_bytes, read_images
 from raypose.spec import ImagesSpec
 from raypose.table import CROP_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -340,6 +340,34 @@ def test_decode_exif_rotated_jpeg():
     # Clockwise: the stored left (red) half is now on top, the right (blue) half at the bottom.
     assert np.abs(shown[5, 10] - [255, 0, 0]).max() < 8
     assert np.abs(shown[35, 10] - [0, 0, 255]).max() < 8
+
+
+def test_probe_reads_the_shown_size_from_the_header_and_tells_plain_jpegs():
+    rotated = Image.new("RGB", (40, 20))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    assert probe_image(encode(rotated, "JPEG", exif=exif.tobytes()), MAX_PIXELS) == ((20, 40), False)
+    assert probe_image(encode(Image.new("RGB", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), True)
+    assert probe_image(encode(Image.new("L", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), True)
+    assert probe_image(encode(Image.new("CMYK", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), False)
+    assert probe_image(encode(Image.new("RGB", (7, 5)), "PNG"), MAX_PIXELS) == ((7, 5), False)
+    with pytest.raises(ImageError, match="above images.max_pixels"):
+        probe_image(encode(Image.new("RGB", (7, 5)), "JPEG"), 34)
+    with pytest.raises(ImageError, match="empty file"):
+        probe_image(b"", MAX_PIXELS)
+
+
+def test_read_images_attaches_bytes_and_turns_a_failed_read_into_the_rows_error(tmp_path):
+    path = save(tmp_path / "a.png")
+    rows = [
+        {"image_key": "a.png", "image_uri": path.as_uri(), "box_xywh": [[0, 0, 2, 2]]},
+        {"image_key": "gone.png", "image_uri": (tmp_path / "gone.png").as_uri(), "box_xywh": [[0, 0, 2, 2]]},
+        {"image_key": "none.png", "image_uri": (tmp_path / "none.png").as_uri(), "box_xywh": []},
+    ]
+    got = read_images(pa.Table.from_pylist(rows, schema=IMAGE_TASK_SCHEMA), storage_options={}).to_pylist()
+    assert got[0]["image_bytes"] == path.read_bytes() and got[0]["error_stage"] is None
+    assert (got[1]["image_bytes"], got[1]["error_stage"], got[1]["error_reason"]) == (None, "read", "not found in storage")
+    assert got[2]["image_bytes"] is None and got[2]["error_stage"] is None  # no box: nothing to read
 
 
 def test_decode_one_pixel():

@@ -447,9 +447,18 @@ def test_speed_knobs_do_not_change_what_a_resume_must_match():
     assert parse_job_spec(with_field("pose", "compile", True)).result_fingerprint() == base
     assert parse_job_spec(with_field("pose", "batch_size", 512)).result_fingerprint() == base
     assert parse_job_spec(with_field("resources", "threads_per_pose_actor", 3)).result_fingerprint() == base
+    assert parse_job_spec(with_field("resources", "crop_in", "tasks")).result_fingerprint() == base
     # JPEG draft changes the crops' pixels, hence the keypoints.
     assert parse_job_spec(with_field("images", "jpeg_draft", True)).result_fingerprint() != base
 
 
-def test_jpeg_draft_must_be_a_flag():
+def test_speed_knobs_take_what_they_name():
     assert "images.jpeg_draft:" in problems(with_field("images", "jpeg_draft", "sometimes"))
+    wrong = problems(with_field("resources", "crop_in", "gpu"))
+    assert "resources.crop_in:" in wrong and "pose_device" in wrong
+
+
+def test_jpeg_draft_is_refused_where_the_device_decodes():
+    spec = with_field("resources", "crop_in", "pose_device")
+    spec["images"]["jpeg_draft"] = True
+    assert "images.jpeg_draft: only where the CPU decodes" in problems(spec)
