@@ -12,7 +12,13 @@ crop stage makes it (uint8 crops in a binary Arrow column), then times, median o
   estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
 
 On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
---compile, the forward under `torch.compile`.
+--compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
+benchmark JPEGs (`synthetic.make_benchmark_dataset`) as resources.crop_in: pose_device runs it:
+
+  read_images       the CPU stage: the files' bytes
+  plan_crops        headers, boxes and crop geometry, in the actor
+  decode            `device_crops.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
+  cut_crops         decode + every crop of the block cut on the device (one cut)
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time the forward under torch.compile")
+    p.add_argument("--device-crops", type=int, default=0, metavar="N",
+                   help="also break down device crops on a block of N benchmark images")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +136,52 @@ def main() -> None:
 
             seconds = timed(compiled_forward, args.repeat, device)
             print(f"  {'forward compiled':16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s")
+        if args.device_crops:
+            profile_device_crops(Path(tmp), args.device_crops, routing, device, args.repeat)
+
+
+def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
+    """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
+    import json
+    import os
+
+    from raypose.crops import plan_crops
+    from raypose.device_crops import cut_crops, decode_on_device, gpu_jpeg_decoder
+    from raypose.reader import read_images
+    from raypose.synthetic import make_benchmark_dataset
+    from raypose.table import IMAGE_TASK_SCHEMA
+
+    manifest, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1)
+    coco = json.loads(boxes.read_text())
+    by_image: dict[int, list] = {}
+    for annotation in coco["annotations"]:
+        by_image.setdefault(annotation["image_id"], []).append(annotation["bbox"])
+    tasks = pa.Table.from_pylist([
+        {"image_key": image["file_name"], "image_uri": str(folder / "data" / image["file_name"]),
+         "box_xywh": by_image[image["id"]], "annotation_id": list(range(len(by_image[image["id"]]))),
+         "category": ["person"] * len(by_image[image["id"]]), "box_score": [None] * len(by_image[image["id"]]),
+         "box_source": "gt"} for image in coco["images"]], schema=IMAGE_TASK_SCHEMA)
+    options = {"input_sizes": {name: e.input_size for name, e in routing.experts.items()}, "routes": routing.rules,
+               "default_expert": routing.default, "storage_options": {}, "max_pixels": 10**8}
+    def cut_all(rows, images, device):
+        table, cut = cut_crops(rows, images, device, 10**8)
+        size = options["input_sizes"][routing.default]
+        return cut([row for image in images for row in image.rows], size)
+
+    read = read_images(tasks, storage_options={})
+    rows, images = plan_crops(read, **options)
+    crops = sum(len(image.rows) for image in images)
+    steps = {
+        "read_images": timed(lambda: read_images(tasks, storage_options={}), repeat, device),
+        "plan_crops": timed(lambda: plan_crops(read, **options), repeat, device),
+        "decode": timed(lambda: decode_on_device(images, device, 10**8), repeat, device),
+        "cut_crops": timed(lambda: cut_all(rows, images, device), repeat, device),
+    }
+    decoder = "nvJPEG (torchvision)" if device.type == "cuda" and gpu_jpeg_decoder() else "Pillow"
+    print(f"device crops: {count} images ({', '.join(sorted({k.split('_')[-1][:-4] for k in tasks.column('image_key').to_pylist()}))}), "
+          f"{crops} crops, decoded by {decoder}")
+    for name, seconds in steps.items():
+        print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
 
 
 if __name__ == "__main__":

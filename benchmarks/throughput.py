@@ -73,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ceiling-threads", type=int, default=None,
                    help="CPU: torch threads for the ceiling and reference (default: all usable cores)")
     p.add_argument("--ceiling-min-seconds", type=float, default=3.0, help="least timed time for the ceiling")
-    p.add_argument("--sample-interval", type=float, default=0.2, help="memory/GPU sampling period (s)")
+    # Each sample reads /proc for the whole process tree (PSS from smaps_rollup): every 0.2 s that
+    # cost raypose 13% of its rate on 2 cores (11.18 vs 12.71 crops/s at 2 s, vitpose-small).
+    p.add_argument("--sample-interval", type=float, default=1.0, help="memory/GPU sampling period (s)")
     p.add_argument("--out", default="bench-out", help="work folder: data, checkpoint, job outputs")
     p.add_argument("--json", dest="json_path", default=None, help="result JSON (default OUT/throughput.json)")
     p.add_argument("--jpeg-draft", action="store_true",
@@ -164,7 +166,7 @@ class Sampler:
     wall-clock rates are not.
     """
 
-    def __init__(self, interval: float = 0.2, gpu: bool = False):
+    def __init__(self, interval: float = 1.0, gpu: bool = False):
         self.interval = interval
         self.available = os.path.isdir("/proc/self")
         self.page = os.sysconf("SC_PAGE_SIZE") if self.available else 4096
@@ -474,7 +476,7 @@ def load_spec(job: Path, overrides: list[str]):
 def traced_stages(trace_path: Path, enabled: bool = True):
     """Time the pipeline's crop tasks and pose-actor calls from inside the workers.
 
-    Wraps `raypose.pipeline.make_crops` and `raypose.pipeline.PoseStage` for the duration
+    Wraps `raypose.pipeline.make_crops`, `read_images` and `PoseStage` for the duration
     (restored after): each call appends one JSON line (wall-clock start/end, rows) to
     `trace_path`. The workers share this machine's clock, so the first crop task's start
     can be set against the driver's end time. Costs a file append per block/batch.
@@ -484,7 +486,7 @@ def traced_stages(trace_path: Path, enabled: bool = True):
     if not enabled or not hasattr(pipeline, "make_crops") or not hasattr(pipeline, "PoseStage"):
         yield False
         return
-    original_crops, original_pose = pipeline.make_crops, pipeline.PoseStage
+    original_crops, original_reads, original_pose = pipeline.make_crops, pipeline.read_images, pipeline.PoseStage
     trace = str(trace_path)
 
     # Defined here (not at module level) so Ray pickles them by value: the workers need
@@ -506,6 +508,15 @@ def traced_stages(trace_path: Path, enabled: bool = True):
                 "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
         return out
 
+    def read_images(batch, **kwargs):
+        import os as _os
+        import time as _time
+
+        start = _time.time()
+        out = original_reads(batch, **kwargs)
+        append({"stage": "read", "start": start, "end": _time.time(), "images": batch.num_rows, "pid": _os.getpid()})
+        return out
+
     class PoseStage(original_pose):
         def __init__(self, *a, **k):
             import os as _os
@@ -515,6 +526,18 @@ def traced_stages(trace_path: Path, enabled: bool = True):
             super().__init__(*a, **k)
             append({"stage": "pose_init", "start": start, "end": _time.time(), "pid": _os.getpid()})
 
+        def crop(self, batch):
+            import os as _os
+            import time as _time
+
+            start = _time.time()
+            out, cutter = super().crop(batch)
+            if self.crop_in != "tasks":  # crops made here: timed as the crop stage (on the device: without the cut)
+                crops = out.num_rows - sum(1 for e in out.column("error_stage").to_pylist() if e) if out.num_rows else 0
+                append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
+                        "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
+            return out, cutter
+
         def __call__(self, batch):
             import os as _os
             import time as _time
@@ -523,7 +546,9 @@ def traced_stages(trace_path: Path, enabled: bool = True):
 
             start = _time.time()
             out = super().__call__(batch)
-            record = {"stage": "pose", "start": start, "end": _time.time(), "rows": batch.num_rows,
+            # Crops that got keypoints (an actor that crops itself takes image rows in).
+            crops = out.num_rows - out.column("keypoint_x").null_count
+            record = {"stage": "pose", "start": start, "end": _time.time(), "rows": crops,
                       "pid": _os.getpid(), "threads": _torch.get_num_threads()}
             if _torch.cuda.is_available() and _torch.cuda.is_initialized():
                 record["gpu_mem_peak_torch_mib"] = round(_torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -531,11 +556,11 @@ def traced_stages(trace_path: Path, enabled: bool = True):
             return out
 
     PoseStage.__name__ = PoseStage.__qualname__ = original_pose.__name__
-    pipeline.make_crops, pipeline.PoseStage = make_crops, PoseStage
+    pipeline.make_crops, pipeline.read_images, pipeline.PoseStage = make_crops, read_images, PoseStage
     try:
         yield True
     finally:
-        pipeline.make_crops, pipeline.PoseStage = original_crops, original_pose
+        pipeline.make_crops, pipeline.read_images, pipeline.PoseStage = original_crops, original_reads, original_pose
 
 
 def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str) -> dict[str, Any]:
@@ -578,28 +603,53 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     return row
 
 
+def run_scale(args: argparse.Namespace, inputs: dict, checkpoint: Path, sampler, n: int) -> dict[str, Any]:
+    """raypose at N again (Ray warm) and at 4N: the time and memory ratios of linear scaling."""
+    runs = {}
+    for count, tag in ((n, f"n{n}-warm"), (4 * n, f"n{4 * n}")):
+        with sampler.phase(tag) as stats:
+            runs[count] = {**run_raypose(args, inputs["sets"][count], checkpoint, tag), **Sampler.summary(stats)}
+    a, b = runs[n], runs[4 * n]
+    return {
+        "n": n, "n4": 4 * n, "runs": {"n": a, "n4": b},
+        "time_ratio": b["seconds"]["pipeline"] / a["seconds"]["pipeline"],
+        "crops_ratio": b["crops"] / a["crops"],
+        "pss_ratio": _ratio(b.get("peak_pss_tree_mib"), a.get("peak_pss_tree_mib")),
+        "rss_ratio": _ratio(b.get("peak_rss_tree_mib"), a.get("peak_rss_tree_mib")),
+    }
+
+
 def summarize_trace(path: Path, ended: float, instances: int) -> dict[str, Any]:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     crop = [r for r in records if r["stage"] == "crop"]
+    read = [r for r in records if r["stage"] == "read"]
     pose = [r for r in records if r["stage"] == "pose"]
     init = [r for r in records if r["stage"] == "pose_init"]
-    if not crop:
+    first_stage = read or crop  # the first stage: read tasks (crops on the pose device), else the crop step
+    if not first_stage:
         return {}
-    first = min(r["start"] for r in crop)
+    first = min(r["start"] for r in first_stage)
+    if read:
+        crop_in = "pose_device"
+    else:
+        crop_in = "pose_actor" if {r["pid"] for r in crop} & {r["pid"] for r in pose} else "tasks"
     summary: dict[str, Any] = {
+        "crop_in": crop_in,
         "first_crop_start": first,
         "seconds_first_crop_to_end": ended - first,
-        "seconds_first_crop_block": min(r["end"] for r in crop) - first,
-        "crop_tasks": len(crop),
-        "crop_task_seconds_sum": sum(r["end"] - r["start"] for r in crop),
-        "crop_task_processes": len({r["pid"] for r in crop}),
+        "seconds_first_crop_block": min(r["end"] for r in first_stage) - first,
+        "crop_tasks": len(first_stage),
+        "crop_task_processes": len({r["pid"] for r in first_stage}),
     }
     crops = sum(r.get("crops", 0) for r in crop)
     if crops:
-        summary["crop_stage_ms_per_crop"] = 1000 * summary["crop_task_seconds_sum"] / crops
+        summary["crop_stage_ms_per_crop"] = 1000 * sum(r["end"] - r["start"] for r in crop) / crops
+    if read:
+        summary["read_ms_per_image"] = 1000 * sum(r["end"] - r["start"] for r in read) / max(1, sum(r["images"] for r in read))
     if init:
         summary["pose_actor_init_seconds"] = [round(r["end"] - r["start"], 3) for r in init]
-        summary["seconds_first_crop_to_first_actor_ready"] = min(r["end"] for r in init) - first
+        if crop_in != "pose_actor":
+            summary["seconds_first_crop_to_first_actor_ready"] = min(r["end"] for r in init) - first
     if pose:
         busy = sum(r["end"] - r["start"] for r in pose)
         span = max(r["end"] for r in pose) - min(r["start"] for r in pose)
@@ -689,19 +739,32 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     main = result.get("raypose")
     if main and main.get("trace"):
         t = main["trace"]
-        print(f"raypose stages: crop {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop over {t['crop_tasks']} tasks; "
-              f"first crop block {_fmt(t.get('seconds_first_crop_block'), '.2f')} s; pose actor busy "
-              f"{_fmt(100 * t['pose_busy_fraction_of_first_crop_to_end'] if 'pose_busy_fraction_of_first_crop_to_end' in t else None, '.0f')}% "
-              f"at {_fmt(t.get('pose_crops_per_busy_second'), '.2f')} crops/busy-s "
-              f"(threads {t.get('pose_threads')}); last batch to end {_fmt(t.get('seconds_last_pose_to_end'), '.2f')} s; "
-              f"actor start {_fmt(t.get('seconds_first_crop_to_first_pose'), '.1f')} s after the first crop, then "
-              f"{_fmt(t.get('crops_per_second_first_pose_to_end'))} crops/s to the end",
-              file=file)
+        busy = t.get("pose_busy_fraction_of_first_crop_to_end")
+        if t.get("crop_in") == "pose_actor":
+            stages = (f"crops in the pose actor, {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; pose actor "
+                      f"(crops + forwards) busy {_fmt(100 * busy if busy is not None else None, '.0f')}%")
+        elif t.get("crop_in") == "pose_device":
+            stages = (f"read {_fmt(t.get('read_ms_per_image'))} ms/image over {t['crop_tasks']} tasks; headers + decode "
+                      f"in the pose actor {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; pose actor ready {_fmt(t.get('seconds_first_crop_to_first_pose'), '.1f')} s after "
+                      f"the first read, busy (decode + crops + forwards) {_fmt(100 * busy if busy is not None else None, '.0f')}%")
+        else:
+            stages = (f"crop {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop over {t['crop_tasks']} tasks; first crop "
+                      f"block {_fmt(t.get('seconds_first_crop_block'), '.2f')} s; pose actor ready "
+                      f"{_fmt(t.get('seconds_first_crop_to_first_pose'), '.1f')} s after the first crop, busy "
+                      f"{_fmt(100 * busy if busy is not None else None, '.0f')}%")
+        print(f"raypose stages: {stages} at {_fmt(t.get('pose_crops_per_busy_second'), '.2f')} crops/busy-s "
+              f"(threads {t.get('pose_threads')}); from its first batch {_fmt(t.get('crops_per_second_first_pose_to_end'))} "
+              f"crops/s to the end; last batch to end {_fmt(t.get('seconds_last_pose_to_end'), '.2f')} s", file=file)
     scale = result.get("scale")
     if scale:
-        print(f"linearity: {scale['n']} -> {scale['n4']} images: time x{scale['time_ratio']:.2f} (target <= 4.4), "
-              f"peak PSS x{_fmt(scale.get('pss_ratio'), '.2f')}, peak RSS x{_fmt(scale.get('rss_ratio'), '.2f')} "
-              "(target <= 1.2)", file=file)
+        print(f"linearity: {scale['n']} -> {scale['n4']} images: time x{scale['time_ratio']:.2f} for "
+              f"x{scale['crops_ratio']:.2f} crops (target <= 4.4), peak PSS x{_fmt(scale.get('pss_ratio'), '.2f')}, "
+              f"peak RSS x{_fmt(scale.get('rss_ratio'), '.2f')} (target <= 1.2)", file=file)
+        for tag, run in scale["runs"].items():
+            cps = run["crops_per_second"]
+            print(f"raypose at {scale[tag]} images (Ray warm): {run['crops']} crops, {cps:.2f} crops/s over the pipeline "
+                  f"(x reference {_fmt(cps / ref if ref else None, '.2f')}, x ceiling {_fmt(cps / ceil if ceil else None, '.2f')})",
+                  file=file)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -751,6 +814,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with sampler.phase("raypose") as stats:
                     main_run = run_raypose(args, data, checkpoint, f"n{n}")
                 result["raypose"] = {**main_run, **Sampler.summary(stats)}
+                if args.scale:
+                    result["scale"] = run_scale(args, inputs, checkpoint, sampler, n)
+            # The reference and the ceiling run without Ray's processes beside them, as they
+            # would for their users: on 2 cores a Ray left up after a job slowed the ceiling by 13%.
+            if not ray_was_up and ray.is_initialized():
+                ray.shutdown()
             if "ceiling" in args.row_set:
                 with sampler.phase("ceiling") as stats:
                     ceiling = run_ceiling(expert, spec.pose, batch_size, result["inputs"]["crops"],
@@ -762,20 +831,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     reference = run_reference(expert, spec.pose, data, threads)
                 rows["reference"] = {**reference, **Sampler.summary(stats, own=True)}
                 gc.collect()
-            if args.scale and "raypose" in args.row_set:
-                runs = {}
-                for count, tag in ((n, f"n{n}-warm"), (4 * n, f"n{4 * n}")):
-                    with sampler.phase(tag) as stats:
-                        runs[count] = {**run_raypose(args, inputs["sets"][count], checkpoint, tag),
-                                       **Sampler.summary(stats)}
-                a, b = runs[n], runs[4 * n]
-                result["scale"] = {
-                    "n": n, "n4": 4 * n, "runs": {tag: run for tag, run in zip(("n", "n4"), (a, b))},
-                    "time_ratio": b["seconds"]["pipeline"] / a["seconds"]["pipeline"],
-                    "crops_ratio": b["crops"] / a["crops"],
-                    "pss_ratio": _ratio(b.get("peak_pss_tree_mib"), a.get("peak_pss_tree_mib")),
-                    "rss_ratio": _ratio(b.get("peak_rss_tree_mib"), a.get("peak_rss_tree_mib")),
-                }
     finally:
         torch.set_num_threads(torch_threads)
         if not ray_was_up and ray.is_initialized():
