@@ -228,7 +228,11 @@ class PoseStage:
             return make_crops(batch, **self.crop_options), None
         if self.crop_in == "pose_device":
             batch, images = plan_crops(batch, **self.crop_options)
-            return cut_crops(batch, images, self.device, self.crop_options["max_pixels"])
+            try:
+                return cut_crops(batch, images, self.device, self.crop_options["max_pixels"])
+            except Exception as exc:  # e.g. out of GPU memory: this call's crops fail as rows, the job goes on
+                log.exception("cutting %d images' crops on %s failed", len(images), self.device)
+                return _failed_crops(batch, "crop", f"{type(exc).__name__}: {exc}"), None
         return batch, None
 
 
@@ -344,6 +348,16 @@ def fold_moe_model(model, index: int):
         raise ValueError(f"fold_expert: expert {index} is out of range ({config.backbone_config.num_experts} experts)")
     config.backbone_config.num_experts = 1
     return build_model(config, fold_expert(model.state_dict(), index))
+
+
+def _failed_crops(batch: pa.Table, stage: str, reason: str) -> pa.Table:
+    """The batch with every crop row (a row with an expert and no error yet) failed at `stage`."""
+    failing = [e is not None and s is None for e, s in zip(batch.column("expert").to_pylist(),
+                                                          batch.column("error_stage").to_pylist())]
+    stages = [stage if f else s for f, s in zip(failing, batch.column("error_stage").to_pylist())]
+    reasons = [reason if f else r for f, r in zip(failing, batch.column("error_reason").to_pylist())]
+    batch = batch.set_column(batch.schema.get_field_index("error_stage"), "error_stage", pa.array(stages, pa.string()))
+    return batch.set_column(batch.schema.get_field_index("error_reason"), "error_reason", pa.array(reasons, pa.string()))
 
 
 def _instance_score(scores: np.ndarray, box_score: float) -> float:

@@ -199,6 +199,23 @@ def test_a_stage_that_crops_takes_image_rows_and_forwards_in_batches(tiny_checkp
                 np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_crops_that_cannot_be_cut_on_the_device_become_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
+    separate = stage_for(tiny_checkpoint)
+    stage = PoseStage(separate.routing, crop_in="pose_device", crop_options=crop_options(separate))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr("raypose.pose.cut_crops", out_of_memory)
+    tasks = read_images(task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0]]),
+                        storage_options={})
+    rows = stage(tasks).to_pylist()
+    assert [(r["instance_index"], r["error_stage"], r["error_reason"]) for r in rows] == [
+        (0, "crop", "RuntimeError: CUDA out of memory"), (1, "boxes", rows[1]["error_reason"]),
+        (None, "read", "not found in storage"),
+    ]
+
+
 def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
     stage = stage_for(tiny_checkpoint)
     crops = crops_for(task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0]]), stage)
