@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -11,8 +10,8 @@ from PIL import Image
 
 from raypose.crops import center_scale_from_boxes, crop_image, make_crops
 from raypose.keypoint_schemas import COCO17
-from raypose.reader import read_images
 from raypose.pose import PoseEngine, PoseStage, cpu_pose_threads, default_batch_size, inspect_model
+from raypose.reader import read_images
 from raypose.routing import resolve_routing
 from raypose.spec import PoseSpec
 from raypose.synthetic import draw_people, make_checkpoint
