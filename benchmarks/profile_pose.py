@@ -19,6 +19,9 @@ benchmark JPEGs (`synthetic.make_benchmark_dataset`) as resources.crop_in: pose_
   plan_crops        headers, boxes and crop geometry, in the actor
   decode            `device_crops.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
   cut_crops         decode + every crop of the block cut on the device (one cut)
+
+and how far those crops are from the CPU stage's (`make_crops`: Pillow decode, numpy cut):
+bit-identical where the device decodes with Pillow too, nvJPEG's rounding on a GPU.
 """
 
 from __future__ import annotations
@@ -182,6 +185,19 @@ def profile_device_crops(folder: Path, count: int, routing, device: torch.device
           f"{crops} crops, decoded by {decoder}")
     for name, seconds in steps.items():
         print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
+    # The same crops from the CPU stage (Pillow decode, numpy cut): how far the device's are.
+    from raypose.crops import make_crops
+
+    reference = make_crops(tasks, **options)
+    table, cut = cut_crops(rows, images, device, 10**8)
+    good = [i for i, stage in enumerate(table.column("error_stage").to_pylist()) if stage is None]
+    width, height = options["input_sizes"][routing.default]
+    ours = cut(good, (width, height)).cpu().numpy().astype(np.int16)
+    theirs = np.stack([np.frombuffer(reference.column("crop")[i].as_py(), np.uint8).reshape(height, width, 3)
+                       for i in good]).astype(np.int16)
+    difference = np.abs(ours - theirs)
+    print(f"  vs the CPU stage's crops: mean |diff| {difference.mean():.3f} grey levels, p99 "
+          f"{np.percentile(difference, 99):.0f}, max {difference.max()}, {np.mean(difference == 0):.1%} equal")
 
 
 if __name__ == "__main__":
