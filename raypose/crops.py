@@ -60,6 +60,14 @@ def crop_sampling_grid(
     return inverse[0, 0] * np.arange(width) + inverse[0, 2], inverse[1, 1] * np.arange(height) + inverse[1, 2]
 
 
+def bilinear_taps(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sampling points along one axis of `size` pixels -> the lower and upper pixel each blends and
+    the upper one's float32 weight; points beyond the ends take the end pixel (the border is zeroed apart)."""
+    clipped = np.clip(points, 0, size - 1)
+    lower = np.floor(clipped).astype(np.intp)
+    return lower, np.minimum(lower + 1, size - 1), (clipped - lower).astype(np.float32)
+
+
 def crop_image(
     image: np.ndarray | Image.Image,
     center: np.ndarray,
@@ -93,11 +101,9 @@ def crop_image(
     if reduction != 1:
         xs = (xs - (reduction - 1) / 2) / reduction
         ys = (ys - (reduction - 1) / 2) / reduction
-    xc, yc = np.clip(xs, 0, w - 1), np.clip(ys, 0, h - 1)
-    x0, y0 = np.floor(xc).astype(np.intp), np.floor(yc).astype(np.intp)
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    wx = (xc - x0).astype(np.float32)[None, :, None]
-    wy = (yc - y0).astype(np.float32)[:, None, None]
+    x0, x1, wx = bilinear_taps(xs, w)
+    y0, y1, wy = bilinear_taps(ys, h)
+    wx, wy = wx[None, :, None], wy[:, None, None]
     # Bilinear is separable here (the warp has no rotation): blend across the columns on the
     # 2H source rows the crop reads, then down. Only those rows, and within them only the
     # columns' span, are ever touched: ~4x less than gathering the four corners per pixel.

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from raypose.crops import PendingImage, crop_sampling_grid
+from raypose.crops import PendingImage, bilinear_taps, crop_sampling_grid
 from raypose.reader import ImageError, decode_image
 
 # (rows, input size) -> those rows' crops, (N, H, W, 3) uint8 on the pose device.
@@ -120,11 +120,7 @@ def _bilinear_crops(flat: torch.Tensor, geometry: list, input_size: tuple[int, i
     for j, (center, scale, (w, h), start) in enumerate(geometry):
         xs, ys = crop_sampling_grid(np.asarray(center, np.float32), np.asarray(scale, np.float32), input_size)
         for points, limit, part in ((xs, w, slice(0, width)), (ys, h, slice(width, None))):
-            clipped = np.clip(points, 0, limit - 1)
-            lower = np.floor(clipped)
-            table[j, 0, part] = lower
-            table[j, 1, part] = np.minimum(lower + 1, limit - 1)
-            table[j, 2, part] = (clipped - lower).astype(np.float32)
+            table[j, :3, part] = bilinear_taps(points, limit)
             table[j, 3, part] = (points >= 0) & (points <= limit - 1)
         image_shape[j] = (start, w, h)
     device = flat.device

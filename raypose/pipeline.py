@@ -212,7 +212,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
             make_crops, batch_size=None, batch_format="pyarrow", fn_kwargs=crop_options, num_cpus=1, **task_retries,
         )
     elif crop_in == "pose_device":
-        read_options = {"storage_options": crop_options["storage_options"], "image_column": spec.images.image_column}
+        read_options = {name: crop_options[name] for name in ("storage_options", "image_column")}
         dataset = dataset.map_batches(
             read_images, batch_size=None, batch_format="pyarrow", fn_kwargs=read_options, num_cpus=1, **task_retries,
         )
