@@ -96,7 +96,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-CPU_BATCH_SIZE = 32
+# On CPU a small batch keeps a forward's activations in cache: ViTPose-S float32 on 2 cores,
+# 51.6 ms per crop at 8 vs 59.4 at 32 (bfloat16 18.0 vs 22.3), and in the pipeline 128 images
+# ran at 16.1-16.2 vs 14.6-15.6 crops/s once the actor was up (benchmarks/README.md).
+CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 256
 
 
@@ -225,7 +228,7 @@ class PoseStage:
     def crop(self, batch: pa.Table) -> tuple[pa.Table, CropCutter | None]:
         """Image rows -> crop rows, where this actor makes the crops (with the device's cutter); crop rows pass."""
         if self.crop_in == "pose_actor":
-            return make_crops(batch, **self.crop_options), None
+            return make_crops(batch, **self.crop_options, threads=torch.get_num_threads()), None
         if self.crop_in == "pose_device":
             batch, images = plan_crops(batch, **self.crop_options)
             try:

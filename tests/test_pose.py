@@ -264,4 +264,4 @@ def test_cpu_pose_actors_share_the_cores():
 
 
 def test_default_batch_size_by_device():
-    assert default_batch_size(on_gpu=False) == 32 and default_batch_size(on_gpu=True) == 256
+    assert default_batch_size(on_gpu=False) == 8 and default_batch_size(on_gpu=True) == 256

@@ -480,6 +480,30 @@ def test_make_crops_outcomes(crop_inputs):
 
     unchecked = got[10]
     assert unchecked["error_stage"] is None and len(unchecked["crop"]) == crop_bytes
+    # A pose actor decodes and cuts several images at once: the same rows, in the same order.
+    assert make_crops(batch, **CROP_ARGS, threads=3).equals(out)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_unforeseen_crop_failure_costs_only_its_image(crop_inputs, monkeypatch, threads):
+    import raypose.crops
+
+    cut = raypose.crops.crop_image
+
+    def crop_image(image, center, scale, input_size, **kwargs):
+        if center[0] > 100:  # the second box of the first image
+            raise MemoryError("no room")
+        return cut(image, center, scale, input_size, **kwargs)
+
+    monkeypatch.setattr(raypose.crops, "crop_image", crop_image)
+    batch = pa.Table.from_pylist(
+        [task(crop_inputs, "good.png", [[10, 20, 50, 80], [110, 20, 40, 80]]), task(crop_inputs, "good.png", [[0, 0, 10, 10]])],
+        schema=IMAGE_TASK_SCHEMA,
+    )
+    got = make_crops(batch, **CROP_ARGS, threads=threads).to_pylist()
+    assert [(r["instance_index"], r["error_stage"], r["error_reason"], r["image_rows"]) for r in got] == [
+        (None, "crop", "MemoryError: no room", 1), (0, None, None, 1)]
+    assert got[1]["crop"] is not None
 
 
 def test_make_crops_empty_batch():
