@@ -166,7 +166,10 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
     actor_retries = {"max_restarts": retries, "max_task_retries": retries, **_runtime_env()}
     per_task = resources.images_per_crop_task
     blocks = [plan.tasks.slice(i, per_task) for i in range(0, plan.tasks.num_rows, per_task)]
-    dataset = ray.data.from_arrow(blocks)
+    # from_arrow runs a Ray task per block for its metadata, on the workers the pose actor could
+    # start in: from_blocks reads it here (first crop 5.5-5.8 -> 4.7-4.9 s after the pipeline's
+    # start, 32 images on 2 cores) and keeps the blocks as they are.
+    dataset = ray.data.from_blocks(blocks)
     if plan.detector is not None:
         gpus, device = _accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, gpus_in_cluster)
         dataset = dataset.map_batches(
