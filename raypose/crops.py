@@ -441,16 +441,16 @@ class _CropRows:
         return pa.table(columns).select(schema.names).cast(schema)
 
 
-def binary_column(values: list[np.ndarray | None]) -> pa.ChunkedArray:
+def binary_column(values: list[np.ndarray | None], chunk_bytes: int = 2**31 - 1) -> pa.ChunkedArray:
     """uint8 arrays (None for a null) -> a binary column, each copied once into one buffer per chunk.
 
     `pa.array` of `tobytes()` copies each crop twice (~1 ms per 256x192 crop, as much as cutting
-    it). A chunk stays under binary's 2 GiB offset limit.
+    it). A chunk holds at most `chunk_bytes` (binary's offsets are int32).
     """
     chunks, start, size = [], 0, 0
     for end, value in enumerate(values + [None]):
         nbytes = 0 if value is None else value.nbytes
-        if end == len(values) or size + nbytes >= 2**31:
+        if end == len(values) or (size + nbytes > chunk_bytes and end > start):
             part = values[start:end]
             valid = np.array([v is not None for v in part])
             offsets = np.zeros(len(part) + 1, dtype=np.int32)

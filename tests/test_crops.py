@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from raypose.crops import _single_block_images, center_scale_from_boxes, crop_image, pixel_view
+from raypose.crops import _single_block_images, binary_column, center_scale_from_boxes, crop_image, pixel_view
 
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
@@ -148,3 +149,13 @@ def test_pixel_view_of_an_image_in_several_blocks_is_the_image():
         assert pixel_view(image) is image
     finally:
         Image.core.set_block_size(size)
+
+
+def test_binary_column_holds_the_bytes_and_nulls_in_bounded_chunks():
+    values = [np.arange(6, dtype=np.uint8).reshape(2, 3), None, np.zeros(0, np.uint8), np.full(4, 7, np.uint8), None]
+    expected = [bytes(range(6)), None, b"", b"\x07" * 4, None]
+    whole = binary_column(values)
+    assert whole.type == pa.binary() and whole.num_chunks == 1 and whole.to_pylist() == expected
+    chunked = binary_column(values, chunk_bytes=6)
+    assert [len(c) for c in chunked.chunks] == [3, 2] and chunked.to_pylist() == expected
+    assert binary_column([]).to_pylist() == [] and binary_column([None]).to_pylist() == [None]
