@@ -239,11 +239,21 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
         # takes pose.batch_size images, so that its forwards are full.
         batch_size={"tasks": batch_size, "pose_actor": None, "pose_device": batch_size}[crop_in],
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=resources.pose_actors),
+        compute=_pose_actor_pool(resources.pose_actors, resources.pose_calls_per_actor),
         num_cpus=resources.cpus_per_pose_actor,
         num_gpus=gpus,
         **actor_retries,
     )
+
+
+def _pose_actor_pool(actors: int, calls: int):
+    """The pose stage's fixed pool; with calls > 1 each actor runs that many calls in threads
+    (PoseStage lets one forward run at a time)."""
+    import ray.data
+
+    if calls == 1:
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
 
 
 def _runtime_env() -> dict:

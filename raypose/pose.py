@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -208,6 +209,7 @@ class PoseStage:
         self.crop_in = crop_in
         self.crop_options = crop_options or {}
         self.device = resolve_device(device)
+        self._forwards = threading.Lock()
         self.engines: dict[tuple[str, str], PoseEngine] = {}
         for expert in routing.experts.values():
             key = (expert.model.model_id, expert.model.revision)
@@ -222,8 +224,11 @@ class PoseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, pixels = self.crop(batch)
         inject("pose")
-        return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test, batch_size=self.batch_size,
-                             pixels=pixels)
+        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap,
+        # their forwards take turns (two at once would only fight over the cores or the GPU).
+        with self._forwards:
+            return estimate_rows(self.engines, self.routing, batch, flip_test=self.flip_test,
+                                 batch_size=self.batch_size, pixels=pixels)
 
     def crop(self, batch: pa.Table) -> tuple[pa.Table, CropCutter | None]:
         """Image rows -> crop rows, where this actor makes the crops (with the device's cutter); crop rows pass."""

@@ -165,6 +165,9 @@ class ResourcesSpec(_Section):
     # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
     # pose actors' device (nvJPEG when torchvision has it); auto = pose_actor on CPU, tasks on a GPU.
     crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = "auto"
+    # Calls a pose actor runs at once: above 1, one call's crops and rows are made while another's
+    # forwards run (forwards never overlap).
+    pose_calls_per_actor: PositiveInt = 1
     num_cpus: PositiveInt | None = None
 
 

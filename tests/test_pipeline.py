@@ -94,9 +94,11 @@ def test_submit_local_job_writes_plain_parquet(ray_session, tiny_checkpoint, coc
     # The output is refused a second time unless the job says overwrite.
     again = submit(job)
     assert again.exit_code == 2 and "output.mode" in again.output
-    replaced = submit(job, "output.mode=overwrite", "pose.batch_size=2", "resources.crop_in=tasks")
+    replaced = submit(job, "output.mode=overwrite", "pose.batch_size=2", "resources.crop_in=tasks",
+                      "resources.pose_calls_per_actor=2")
     assert replaced.exit_code == 0, replaced.output
-    check_against_reference(pq.read_table(output / "keypoints"), expected)  # crops in Ray tasks, forwards of 2
+    # Crops in Ray tasks, three pose calls of 2 crops, two at a time in the actor.
+    check_against_reference(pq.read_table(output / "keypoints"), expected)
     assert read_json(output / "manifest.json")["job_id"] != manifest["job_id"]
     on_device = submit(job, "output.mode=overwrite", "resources.crop_in=pose_device")
     assert on_device.exit_code == 0, on_device.output

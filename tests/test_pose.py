@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -196,6 +199,29 @@ def test_a_stage_that_crops_takes_image_rows_and_forwards_in_batches(tiny_checkp
         for a, b in zip(ours_, theirs):
             if a is not None:
                 np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_calls_in_threads_crop_together_and_take_turns_at_the_forwards(tiny_checkpoint, tmp_path):
+    separate = stage_for(tiny_checkpoint)
+    tasks = task_table(tmp_path, [[20.0, 30.0, 60.0, 150.0], [10.0, 10.0, 80.0, 90.0]])
+    stage = PoseStage(separate.routing, batch_size=1, crop_in="pose_actor", crop_options=crop_options(separate))
+    expected = stage(tasks)
+    [engine] = stage.engines.values()
+    running, most = [0], [0]
+    estimate = engine.estimate
+
+    def counted(*args, **kwargs):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for the other call to arrive
+        running[0] -= 1
+        return estimate(*args, **kwargs)
+
+    engine.estimate = counted
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(stage, [tasks] * 3))
+    assert most[0] == 1
+    assert all(result.equals(expected) for result in results)
 
 
 def test_crops_that_cannot_be_cut_on_the_device_become_error_rows(tiny_checkpoint, tmp_path, monkeypatch):

@@ -448,6 +448,7 @@ def test_speed_knobs_do_not_change_what_a_resume_must_match():
     assert parse_job_spec(with_field("pose", "batch_size", 512)).result_fingerprint() == base
     assert parse_job_spec(with_field("resources", "threads_per_pose_actor", 3)).result_fingerprint() == base
     assert parse_job_spec(with_field("resources", "crop_in", "tasks")).result_fingerprint() == base
+    assert parse_job_spec(with_field("resources", "pose_calls_per_actor", 2)).result_fingerprint() == base
     # JPEG draft changes the crops' pixels, hence the keypoints.
     assert parse_job_spec(with_field("images", "jpeg_draft", True)).result_fingerprint() != base
 
@@ -456,6 +457,8 @@ def test_speed_knobs_take_what_they_name():
     assert "images.jpeg_draft:" in problems(with_field("images", "jpeg_draft", "sometimes"))
     wrong = problems(with_field("resources", "crop_in", "gpu"))
     assert "resources.crop_in:" in wrong and "pose_device" in wrong
+    assert "resources.pose_calls_per_actor: expected a positive integer, got 0" in problems(
+        with_field("resources", "pose_calls_per_actor", 0))
 
 
 def test_jpeg_draft_is_refused_where_the_device_decodes():
