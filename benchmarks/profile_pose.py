@@ -143,29 +143,40 @@ def main() -> None:
             profile_device_crops(Path(tmp), args.device_crops, routing, device, args.repeat)
 
 
-def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
-    """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
+def benchmark_tasks(folder: Path, count: int) -> pa.Table:
+    """Image rows (`table.IMAGE_TASK_SCHEMA`) for `count` benchmark JPEGs and their boxes, made under `folder`."""
     import json
     import os
 
-    from raypose.crops import plan_crops
-    from raypose.device_crops import cut_crops, decode_on_device, gpu_jpeg_decoder
-    from raypose.reader import read_images
     from raypose.synthetic import make_benchmark_dataset
     from raypose.table import IMAGE_TASK_SCHEMA
 
-    manifest, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1)
+    _, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1)
     coco = json.loads(boxes.read_text())
     by_image: dict[int, list] = {}
     for annotation in coco["annotations"]:
         by_image.setdefault(annotation["image_id"], []).append(annotation["bbox"])
-    tasks = pa.Table.from_pylist([
+    return pa.Table.from_pylist([
         {"image_key": image["file_name"], "image_uri": str(folder / "data" / image["file_name"]),
          "box_xywh": by_image[image["id"]], "annotation_id": list(range(len(by_image[image["id"]]))),
          "category": ["person"] * len(by_image[image["id"]]), "box_score": [None] * len(by_image[image["id"]]),
          "box_source": "gt"} for image in coco["images"]], schema=IMAGE_TASK_SCHEMA)
-    options = {"input_sizes": {name: e.input_size for name, e in routing.experts.items()}, "routes": routing.rules,
-               "default_expert": routing.default, "storage_options": {}, "max_pixels": 10**8}
+
+
+def crop_options(routing) -> dict:
+    """`make_crops` / `plan_crops` options for a routing, local files."""
+    return {"input_sizes": {name: e.input_size for name, e in routing.experts.items()}, "routes": routing.rules,
+            "default_expert": routing.default, "storage_options": {}, "max_pixels": 10**8}
+
+
+def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
+    """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
+    from raypose.crops import plan_crops
+    from raypose.device_crops import cut_crops, decode_on_device, gpu_jpeg_decoder
+    from raypose.reader import read_images
+
+    tasks = benchmark_tasks(folder, count)
+    options = crop_options(routing)
     def cut_all(rows, images, device):
         table, cut = cut_crops(rows, images, device, 10**8)
         size = options["input_sizes"][routing.default]

@@ -1,7 +1,8 @@
 """The throughput benchmark in CI size: tiny preset, three small images, all three rows, JSON written.
 
 A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
-machines mean nothing). It runs on the session's Ray, which the benchmark reuses.
+machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one of
+benchmarks/dtype_drift.py, in the same spirit.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import pytest
 pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("raypose_benchmark_throughput", SCRIPT)
+def load_benchmark(name: str = "throughput"):
+    spec = importlib.util.spec_from_file_location(f"raypose_benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,3 +48,10 @@ def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
     assert written["config"]["preset"] == "tiny" and written["config"]["batch_size"] == 4
     table = capsys.readouterr().out
     assert "reference" in table and "ceiling" in table and "x ceiling" in table
+
+
+def test_dtype_drift_smoke(capsys):
+    load_benchmark("dtype_drift").main(["--preset", "tiny", "--images", "2", "--peaks", "20"])
+    out = capsys.readouterr().out
+    assert "bfloat16 vs float32" in out and "heatmap noise" in out
+    assert "peaked heatmaps + median noise" in out and "peaked heatmaps + p99 noise" in out
