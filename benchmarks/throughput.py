@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra job override, as `raypose submit --set` (repeatable)")
     p.add_argument("--rows", default=",".join(ROWS), help="which rows to measure (comma-separated)")
     p.add_argument("--ceiling-threads", type=int, default=None,
-                   help="CPU: torch threads for the ceiling and reference (default: all usable cores)")
+                   help="CPU: torch threads for the reference (default: all usable cores) and for a one-process "
+                        "ceiling (default: the ceiling mirrors raypose's pose actors and threads)")
     p.add_argument("--ceiling-min-seconds", type=float, default=3.0, help="least timed time for the ceiling")
     # Each sample reads /proc for the whole process tree: with PSS (smaps_rollup) every 0.2 s that
     # cost raypose 13% of its rate on 2 cores (11.18 vs 12.71 crops/s at 2 s, vitpose-small).
@@ -389,12 +390,64 @@ def _sync(device) -> None:
 # ------------------------------------------------------------------------------------- ceiling
 
 
-def run_ceiling(expert, pose, bs: int, n_crops: int, threads: int | None, min_seconds: float) -> dict[str, Any]:
+def run_ceiling(expert, pose, bs: int, n_crops: int, threads: int | None, min_seconds: float,
+                processes: int = 1) -> dict[str, Any]:
     """PoseEngine's model forward alone, on pre-made normalised crops at the job's batch size.
 
     `expert` is the job's default expert (routing.Expert: checkpoint info, dataset_index);
     with pose.flip_test the forward takes the doubled batch, as PoseEngine.estimate does.
+    `processes` > 1 runs that many forward loops at once in processes of their own, `threads`
+    each, as raypose's CPU pose actors do: their crops per second add up.
     """
+    if processes > 1:
+        return _parallel_ceiling(expert, pose, bs, n_crops, threads, min_seconds, processes)
+    return _forward_loop(expert, pose, bs, n_crops, threads, min_seconds)
+
+
+def _parallel_ceiling(expert, pose, bs, n_crops, threads, min_seconds, processes) -> dict[str, Any]:
+    import tempfile
+
+    job = {"model": expert.model.model_id, "dataset_index": expert.dataset_index, "device": pose.device,
+           "dtype": pose.dtype, "compile": pose.compile, "flip_test": pose.flip_test, "batch_size": bs,
+           "crops": math.ceil(n_crops / processes), "threads": threads, "min_seconds": min_seconds,
+           "processes": processes}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    with tempfile.TemporaryDirectory() as ready:
+        workers = [subprocess.Popen([sys.executable, __file__, "--ceiling-worker", json.dumps({**job, "ready": ready})],
+                                    stdout=subprocess.PIPE, env=env, text=True) for _ in range(processes)]
+        outputs = [worker.communicate()[0] for worker in workers]
+    if any(worker.returncode for worker in workers):
+        raise RuntimeError(f"a ceiling process failed: exit codes {[w.returncode for w in workers]}")
+    parts = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    crops = sum(p["crops"] for p in parts)
+    seconds = max(p["seconds"] for p in parts)
+    return {**parts[0], "crops": crops, "batches": sum(p["batches"] for p in parts), "seconds": seconds,
+            "crops_per_second": sum(p["crops_per_second"] for p in parts),
+            "cpu_seconds_per_crop": sum(p["cpu_seconds_per_crop"] * p["crops"] for p in parts) / crops,
+            "processes": processes, "crops_per_second_each": [round(p["crops_per_second"], 2) for p in parts]}
+
+
+def _ceiling_worker(job: dict) -> None:
+    """One of `_parallel_ceiling`'s processes: waits for the others to be warm, then prints its loop's result."""
+    from types import SimpleNamespace
+
+    from raypose.pose import inspect_model
+
+    expert = SimpleNamespace(model=inspect_model(job["model"]), dataset_index=job["dataset_index"])
+    pose = SimpleNamespace(**{k: job[k] for k in ("device", "dtype", "compile", "flip_test")})
+
+    def all_warm() -> None:
+        Path(job["ready"], str(os.getpid())).touch()
+        while len(os.listdir(job["ready"])) < job["processes"]:
+            time.sleep(0.01)
+
+    result = _forward_loop(expert, pose, job["batch_size"], job["crops"], job["threads"], job["min_seconds"], all_warm)
+    print(json.dumps(result))
+
+
+def _forward_loop(expert, pose, bs: int, n_crops: int, threads: int | None, min_seconds: float,
+                  warm=None) -> dict[str, Any]:
     import torch
 
     from raypose.pose import PoseEngine
@@ -423,6 +476,8 @@ def run_ceiling(expert, pose, bs: int, n_crops: int, threads: int | None, min_se
         for _ in range(3 if device.type == "cuda" else 1):  # warm-up
             forward()
         _sync(device)
+        if warm is not None:
+            warm()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         wanted = max(2, math.ceil(n_crops / bs))
@@ -743,7 +798,11 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=file)
     for line in lines:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))), file=file)
-    print("memory: reference and ceiling rows are this process; raypose rows its process tree (driver, Ray, "
+    ceiling = result["rows"].get("ceiling")
+    if ceiling and ceiling.get("threads"):
+        print(f"ceiling: {ceiling.get('processes', 1)} forward process(es) x {ceiling['threads']} torch thread(s), as "
+              f"raypose's CPU pose actors; reference: {result['config'].get('reference_threads')} threads", file=file)
+    print("memory: reference and ceiling rows are this process (a ceiling in several, their tree); raypose rows its process tree (driver, Ray, "
           "workers), PSS-summed so shared pages count once. CPU-s/crop: reference/ceiling = timed loop; raypose = "
           "whole tree over the run, start-up included", file=file)
     main = result.get("raypose")
@@ -803,13 +862,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray_was_up = ray.is_initialized()
     gpu = torch.cuda.is_available() and args.device != "cpu"
     batch_size = spec.pose.batch_size or default_batch_size(on_gpu=gpu)
+    # On CPU the ceiling runs the forward as raypose's pose actors would: that many processes
+    # with that many torch threads each (two single-threaded forwards on 2 cores do 7% more
+    # than one with two threads). --ceiling-threads N: one process, N threads.
+    ceiling_processes, ceiling_threads = 1, threads
+    if not gpu and not args.ceiling_threads:
+        from raypose.pipeline import pose_actor_layout
+
+        blocks = math.ceil(n / spec.resources.images_per_crop_task)
+        _, ceiling_processes, ceiling_threads = pose_actor_layout(spec.resources, True, cores, blocks)
     result: dict[str, Any] = {
         "config": {
             "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
             "box_heights": args.box_heights, "seed": args.seed, "batch_size": batch_size,
             "dtype": spec.pose.dtype, "device": spec.pose.device, "flip_test": spec.pose.flip_test,
             "resources": spec.resources.model_dump(), "overrides": args.overrides,
-            "jpeg_draft": spec.images.jpeg_draft, "ceiling_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
+            "jpeg_draft": spec.images.jpeg_draft, "ceiling_threads": ceiling_threads,
+            "ceiling_processes": ceiling_processes, "reference_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "machine": machine_info(),
         "inputs": {"seconds": inputs["seconds"], "checkpoint": str(checkpoint), "boxes": str(data["boxes"]),
@@ -833,8 +902,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if "ceiling" in args.row_set:
                 with sampler.phase("ceiling") as stats:
                     ceiling = run_ceiling(expert, spec.pose, batch_size, result["inputs"]["crops"],
-                                          threads if spec.pose.device != "cuda" else None, args.ceiling_min_seconds)
-                rows["ceiling"] = {**ceiling, **Sampler.summary(stats, own=True)}
+                                          ceiling_threads if spec.pose.device != "cuda" else None, args.ceiling_min_seconds,
+                                          ceiling_processes)
+                rows["ceiling"] = {**ceiling, **Sampler.summary(stats, own=ceiling_processes == 1)}
                 gc.collect()
             if "reference" in args.row_set:
                 with sampler.phase("reference") as stats:
@@ -888,4 +958,7 @@ def _ratio(a, b):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-    main()
+    if sys.argv[1:2] == ["--ceiling-worker"]:
+        _ceiling_worker(json.loads(sys.argv[2]))
+    else:
+        main()

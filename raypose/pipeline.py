@@ -29,7 +29,7 @@ from raypose.detector import DetectorInfo, DetectStage, inspect_detector
 from raypose.errors import JobFailed, SpecError
 from raypose.faults import fault_env
 from raypose.keypoint_schemas import SCHEMAS
-from raypose.pose import PoseStage, cpu_pose_threads, default_batch_size
+from raypose.pose import PoseStage, cpu_pose_actors, cpu_pose_threads, default_batch_size
 from raypose.reader import list_images, read_images
 from raypose.routing import Routing, resolve_routing
 from raypose.spec import JobSpec
@@ -201,15 +201,7 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
     }
     gpus, device = _accelerator(resources.gpus_per_pose_actor, spec.pose.device, gpus_in_cluster)
     on_cpu = device == "cpu"
-    threads = None
-    if on_cpu:
-        threads = resources.threads_per_pose_actor or cpu_pose_threads(_smallest_node_cpus(), resources.pose_actors)
-    crop_in = resources.crop_in
-    if crop_in == "auto":
-        # On CPU the forward pass takes every core it is given: crop tasks beside it only stall
-        # its threads, while cropping in turn with the forwards costs just the crop time
-        # (benchmarks/README.md).
-        crop_in = "pose_actor" if on_cpu else "tasks"
+    crop_in, actors, threads = pose_actor_layout(resources, on_cpu, _smallest_node_cpus() if on_cpu else 0, len(blocks))
     if crop_in == "tasks":
         dataset = dataset.map_batches(
             make_crops, batch_size=None, batch_format="pyarrow", fn_kwargs=crop_options, num_cpus=1, **task_retries,
@@ -239,11 +231,30 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
         # takes pose.batch_size images, so that its forwards are full.
         batch_size={"tasks": batch_size, "pose_actor": None, "pose_device": batch_size}[crop_in],
         batch_format="pyarrow",
-        compute=_pose_actor_pool(resources.pose_actors, resources.pose_calls_per_actor),
+        compute=_pose_actor_pool(actors, resources.pose_calls_per_actor),
         num_cpus=resources.cpus_per_pose_actor,
         num_gpus=gpus,
         **actor_retries,
     )
+
+
+def pose_actor_layout(resources, on_cpu: bool, node_cpus: int, blocks: int) -> tuple[str, int, int | None]:
+    """Where the crops are made, how many pose actors, and each one's torch threads (None: on a GPU),
+    for a job of `blocks` image blocks."""
+    crop_in = resources.crop_in
+    if crop_in == "auto":
+        # On CPU the forward pass takes every core it is given: crop tasks beside it only stall
+        # its threads, while cropping in turn with the forwards costs just the crop time
+        # (benchmarks/README.md).
+        crop_in = "pose_actor" if on_cpu else "tasks"
+    actors = resources.pose_actors
+    if actors is None:
+        # Two CPU actors that crop for themselves crop while the other runs its forwards (no more
+        # than there are blocks to give them); crop or read tasks need a CPU of their own, so
+        # beside them one actor.
+        actors = max(1, min(cpu_pose_actors(node_cpus), blocks)) if on_cpu and crop_in == "pose_actor" else 1
+    threads = (resources.threads_per_pose_actor or cpu_pose_threads(node_cpus, actors)) if on_cpu else None
+    return crop_in, actors, threads
 
 
 def _pose_actor_pool(actors: int, calls: int):

@@ -154,7 +154,7 @@ class PoseSpec(_Section):
 class ResourcesSpec(_Section):
     """How much of the cluster each stage takes."""
 
-    pose_actors: PositiveInt = 1
+    pose_actors: PositiveInt | None = None  # auto: pipeline.pose_actor_layout (2 on CPU, 1 on a GPU)
     cpus_per_pose_actor: PositiveFloat = 1.0
     threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; default: pose.cpu_pose_threads
     gpus_per_pose_actor: NonNegativeFloat | None = None

@@ -55,3 +55,16 @@ def test_dtype_drift_smoke(capsys):
     out = capsys.readouterr().out
     assert "bfloat16 vs float32" in out and "heatmap noise" in out
     assert "peaked heatmaps + median noise" in out and "peaked heatmaps + p99 noise" in out
+
+
+def test_ceiling_in_processes_adds_their_rates(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from raypose.pose import inspect_model
+
+    bench = load_benchmark()
+    expert = SimpleNamespace(model=inspect_model(str(tiny_checkpoint)), dataset_index=None)
+    pose = SimpleNamespace(device="cpu", dtype="float32", compile=False, flip_test=False)
+    result = bench.run_ceiling(expert, pose, bs=2, n_crops=4, threads=1, min_seconds=0.1, processes=2)
+    assert result["processes"] == 2 and result["threads"] == 1 and result["crops"] >= 8
+    assert result["crops_per_second"] == pytest.approx(sum(result["crops_per_second_each"]), rel=0.01)

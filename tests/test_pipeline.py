@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from conftest import job_dict, read_json, s3_bucket
 from raypose.cli import app
 from raypose.keypoint_schemas import COCO17
+from raypose.pipeline import pose_actor_layout
+from raypose.spec import ResourcesSpec
 from raypose.table import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
 
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
@@ -202,3 +204,19 @@ def test_submit_from_and_to_s3(ray_session, s3_server, tiny_checkpoint, coco_fol
     manifest = json.loads(fs.cat_file("raypose-test/labels/run1/manifest.json"))
     assert manifest["spec"]["images"]["storage_options"]["secret"] == "***"
     assert "testing-secret" not in json.dumps(manifest)
+
+
+def test_pose_actor_layout_by_device():
+    auto = ResourcesSpec()
+    # CPU: two actors that crop for themselves, the node's cores shared out.
+    assert pose_actor_layout(auto, on_cpu=True, node_cpus=2, blocks=8) == ("pose_actor", 2, 1)
+    assert pose_actor_layout(auto, on_cpu=True, node_cpus=16, blocks=8) == ("pose_actor", 2, 8)
+    assert pose_actor_layout(auto, on_cpu=True, node_cpus=1, blocks=8) == ("pose_actor", 1, 1)
+    assert pose_actor_layout(auto, on_cpu=True, node_cpus=2, blocks=1) == ("pose_actor", 1, 2)  # one block, one actor
+    # Crop or read tasks need a CPU beside the actor: one actor.
+    assert pose_actor_layout(ResourcesSpec(crop_in="tasks"), on_cpu=True, node_cpus=2, blocks=8) == ("tasks", 1, 2)
+    assert pose_actor_layout(ResourcesSpec(crop_in="pose_device"), True, 2, 8) == ("pose_device", 1, 2)
+    # GPU: one actor, crops in tasks; what the job names, it gets.
+    assert pose_actor_layout(auto, on_cpu=False, node_cpus=0, blocks=8) == ("tasks", 1, None)
+    named = ResourcesSpec(pose_actors=3, threads_per_pose_actor=4)
+    assert pose_actor_layout(named, on_cpu=True, node_cpus=16, blocks=1) == ("pose_actor", 3, 4)

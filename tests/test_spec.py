@@ -55,7 +55,7 @@ def test_minimal_yaml_gets_documented_defaults(write_job):
     assert spec.pose.expert == "coco"
     assert spec.pose.flip_test is False
     assert spec.pose.revision is None
-    assert spec.resources.pose_actors == 1
+    assert spec.resources.pose_actors is None  # by device: pipeline.pose_actor_layout
     assert spec.resources.cpus_per_pose_actor == 1.0
     assert spec.resources.gpus_per_pose_actor is None
     assert spec.resources.images_per_crop_task == 16
