@@ -201,7 +201,8 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
     }
     gpus, device = _accelerator(resources.gpus_per_pose_actor, spec.pose.device, gpus_in_cluster)
     on_cpu = device == "cpu"
-    crop_in, actors, threads = pose_actor_layout(resources, on_cpu, _smallest_node_cpus() if on_cpu else 0, len(blocks))
+    crop_in, actors, threads = pose_actor_layout(resources, on_cpu, _smallest_node_cpus() if on_cpu else 0, len(blocks),
+                                                 detector=plan.detector is not None)
     if crop_in == "tasks":
         dataset = dataset.map_batches(
             make_crops, batch_size=None, batch_format="pyarrow", fn_kwargs=crop_options, num_cpus=1, **task_retries,
@@ -238,9 +239,10 @@ def build_pose_dataset(plan: JobPlan, gpus_in_cluster: float = 0.0):
     )
 
 
-def pose_actor_layout(resources, on_cpu: bool, node_cpus: int, blocks: int) -> tuple[str, int, int | None]:
+def pose_actor_layout(resources, on_cpu: bool, node_cpus: int, blocks: int,
+                      detector: bool = False) -> tuple[str, int, int | None]:
     """Where the crops are made, how many pose actors, and each one's torch threads (None: on a GPU),
-    for a job of `blocks` image blocks."""
+    for a job of `blocks` image blocks, with or without a detector stage."""
     crop_in = resources.crop_in
     if crop_in == "auto":
         # On CPU the forward pass takes every core it is given: crop tasks beside it only stall
@@ -250,9 +252,10 @@ def pose_actor_layout(resources, on_cpu: bool, node_cpus: int, blocks: int) -> t
     actors = resources.pose_actors
     if actors is None:
         # Two CPU actors that crop for themselves crop while the other runs its forwards (no more
-        # than there are blocks to give them); crop or read tasks need a CPU of their own, so
-        # beside them one actor.
-        actors = max(1, min(cpu_pose_actors(node_cpus), blocks)) if on_cpu and crop_in == "pose_actor" else 1
+        # than there are blocks to give them); crop or read tasks, or a detector, need CPUs of
+        # their own, so beside them one actor.
+        two = on_cpu and crop_in == "pose_actor" and not detector
+        actors = max(1, min(cpu_pose_actors(node_cpus), blocks)) if two else 1
     threads = (resources.threads_per_pose_actor or cpu_pose_threads(node_cpus, actors)) if on_cpu else None
     return crop_in, actors, threads
 

@@ -216,6 +216,7 @@ def test_pose_actor_layout_by_device():
     # Crop or read tasks need a CPU beside the actor: one actor.
     assert pose_actor_layout(ResourcesSpec(crop_in="tasks"), on_cpu=True, node_cpus=2, blocks=8) == ("tasks", 1, 2)
     assert pose_actor_layout(ResourcesSpec(crop_in="pose_device"), True, 2, 8) == ("pose_device", 1, 2)
+    assert pose_actor_layout(auto, on_cpu=True, node_cpus=2, blocks=8, detector=True) == ("pose_actor", 1, 2)
     # GPU: one actor, crops in tasks; what the job names, it gets.
     assert pose_actor_layout(auto, on_cpu=False, node_cpus=0, blocks=8) == ("tasks", 1, None)
     named = ResourcesSpec(pose_actors=3, threads_per_pose_actor=4)
