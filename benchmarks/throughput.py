@@ -721,6 +721,7 @@ def summarize_trace(path: Path, ended: float, instances: int) -> dict[str, Any]:
         summary.update({
             "pose_batches": len(pose),
             "pose_busy_seconds": busy,
+            "pose_actor_processes": len({r["pid"] for r in pose}),
             "pose_busy_fraction_of_first_crop_to_end": busy / (ended - first) / max(1, len({r["pid"] for r in pose})),
             "pose_crops_per_busy_second": sum(r["rows"] for r in pose) / busy if busy else None,
             "pose_span_seconds": span,
@@ -810,7 +811,9 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
         t = main["trace"]
         busy = t.get("pose_busy_fraction_of_first_crop_to_end")
         if t.get("crop_in") == "pose_actor":
-            stages = (f"crops in the pose actor, {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; pose actor "
+            actors = t.get("pose_actor_processes") or 1
+            who = "the pose actor" if actors == 1 else f"each of {actors} pose actors"
+            stages = (f"crops in the pose actors, {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; {who} "
                       f"(crops + forwards) busy {_fmt(100 * busy if busy is not None else None, '.0f')}%")
         elif t.get("crop_in") == "pose_device":
             stages = (f"read {_fmt(t.get('read_ms_per_image'))} ms/image over {t['crop_tasks']} tasks; headers + decode "
