@@ -131,8 +131,9 @@ def test_bad_inputs_become_error_rows_and_the_job_finishes(ray_session, tiny_che
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps(coco))
 
+    # Blocks of two images: with auto, two CPU pose actors share them.
     job = write_job(job_dict(images, boxes, tiny_checkpoint, tmp_path / "out", limits={"max_errored_fraction": 1.0},
-                             resources={"crop_in": crop_in}))
+                             resources={"crop_in": crop_in, "images_per_crop_task": 2}))
     result = submit(job)
     assert result.exit_code == 0, result.output
     errors = {(r["image_key"], r["instance_index"]): (r["stage"], r["reason"])
