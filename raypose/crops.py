@@ -18,7 +18,7 @@ from PIL import Image
 
 from raypose.boxes import clip_boxes
 from raypose.faults import inject
-from raypose.reader import ImageError, decode_image_reduced, probe_image, read_task_bytes
+from raypose.reader import ImageError, decode_image_reduced, probe_image, read_cropped_image
 from raypose.table import CROP_SCHEMA
 
 PADDING = 1.25
@@ -242,23 +242,16 @@ def _crop_rows(batch, input_sizes, routes, default_expert, storage_options, max_
     _single_block_images()
     containers: dict = {}  # the Parquet file being read, shared by its images in this batch
 
-    def read(task: dict) -> bytes | pa.Buffer | ImageError | None:
-        # Called in order on this thread, never in the pool: the container cache is not thread-safe.
-        if task.get("error_stage") or not task["box_xywh"]:
-            return None
-        try:
-            return read_task_bytes(task, storage_options, image_column, containers)
-        except ImageError as exc:
-            return exc
-
     def image_rows(task: dict, data) -> _CropRows:
         rows = _CropRows()
         _crop_task(task, data, rows, input_sizes, routes, default_expert, max_pixels, jpeg_draft, pending is not None)
         rows.finish_image(task)
         return rows
 
+    # The reads happen here, in order, never in the pool: the container cache is not thread-safe.
+    reads = ((task, read_cropped_image(task, storage_options, image_column, containers)) for task in _tasks(batch))
     out = _CropRows()
-    for rows in _in_order(image_rows, ((task, read(task)) for task in _tasks(batch)), threads):
+    for rows in _in_order(image_rows, reads, threads):
         if rows.pending is not None:
             rows.pending.rows = [out.count() + row for row in rows.pending.rows]
             pending.append(rows.pending)

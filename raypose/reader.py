@@ -190,13 +190,24 @@ def read_images(batch: pa.Table, *, storage_options: dict[str, Any], image_colum
     tasks = batch.to_pylist()
     containers: dict = {}
     for task in tasks:
-        if task.get("error_stage") or not task["box_xywh"]:
-            continue  # nothing to read: the crop step records these as they are
-        try:
-            task["image_bytes"] = read_task_bytes(task, storage_options, image_column, containers)
-        except ImageError as exc:
-            task["error_stage"], task["error_reason"] = exc.stage, str(exc)
+        data = read_cropped_image(task, storage_options, image_column, containers)
+        if isinstance(data, ImageError):
+            task["error_stage"], task["error_reason"] = data.stage, str(data)
+        elif data is not None:
+            task["image_bytes"] = data
     return pa.Table.from_pylist(tasks, schema=batch.schema)
+
+
+def read_cropped_image(task: dict, storage_options: dict[str, Any], image_column: str,
+                       containers: dict) -> bytes | pa.Buffer | ImageError | None:
+    """The bytes of an image the crop step will cut, the ImageError reading them raised, or None
+    when there is nothing to cut (an earlier stage's failure, no boxes): the crop step records it as it is."""
+    if task.get("error_stage") or not task["box_xywh"]:
+        return None
+    try:
+        return read_task_bytes(task, storage_options, image_column, containers)
+    except ImageError as exc:
+        return exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
