@@ -13,7 +13,9 @@ from PIL import Image
 
 from raypose.crops import center_scale_from_boxes, crop_image, make_crops
 from raypose.keypoint_schemas import COCO17
-from raypose.pose import PoseEngine, PoseStage, cpu_pose_threads, default_batch_size, inspect_model
+from raypose.pose import (
+    PoseEngine, PoseStage, _crop_array, cpu_pose_threads, default_batch_size, inspect_model, instance_scores,
+)
 from raypose.reader import read_images
 from raypose.routing import resolve_routing
 from raypose.spec import PoseSpec
@@ -255,6 +257,38 @@ def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypat
         ("pose", "RuntimeError: CUDA error: device-side assert"),
         ("read", "not found in storage"),
     ]
+
+
+def test_instance_scores_rescore_confident_keypoints_by_the_box():
+    scores = np.array([[0.9, 0.5, 0.1], [0.1, 0.2, 0.0], [0.3, 0.3, 0.9]], np.float32)
+    got = instance_scores(scores, np.array([np.nan, 0.5, 0.5]))
+    # Keypoints above 0.2 count; none -> 0; a box without a score (ground truth) counts as 1.
+    np.testing.assert_allclose(got, [0.7, 0.0, 0.25], rtol=1e-6)
+    assert got.dtype == np.float32
+
+
+def test_crop_array_is_the_rows_crops_whether_viewed_or_copied():
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (6, 4, 3, 3), dtype=np.uint8)
+    values = [c.tobytes() for c in crops]
+    values[4] = None  # a failed row
+    column = pa.array(values, pa.binary()).slice(1)  # an offset into the buffers, as a Ray Data batch has
+    view = _crop_array(column, [0, 1, 2], (3, 4))
+    assert not view.flags.owndata  # consecutive rows: the column's own bytes
+    np.testing.assert_array_equal(view, crops[1:4])
+    np.testing.assert_array_equal(_crop_array(column, [0, 2, 4], (3, 4)), crops[[1, 3, 5]])
+    np.testing.assert_array_equal(_crop_array(column, [2, 4], (3, 4)), crops[[3, 5]])  # a null row between
+
+
+def test_estimate_leaves_its_crops_as_they_were(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint)
+    crops = np.random.default_rng(1).integers(0, 256, (2, 256, 192, 3), dtype=np.uint8)
+    centers, scales = center_scale_from_boxes(np.array([[10.0, 10.0, 50.0, 90.0]] * 2), engine.info.input_size)
+    expected = engine.estimate(crops, centers, scales)
+    for given in (crops.copy(), torch.from_numpy(crops).float()):  # normalised in place, but on a copy
+        got = engine.estimate(given, centers, scales)
+        np.testing.assert_array_equal(np.asarray(given), crops)
+        np.testing.assert_array_equal(got[0], expected[0])
 
 
 def test_inspect_model_reads_shape_without_weights(tiny_checkpoint):
