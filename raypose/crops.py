@@ -332,11 +332,24 @@ def _reduction_for(boxes: list, sizes: list[tuple[int, int] | None]):
         clipped, reasons = clip_boxes(np.asarray(boxes, dtype=np.float64), *image_size)
         if any(size is None for size in sizes):
             return 1  # a box routed to an unknown expert fails later, in the crop stage's own way
-        usable = [i for i, reason in enumerate(reasons) if reason is None]
-        scales = [center_scale_from_boxes(clipped[i], sizes[i])[1][0] for i in usable]
+        geometry = _box_geometry(clipped, {i: sizes[i] for i, reason in enumerate(reasons) if reason is None})
+        usable = sorted(geometry)
+        scales = [geometry[i][1] for i in usable]
         return jpeg_reduction(np.array(scales).reshape(-1, 2), [sizes[i] for i in usable])
 
     return reduction
+
+
+def _box_geometry(clipped: np.ndarray, sizes: dict[int, tuple[int, int]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Box index -> its crop's center and scale at the input size `sizes` gives it, one
+    `center_scale_from_boxes` per input size (once per box, `plan_crops` took 0.66 ms per
+    benchmark image instead of 0.61)."""
+    geometry = {}
+    for size in {tuple(size) for size in sizes.values()}:
+        group = [i for i, s in sizes.items() if tuple(s) == size]
+        centers, scales = center_scale_from_boxes(clipped[group], size)
+        geometry.update(zip(group, zip(centers, scales)))
+    return geometry
 
 
 def _crop_boxes(
@@ -349,11 +362,7 @@ def _crop_boxes(
         out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
         return
     clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
-    geometry = {}
-    for index, (reason, expert) in enumerate(zip(reasons, experts)):
-        if reason is None:
-            center, scale = center_scale_from_boxes(clipped[index], input_sizes[expert])
-            geometry[index] = (center[0], scale[0])
+    geometry = _box_geometry(clipped, {i: input_sizes[e] for i, (r, e) in enumerate(zip(reasons, experts)) if r is None})
     source = pixel_view(decoded) if decoded is not None else None
     for index, (reason, expert) in enumerate(zip(reasons, experts)):
         if reason is not None:
