@@ -10,6 +10,7 @@ crop stage makes it (uint8 crops in a binary Arrow column), then times, median o
   estimate          `PoseEngine.estimate`: host->device copy, normalise, forward, decode, back
   forward           the model forward alone on ready device tensors (the ceiling's unit)
   estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
+  rows, no model    `estimate_rows` with an engine that answers at once: its own work alone
 
 On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
 --compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
@@ -60,6 +61,17 @@ def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
         "error_reason": [None] * n, "crop": [c.tobytes() for c in crops],
     }
     return pa.table({name: pa.array(columns[name], CROP_SCHEMA.field(name).type) for name in CROP_SCHEMA.names})
+
+
+class NoModel:
+    """A stand-in engine whose `estimate` answers at once with zeros."""
+
+    def __init__(self, num_keypoints: int):
+        self.num_keypoints = num_keypoints
+
+    def estimate(self, crops, centers, scales, **_) -> tuple[np.ndarray, np.ndarray]:
+        n = len(crops)
+        return np.zeros((n, self.num_keypoints, 2), np.float32), np.zeros((n, self.num_keypoints), np.float32)
 
 
 def timed(fn, repeat: int, device: torch.device) -> float:
@@ -116,6 +128,8 @@ def main() -> None:
             "estimate": timed(lambda: engine.estimate(array, centers, scales), args.repeat, device),
             "forward": timed(forward, args.repeat, device),
             "estimate_rows": timed(lambda: estimate_rows(engines, routing, batch), args.repeat, device),
+            "rows, no model": timed(lambda: estimate_rows({key: NoModel(engine.info.num_keypoints) for key in engines},
+                                                          routing, batch), args.repeat, device),
         }
         print(f"{args.preset} on {device} {str(engine.dtype).replace('torch.', '')}, batch {n}, "
               f"attention {engine.model.backbone.config._attn_implementation}, torch threads {torch.get_num_threads()}, "
