@@ -89,7 +89,7 @@ def timed(fn, repeat: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vitpose-small")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -99,7 +99,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time the forward under torch.compile")
     p.add_argument("--device-crops", type=int, default=0, metavar="N",
                    help="also break down device crops on a block of N benchmark images")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / args.preset, preset=args.preset)

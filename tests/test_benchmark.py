@@ -1,8 +1,8 @@
 """The throughput benchmark in CI size: tiny preset, three small images, all three rows, JSON written.
 
 A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
-machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one of
-benchmarks/dtype_drift.py, in the same spirit.
+machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one each
+of benchmarks/dtype_drift.py and benchmarks/profile_pose.py, in the same spirit.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ def test_dtype_drift_smoke(capsys):
     out = capsys.readouterr().out
     assert "bfloat16 vs float32" in out and "heatmap noise" in out
     assert "peaked heatmaps + median noise" in out and "peaked heatmaps + p99 noise" in out
+
+
+def test_profile_pose_smoke(capsys):
+    load_benchmark("profile_pose").main(["--preset", "tiny", "--batch-size", "4", "--repeat", "1", "--device", "cpu",
+                                         "--device-crops", "2"])
+    out = capsys.readouterr().out
+    for row in ("crops -> array", "estimate", "forward", "estimate_rows", "rows, no model", "plan_crops", "cut_crops"):
+        assert f"  {row} " in out, row
+    assert "100.0% equal" in out  # on CPU the device path decodes with Pillow: the CPU stage's very crops
 
 
 def test_ceiling_in_processes_adds_their_rates(tiny_checkpoint):
