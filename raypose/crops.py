@@ -344,9 +344,11 @@ def _box_geometry(clipped: np.ndarray, sizes: dict[int, tuple[int, int]]) -> dic
     """Box index -> its crop's center and scale at the input size `sizes` gives it, one
     `center_scale_from_boxes` per input size (once per box, `plan_crops` took 0.66 ms per
     benchmark image instead of 0.61)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in sizes.items():
+        groups.setdefault(tuple(size), []).append(index)
     geometry = {}
-    for size in {tuple(size) for size in sizes.values()}:
-        group = [i for i, s in sizes.items() if tuple(s) == size]
+    for size, group in groups.items():
         centers, scales = center_scale_from_boxes(clipped[group], size)
         geometry.update(zip(group, zip(centers, scales)))
     return geometry
