@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging  # noqa: F401  (kept for the other commands)
 import sys
 from enum import Enum
 from typing import Annotated, Optional
@@ -48,8 +47,8 @@ def main(
 @app.command()
 def validate(job: JobArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Check a job without running it: spec, model config, images, boxes, output path."""
-    from raypose.pipeline import plan_job
-    from raypose.spec import load_job_spec
+    from raypose.config.spec import load_job_spec
+    from raypose.pipeline.plan import plan_job
 
     with _errors_as_exit(debug):
         plan = plan_job(load_job_spec(job, set_ or []))
@@ -109,7 +108,7 @@ def submit(
     setup_logging(fmt, quiet)
     with _submit_errors_as_exit(debug, fmt):
         if address is not None:
-            from raypose.cluster import run_remote
+            from raypose.pipeline.cluster import run_remote
 
             code = run_remote(job, set_ or [], address, wait=wait, runtime_env_json=runtime_env_json,
                               quiet=quiet, log_format=fmt, debug=debug, force=force, echo=typer.echo)
@@ -119,38 +118,26 @@ def submit(
 
 def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait: bool,
                   runtime_env_json: Optional[str], force: bool = False) -> None:
-    import dataclasses
     import json
-    import os
 
+    from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
-    from raypose.logs import quiet_ray
-    from raypose.pipeline import plan_job, run_job
-    from raypose.spec import load_job_spec
+    from raypose.pipeline.plan import plan_job
+    from raypose.pipeline.run import run_job
+    from raypose.pipeline.runtime import quiet_ray
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
     plan = plan_job(load_job_spec(job, overrides), force=force)
-    if os.environ.get("RAYPOSE_JOB_ID") and plan.spec.output.mode != "resume":
-        # submitted with --address: the run's id is the Ray submission id (cluster.py); a resumed
-        # job keeps the id of the run it finishes
-        plan = dataclasses.replace(plan, job_id=os.environ["RAYPOSE_JOB_ID"])
     c = plan.counts
     if not quiet and fmt == "text":
         typer.echo(
             f"job {plan.job_id}: {c['images']} images, {c['boxes']} boxes "
             f"({c['images_without_boxes']} images without boxes skipped); "
-            f"{len(plan.shard_images)} of {plan.num_shards} shards to do",
+            f"{len(plan.shards.to_write)} of {plan.shards.num_shards} shards to do",
             err=True,
         )
     quiet_ray(fmt, quiet)
-    if os.environ.get("RAY_ADDRESS", "local") != "local":
-        # On a cluster (a Ray job's entrypoint, a KubeRay RayJob): join it without the embedded
-        # Ray's arguments (num_cpus), which ray.init refuses when connecting.
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
     result = run_job(plan)
     c = result.counts
     if fmt == "json":
@@ -194,17 +181,14 @@ class _submit_errors_as_exit(_errors_as_exit):
     def __exit__(self, kind, exc, tb):
         if self.fmt != "json" or exc is None or not isinstance(exc, RayposeError) or self.debug:
             return super().__exit__(kind, exc, tb)
-        import json
-        from datetime import datetime, timezone
+        from raypose.logs import json_record
 
-        typer.echo(json.dumps({
-            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": "ERROR",
-            "logger": "raypose.cli", "message": f"error: {exc}", "event": "job_error", "exit_code": exc.exit_code,
-        }), err=True)
+        typer.echo(json_record("ERROR", "raypose.cli", f"error: {exc}", event="job_error", exit_code=exc.exit_code),
+                   err=True)
         raise typer.Exit(exc.exit_code)
 
 
-# --- Reading a job's output back: export, render, inspect (raypose/export.py, render.py, summary.py) ---
+# --- Reading a job's output back: export, render, inspect (raypose/output/) ---
 
 OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]
 StorageOpt = Annotated[
@@ -226,8 +210,8 @@ def export_coco_command(
     debug: DebugOpt = False,
 ) -> None:
     """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
-    from raypose.export import export_coco
-    from raypose.output import parse_storage_options
+    from raypose.output.export import export_coco
+    from raypose.output.reading import parse_storage_options
 
     with _errors_as_exit(debug):
         done = export_coco(output, to, results, gt=gt, min_score=min_score,
@@ -249,8 +233,8 @@ def render_command(
     debug: DebugOpt = False,
 ) -> None:
     """Draw skeletons on a sample of a job's images, with an index.html grid to review them."""
-    from raypose.output import parse_storage_options
-    from raypose.render import render_output
+    from raypose.output.reading import parse_storage_options
+    from raypose.output.render import render_output
 
     with _errors_as_exit(debug):
         rendered = render_output(output, out, images=images, sample=sample, min_score=min_score, seed=seed,
@@ -270,15 +254,15 @@ def inspect_command(
     debug: DebugOpt = False,
 ) -> None:
     """Summarize a job: status, model, counts, errors by stage and reason, keypoint scores, speed, spec."""
-    from raypose.output import parse_storage_options
-    from raypose.summary import format_json, format_text, summarize
+    from raypose.output.reading import parse_storage_options
+    from raypose.output.summary import format_json, format_text, summarize
 
     with _errors_as_exit(debug):
         summary = summarize(output, storage_options=parse_storage_options(storage_option))
     typer.echo(format_json(summary) if as_json else format_text(summary), nl=as_json)
 
 
-# --- Making checkpoints raypose can serve (raypose/convert.py) ---
+# --- Making checkpoints raypose can serve (raypose/models/convert.py) ---
 
 convert_app = typer.Typer(help="Convert checkpoints from other formats to transformers ViTPose folders.",
                           no_args_is_help=True)
@@ -300,8 +284,8 @@ def convert_vitpose_plus(
     debug: DebugOpt = False,
 ) -> None:
     """Fold one ViTPose++ expert into a dense ViTPose with its own dataset's head (as the original model_split.py)."""
-    from raypose.convert import DATASETS, ConvertError
-    from raypose.convert import convert_vitpose_plus as run_convert
+    from raypose.models.convert import DATASETS, ConvertError
+    from raypose.models.convert import convert_vitpose_plus as run_convert
 
     with _errors_as_exit(debug):
         if all_ == (dataset is not None):

@@ -19,3 +19,11 @@ class JobFailed(RayposeError):
     """The job ran but produced nothing usable (every input failed)."""
 
     exit_code = 1
+
+
+class ImageError(Exception):
+    """One input that cannot be used (unreadable, undecodable); its message becomes the errors-table reason."""
+
+    def __init__(self, reason: str, stage: str = "decode"):
+        super().__init__(reason)
+        self.stage = stage

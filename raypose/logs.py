@@ -6,11 +6,10 @@ The job's start and finish are structured records (`pipeline.run_job` logs them 
     event=job_finished  job_id, status, images, boxes, instances, errors, errors_by_stage,
                         crops_per_second, seconds, output
 
-The text format shows their message; the JSON format writes one object per record, with
-`ts`, `level`, `logger`, `message` and every extra field. In JSON mode Ray's own console
-loggers (`ray`, `ray.data`) are given the same formatter, Ray Data's progress bars are turned
-off (they are terminal drawings, not lines) and Python warnings are routed through logging,
-so that every line on stderr parses as JSON.
+The text format shows their message; the JSON format writes one object per record
+(`json_record`: `ts`, `level`, `logger`, `message` and every extra field), and Python warnings
+are routed through logging, so that every line on stderr parses as JSON. Ray's own console
+loggers are brought in line by `pipeline.runtime.quiet_ray`.
 """
 
 from __future__ import annotations
@@ -27,28 +26,27 @@ from typing import Literal
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Loggers that Ray configures with their own console handler (propagate=False).
-RAY_CONSOLE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
+def json_record(level: str, logger: str, message: str, created: float | None = None, **fields) -> str:
+    """The one JSON log line: ts, level, logger, message, then any other fields."""
+    ts = datetime.fromtimestamp(created, timezone.utc) if created is not None else datetime.now(timezone.utc)
+    data = {"ts": ts.isoformat(timespec="milliseconds"), "level": level, "logger": logger, "message": message}
+    data.update({key: value for key, value in fields.items() if key not in data})
+    return json.dumps(data, default=str)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts, level, logger, message, and the record's `extra=` fields."""
+    """One JSON object per record (`json_record`), with the record's `extra=` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_") and key not in data:
-                data[key] = value
+        extra = {key: value for key, value in vars(record).items()
+                 if key not in _STANDARD_ATTRS and not key.startswith("_")}
         if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+            extra["exception"] = self.formatException(record.exc_info)
+        return json_record(record.levelname, record.name, record.getMessage(), created=record.created, **extra)
 
 
 class _StderrHandler(logging.Handler):
@@ -94,51 +92,6 @@ def setup_logging(fmt: LogFormat = "text", quiet: bool = False) -> None:
             _JsonStderr.install()
 
 
-def quiet_ray(fmt: LogFormat = "text", quiet: bool = False, data: bool = True) -> None:
-    """Bring Ray's console output in line with the CLI's: same format and level, no progress bars.
-
-    Ray's `ray` and `ray.data` loggers print through their own console handlers, and ray.init
-    resets those handlers' format; in JSON or quiet mode they are removed and the loggers
-    propagate to the root logger instead; in text mode they are kept, writing to the current
-    sys.stderr. With `data` (running a job, not only submitting one) Ray Data is imported, which
-    installs its console handler, and in JSON or quiet mode its progress is turned off.
-    """
-    import ray  # installs the `ray` logger's console handler
-
-    if data:
-        import ray.data
-    for name in RAY_CONSOLE_LOGGERS:
-        logger = logging.getLogger(name)
-        console = [h for h in logger.handlers
-                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
-        for handler in console:
-            if fmt == "json" or quiet:
-                logger.removeHandler(handler)
-            elif type(handler).__name__ == "PlainRayHandler":
-                # Meant to write to sys.stderr as it is at emit time, it keeps the stream it was
-                # made with (Ray 2.60): after a run inside a program that swaps sys.stderr (a test
-                # runner, a notebook), that stream may be closed. Make it follow sys.stderr.
-                handler.stream = _CURRENT_STDERR
-        if console and (fmt == "json" or quiet):
-            logger.propagate = True
-    if fmt == "json" or quiet:
-        if data:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            # ...which Ray Data then announces as a WARNING on every run: not a problem, so not shown.
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-
-
-class _CurrentStderr:
-    """A stream that is whatever sys.stderr is when written to."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-_CURRENT_STDERR = _CurrentStderr()
 
 _CORE_LEVELS = {"D": "DEBUG", "I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 _CORE_LINE = re.compile(r"^\[[^\]]*? ([DIWEF]) \d+ \d+\]")
@@ -154,12 +107,7 @@ def as_json_line(line: str) -> str:
         except ValueError:
             pass
     core = _CORE_LINE.match(stripped)
-    return json.dumps({
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-        "level": _CORE_LEVELS[core.group(1)] if core else "INFO",
-        "logger": "ray.core" if core else "stderr",
-        "message": stripped,
-    })
+    return json_record(_CORE_LEVELS[core.group(1)] if core else "INFO", "ray.core" if core else "stderr", stripped)
 
 
 class _JsonStderr:

@@ -1,0 +1,1 @@
+"""What a job reads: storage options, image listing, bytes, containers (tar, Parquet) and boxes."""

@@ -1,0 +1,67 @@
+"""Fetching an image's bytes: a file of its own, a tar member's byte range, or a Parquet row."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+
+from raypose.errors import ImageError
+from raypose.inputs.storage import with_retries
+
+
+def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    """Read one object's bytes; missing or unreadable objects raise ImageError."""
+    try:
+        with fsspec.open(uri, "rb", **with_retries(uri, storage_options)) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise ImageError("not found in storage", stage="read") from exc
+    except Exception as exc:  # any storage failure (network, permissions) is this image's error
+        raise ImageError(f"cannot read: {type(exc).__name__}: {exc}", stage="read") from exc
+
+
+def read_task_bytes(task: dict, storage_options: dict[str, Any], image_column: str, containers: dict) -> bytes:
+    """An image task's bytes: already read by the detector, inside a container, or a file of its own.
+
+    `containers` caches the Parquet file being read across calls (one batch's images).
+    """
+    if task.get("image_bytes"):
+        return task["image_bytes"]
+    if task.get("container"):
+        from raypose.inputs.containers import read_container_bytes
+
+        try:
+            return read_container_bytes(task, storage_options, image_column, containers)
+        except Exception as exc:  # a broken container costs its images, not the batch
+            raise ImageError(f"cannot read from {task['container']}: {type(exc).__name__}: {exc}", stage="read") from exc
+    return read_bytes(task["image_uri"], storage_options)
+
+
+def read_images(batch: pa.Table, *, storage_options: dict[str, Any], image_column: str = "image") -> pa.Table:
+    """Image tasks -> the same rows with `image_bytes` read; a failed read becomes the row's error.
+
+    The CPU stage when the pose device decodes and crops (resources.crop_in: pose_device).
+    """
+    tasks = batch.to_pylist()
+    containers: dict = {}
+    for task in tasks:
+        data = read_cropped_image(task, storage_options, image_column, containers)
+        if isinstance(data, ImageError):
+            task["error_stage"], task["error_reason"] = data.stage, str(data)
+        elif data is not None:
+            task["image_bytes"] = data
+    return pa.Table.from_pylist(tasks, schema=batch.schema)
+
+
+def read_cropped_image(task: dict, storage_options: dict[str, Any], image_column: str,
+                       containers: dict) -> bytes | pa.Buffer | ImageError | None:
+    """The bytes of an image the crop step will cut, the ImageError reading them raised, or None
+    when there is nothing to cut (an earlier stage's failure, no boxes): the crop step records it as it is."""
+    if task.get("error_stage") or not task["box_xywh"]:
+        return None
+    try:
+        return read_task_bytes(task, storage_options, image_column, containers)
+    except ImageError as exc:
+        return exc

@@ -1,0 +1,210 @@
+"""The ViTPose engine: a checkpoint's config read without weights, and the model loaded once to turn uint8 crops into keypoints."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raypose.errors import SpecError
+from raypose.imaging.heatmaps import decode_heatmaps, flip_back
+from raypose.models.hub import hub_revision, load_pretrained, local_fingerprint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class HeadSource(Enum):
+    """How raypose knows which keypoint schema a checkpoint's head emits (the value says it in words)."""
+
+    RECORDED = "recorded in its config (raypose_schema)"
+    ASSUMED_PLUS = "assumed: ViTPose++ checkpoints in transformers format carry only the COCO head"
+    ASSUMED_DENSE = "assumed: a 17-keypoint checkpoint whose config records no raypose_schema"
+    SET = "set by the expert's head_schema"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What raypose needs to know about a checkpoint before loading its weights."""
+
+    model_id: str
+    revision: str
+    input_size: tuple[int, int]  # (width, height) of the crops the model takes
+    num_keypoints: int
+    num_experts: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    head_schema: str | None = None  # the keypoint schema the head emits, where known or assumed
+    head_schema_source: HeadSource = HeadSource.UNKNOWN  # how that is known
+
+
+def inspect_model(model: str, revision: str | None = None, field: str = "pose.model") -> ModelInfo:
+    """Read a checkpoint's config (no weights) and check it is a ViTPose."""
+    from transformers import AutoConfig
+
+    config = load_pretrained(AutoConfig.from_pretrained, model, revision, field)
+    if getattr(config, "model_type", None) != "vitpose":
+        raise SpecError(
+            f"{field}: {model!r} is a {getattr(config, 'model_type', 'unknown')!r} model, "
+            "expected a ViTPose checkpoint (model_type 'vitpose')"
+        )
+    backbone = config.backbone_config
+    height, width = backbone.image_size
+    mean, std = _normalization(model, revision, field)
+    num_keypoints = int(config.num_labels)
+    num_experts = int(getattr(backbone, "num_experts", 1))
+    head_schema, head_source = _head_schema(config, num_keypoints, num_experts)
+    return ModelInfo(
+        model_id=model,
+        revision=revision or getattr(config, "_commit_hash", None) or local_fingerprint(model),
+        input_size=(int(width), int(height)),
+        num_keypoints=num_keypoints,
+        num_experts=num_experts,
+        image_mean=mean,
+        image_std=std,
+        head_schema=head_schema,
+        head_schema_source=head_source,
+    )
+
+
+def _head_schema(config, num_keypoints: int, num_experts: int) -> tuple[str | None, HeadSource]:
+    """What the head's channels mean: recorded by `raypose convert`, else assumed from the channel count."""
+    recorded = getattr(config, "raypose_schema", None)
+    if recorded:
+        return str(recorded), HeadSource.RECORDED
+    if num_keypoints == 17 and num_experts > 1:
+        return "coco17", HeadSource.ASSUMED_PLUS
+    if num_keypoints == 17:
+        return "coco17", HeadSource.ASSUMED_DENSE
+    return None, HeadSource.UNKNOWN
+
+
+def _normalization(model: str, revision: str | None, field: str) -> tuple[tuple, tuple]:
+    from transformers.utils import cached_file
+
+    path = load_pretrained(
+        cached_file, model, revision, field, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False
+    )
+    if not path:
+        return IMAGENET_MEAN, IMAGENET_STD
+    config = json.loads(Path(path).read_text())
+    return tuple(config.get("image_mean", IMAGENET_MEAN)), tuple(config.get("image_std", IMAGENET_STD))
+
+
+class PoseEngine:
+    """A loaded ViTPose checkpoint: `estimate` maps uint8 crops and their geometry to keypoints."""
+
+    def __init__(self, info: ModelInfo, device: str = "cpu", dtype: str = "float32", fold_expert: int | None = None,
+                 decode: str = "transformers", compile: bool = False):
+        """`device` (cpu, cuda, cuda:N) and `dtype` (float32, bfloat16, float16) as the job's layout resolved them."""
+        from transformers import VitPoseForPoseEstimation
+
+        from raypose.models.convert import fold_moe_model
+
+        self.info = info
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.decode = decode
+        self.folded = fold_expert  # the MoE expert folded into fc2 (then no dataset_index is passed), or None
+        model = load_pretrained(
+            VitPoseForPoseEstimation.from_pretrained, info.model_id, hub_revision(info.revision), "pose.model",
+            use_safetensors=True, dtype=self.dtype,
+        )
+        if fold_expert is not None:
+            model = fold_moe_model(model, fold_expert)
+        self.model = channels_last_upsampling(model).to(self.device).eval()
+        if compile:
+            # Inductor fuses the elementwise ops between the matmuls: ViTPose-B bf16 on an H100,
+            # 7,940 -> 10,226 crops/s at batch 256 (benchmarks/README.md). Batch sizes vary at
+            # block ends, so shapes are left dynamic (one recompile, not one per size).
+            self.model = torch.compile(self.model)
+        # (x / 255 - mean) / std as one multiply-add.
+        std = torch.tensor(info.image_std, device=self.device).view(1, 3, 1, 1)
+        mean = torch.tensor(info.image_mean, device=self.device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    @torch.inference_mode()
+    def estimate(
+        self,
+        crops: np.ndarray | torch.Tensor,
+        centers: np.ndarray,
+        scales: np.ndarray,
+        dataset_index: int | None = None,
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Crops (N, H, W, 3) uint8 + centers/scales (N, 2) -> keypoints (N, K, 2) image px, scores (N, K).
+
+        The crops (0-255, uint8 or float; never written to) may already be on the device
+        (`crop_torch`). `flip_pairs` turns on the flip test: the mirrored crops run in the
+        same forward pass.
+        """
+        if isinstance(crops, torch.Tensor):
+            pixels = crops
+        else:
+            with warnings.catch_warnings():
+                # A read-only view of the crop column (`pose_stage.crop_array`): nothing below writes to it.
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.from_numpy(crops)
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
+            pixels = pixels.pin_memory()
+        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32, copy=True)
+        # In place on that copy: the same values with one float copy of the batch, not three
+        # (0.81 -> 0.36 ms per crop on one CPU thread).
+        pixels = pixels.mul_(self._scale).add_(self._shift).to(self.dtype)
+        n = pixels.shape[0]
+        if flip_pairs is not None:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        heatmaps = self._heatmaps(pixels, dataset_index)
+        if flip_pairs is not None:
+            pairs = torch.tensor(flip_pairs, dtype=torch.long, device=self.device).reshape(-1, 2)
+            heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], pairs))
+        keypoints, scores = decode_heatmaps(
+            heatmaps, torch.from_numpy(centers), torch.from_numpy(scales), decode=self.decode
+        )
+        return keypoints.cpu().numpy(), scores.cpu().numpy()
+
+    def _heatmaps(self, pixels: torch.Tensor, dataset_index: int | None) -> torch.Tensor:
+        if self.folded is not None:
+            if dataset_index not in (None, self.folded):
+                raise ValueError(f"dataset_index {dataset_index}: this model has expert {self.folded} folded in")
+            dataset_index = None
+        kwargs = {}
+        if dataset_index is not None:
+            kwargs["dataset_index"] = torch.full(
+                (pixels.shape[0],), dataset_index, dtype=torch.long, device=self.device
+            )
+        return self.model(pixel_values=pixels, **kwargs).heatmaps.float()
+
+
+class ChannelsLastUpsample(torch.nn.Module):
+    """A bilinear `nn.Upsample` computed on channels-last memory: the same values, much faster.
+
+    PyTorch's NCHW bilinear kernel took 73% of a ViTPose-B forward on an H100 in bf16 (75 of
+    102 ms per 256 crops, benchmarks/profile_pose.py) and is ~3x slower on CPU too; the
+    channels-last kernel gives bit-identical output, and the 3x3 conv after it runs on NHWC.
+    """
+
+    def __init__(self, upsample: torch.nn.Upsample):
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = upsample.scale_factor, upsample.mode, upsample.align_corners
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.contiguous(memory_format=torch.channels_last)
+        return torch.nn.functional.interpolate(
+            hidden, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners
+        )
+
+
+def channels_last_upsampling(model):
+    """Swap the simple decoder's upsampling for `ChannelsLastUpsample` (other heads are left as they are)."""
+    head = getattr(model, "head", None)
+    if isinstance(getattr(head, "upsampling", None), torch.nn.Upsample) and head.upsampling.mode == "bilinear":
+        head.upsampling = ChannelsLastUpsample(head.upsampling)
+    return model

@@ -1,0 +1,143 @@
+"""Resume: a job's identity, its shards, and which of them an earlier run already committed.
+
+One owner for what makes reruns idempotent: the job id, the shard each image belongs to,
+the fingerprint of a shard's inputs (a committed shard is reused only for the same images)
+and the result key: every setting that decides the output rows, so that a resumed output
+never mixes rows made by different models, settings, dtypes or decoders. A refusal names
+the settings that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+import zlib
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from raypose.config.spec import JobSpec
+from raypose.errors import SpecError
+from raypose.output.writer import JOB_FILE, OutputStore, ShardInputs
+
+JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cluster: its job_id is the submission id
+
+# The spec fields that decide a job's rows (an allow-list: resources, batch sizes, limits,
+# output layout and credentials do not). The device and dtype the layout resolves, and the
+# decoder, are added to the key from the layout.
+RESULT_FIELDS = {
+    "images": ("path", "format", "image_column", "key_column", "extensions", "max_pixels", "jpeg_draft"),
+    "boxes": ("source", "path", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
+              "image_key_column", "bbox_column", "score_column", "category_column"),
+    "boxes.detector": ("model", "revision", "threshold", "max_per_image", "min_size", "nms_iou"),
+    "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode"),
+}
+
+
+def new_job_id(name: str) -> str:
+    """A fresh job id: the job's name, the UTC time and a random suffix."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def shard_of(image_key: str, num_shards: int) -> int:
+    """The shard an image belongs to: stable across runs, machines and worker counts."""
+    return zlib.crc32(image_key.encode("utf-8")) % num_shards
+
+
+def keys_fingerprint(keys: list[str]) -> str:
+    """A short hash of a shard's image keys: a committed shard is reused only for the same inputs."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
+
+
+def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every setting that decides the output rows, by field name: the allow-listed spec fields, the
+    models' revisions, and (once the layout is known) what it resolved: device, dtype, decoder."""
+    data = spec.model_dump(mode="json")
+    key: dict[str, Any] = {}
+    for section, names in RESULT_FIELDS.items():
+        node = data
+        for part in section.split("."):
+            node = node[part]
+        key.update({f"{section}.{name}": node[name] for name in names})
+    if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
+        key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
+    key.update({f"models.{name}": revision for name, revision in models.items()})
+    key.update({f"layout.{name}": value for name, value in (resolved or {}).items()})
+    return key
+
+
+def fingerprint(key: dict[str, Any]) -> str:
+    """A short hash of a result key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resumable(previous: dict[str, Any], key: dict[str, Any], output_path: str) -> None:
+    """Refuse to resume an output whose rows were made with other settings, naming each one that changed.
+
+    Only the names in `key` are compared, so the plan checks the spec before Ray starts and the
+    run checks what the layout resolved.
+    """
+    before = previous.get("result_key")
+    fix = "use output.mode: overwrite, another output.path, or --force to resume anyway"
+    if before is None:
+        raise SpecError(f"output.mode: resume: the output at {output_path} was written by an earlier raypose "
+                        f"that recorded no result key; {fix}")
+    changed = [f"{name}: {_shown(before.get(name))} -> {_shown(value)}"
+               for name, value in sorted(key.items()) if before.get(name) != value]
+    if changed:
+        raise SpecError(f"output.mode: resume: the output at {output_path} was made with other settings "
+                        f"({'; '.join(changed)}); {fix}")
+
+
+@dataclass
+class ShardPlan:
+    """The job's shards: the one each image task goes to, what this run writes, and what it reuses."""
+
+    job_id: str
+    num_shards: int
+    shard_of_task: list[int]  # per image task, in task order
+    to_write: dict[int, list[str]]  # the shards this run writes, and their image keys
+    reused: dict[int, dict]  # commit markers of shards an earlier run finished
+
+    def inputs(self) -> dict[int, ShardInputs]:
+        """What each shard this run writes is made of, for the writer's commit markers."""
+        return {shard: ShardInputs(len(keys), keys_fingerprint(keys)) for shard, keys in self.to_write.items()}
+
+
+def plan_shards(spec: JobSpec, keys: list[str], store: OutputStore, previous: dict[str, Any] | None) -> ShardPlan:
+    """Assign the image tasks to shards; when resuming, reuse the shards an earlier run committed for the same images."""
+    if previous is not None:
+        job_id, num_shards = previous["job_id"], int(previous["num_shards"])
+    else:
+        job_id = os.environ.get(JOB_ID_ENV) or new_job_id(spec.name)
+        num_shards = max(1, -(-len(keys) // spec.output.images_per_shard))
+    shards = [shard_of(key, num_shards) for key in keys]
+    to_write: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
+    for key, shard in zip(keys, shards):
+        to_write[shard].append(key)
+    reused = {}
+    if previous is not None:
+        for shard, marker in store.committed_shards().items():
+            if shard in to_write and marker["inputs"] == keys_fingerprint(to_write[shard]):
+                reused[shard] = marker
+                del to_write[shard]
+    return ShardPlan(job_id=job_id, num_shards=num_shards, shard_of_task=shards, to_write=to_write, reused=reused)
+
+
+def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[str, Any]) -> None:
+    """Clear what this run replaces (the whole output with overwrite, unfinished shards always) and record the job."""
+    if spec.output.mode == "overwrite":
+        store.clear()
+    for shard in shards.to_write:  # what an interrupted run may have left of unfinished shards
+        store.remove_shard(shard)
+    store.write_json(JOB_FILE, {
+        "job_id": shards.job_id, "num_shards": shards.num_shards, "result_key": key,
+        "result_fingerprint": fingerprint(key), "spec": spec.redacted(),
+    })
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if value is not None else "(none)"

@@ -1,0 +1,26 @@
+"""The build: a planned job and its layout -> the Ray Dataset of pose rows (`schema.POSE_OUTPUT_SCHEMA`)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from raypose.pipeline.layout import Layout
+from raypose.pipeline.plan import JobPlan
+from raypose.pipeline.stages import Stage, job_stages
+
+
+def build_dataset(plan: JobPlan, layout: Layout, wrap: Callable[[Stage], Stage] | None = None):
+    """The job's Dataset: its image tasks in blocks of `layout.images_per_task`, through each stage in turn.
+
+    `wrap` may replace any stage (the benchmark traces them so, with `Stage.with_fn`).
+    """
+    import ray.data
+
+    per_task = layout.images_per_task
+    blocks = [plan.tasks.slice(i, per_task) for i in range(0, plan.tasks.num_rows, per_task)]
+    # from_arrow runs a Ray task per block for its metadata, on the workers the pose actor could
+    # start in: from_blocks reads it here and keeps the blocks as they are.
+    dataset = ray.data.from_blocks(blocks)
+    for stage in job_stages(plan, layout):
+        dataset = (wrap(stage) if wrap is not None else stage).apply(dataset)
+    return dataset

@@ -1,0 +1,203 @@
+"""The job's layout: every "auto" resolved once, from the spec and the cluster, before the Dataset is built.
+
+Device, dtype, GPUs and CPUs per actor, actor counts, torch threads, batch size and where the
+crops are made are decided here and nowhere else, and checked against the cluster: a job that
+asks for what the cluster cannot give fails as a spec error before any actor starts. The
+measurements behind each default are in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from raypose.config.spec import JobSpec
+from raypose.errors import SpecError
+from raypose.inputs.fetch import read_images
+from raypose.models.routing import Routing
+from raypose.pipeline.crop_stage import CropColumn, CpuCropper, CropOptions, DeviceCropper, make_crops
+from raypose.pipeline.pose_stage import PoseSettings
+
+# On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
+CPU_BATCH_SIZE = 8
+GPU_BATCH_SIZE = 256
+# GPUs without bfloat16 (compute capability below 8.0), as Ray names them (accelerator_type:NAME).
+NO_BF16_GPUS = frozenset({"V100", "T4", "P100", "P40", "P4", "K80", "M60", "Tesla-V100", "Tesla-T4"})
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the layout needs to know of the Ray cluster (`runtime.cluster_shape` reads it)."""
+
+    gpus: float = 0.0  # GPUs in the whole cluster
+    node_cpus: int = 1  # CPUs of the smallest node that has any: what an actor can count on wherever it lands
+    accelerators: tuple[str, ...] = ()  # GPU kinds, as Ray's accelerator_type:NAME resources name them
+    bf16: bool | None = None  # whether its GPUs run bfloat16 (None: not known, taken as yes)
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """An actor pool as Ray reserves it: how many actors, and each one's CPUs, GPUs and concurrent calls."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class CropPlacement:
+    """Where images are decoded and cut: the Ray tasks before the pose actors (if any) and the actors' cropper.
+
+    name     tasks | pose_actor | pose_device, as resolved from resources.crop_in
+    task     the CPU stage's function (make_crops, read_images) and its keyword arguments, or None
+    cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
+    rows_per_call  rows a pose call takes: crop rows, images, or a whole block (None)
+    decoder  pillow | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
+    """
+
+    name: str
+    task: tuple[Callable, dict[str, Any]] | None
+    cropper: Any
+    rows_per_call: int | None
+    decoder: str = "pillow"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The resolved job: what each stage runs on and how much of the cluster it takes."""
+
+    pose: PoseSettings
+    pose_pool: ActorPool
+    crops: CropPlacement
+    images_per_task: int
+    detector_device: str | None = None  # None: no detector stage
+    detector_dtype: str | None = None
+    detector_pool: ActorPool | None = None
+    detector_threads: int = 1
+    cluster: ClusterShape = field(default_factory=ClusterShape)
+
+    def describe(self) -> dict[str, Any]:
+        """The layout as plain data, for the manifest and the job's log."""
+        described = {
+            "pose": {**asdict(self.pose), **asdict(self.pose_pool)},
+            "crop_in": self.crops.name,
+            "decoder": self.crops.decoder,
+            "images_per_task": self.images_per_task,
+            "cluster": asdict(self.cluster),
+        }
+        if self.detector_pool is not None:
+            described["detector"] = {"device": self.detector_device, "dtype": self.detector_dtype,
+                                     **asdict(self.detector_pool)}
+        return described
+
+
+def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, images: int,
+                   detecting: bool = False) -> Layout:
+    """Every auto of the spec resolved for this cluster and a job of `images` image tasks; SpecError if it cannot run."""
+    resources = spec.resources
+    blocks = max(1, math.ceil(images / resources.images_per_crop_task))
+    gpus, device = accelerator(resources.gpus_per_pose_actor, spec.pose.device, cluster, "pose")
+    on_cpu = device == "cpu"
+    crop_in = resources.crop_in if resources.crop_in != "auto" else ("pose_actor" if on_cpu else "tasks")
+    actors, threads = pose_actors(resources.pose_actors, resources.threads_per_pose_actor, on_cpu, crop_in,
+                                  cluster.node_cpus, blocks, detecting)
+    batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
+    settings = PoseSettings(device=device, dtype=resolve_dtype(spec.pose.dtype, device, cluster), batch_size=batch_size,
+                            threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
+    layout = Layout(
+        pose=settings,
+        pose_pool=ActorPool(actors=actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
+                            calls=resources.pose_calls_per_actor),
+        crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size),
+        images_per_task=resources.images_per_crop_task,
+        cluster=cluster,
+    )
+    if not detecting:
+        return layout
+    detector = spec.boxes.detector
+    gpus, device = accelerator(resources.gpus_per_detector_actor, detector.device, cluster, "boxes.detector")
+    return replace(
+        layout, detector_device=device, detector_dtype=resolve_dtype(detector.dtype, device, cluster),
+        detector_pool=ActorPool(actors=resources.detector_actors, cpus=resources.cpus_per_detector_actor, gpus=gpus),
+        detector_threads=max(1, int(resources.cpus_per_detector_actor)),
+    )
+
+
+def accelerator(gpus: float | None, device: str, cluster: ClusterShape, field: str) -> tuple[float, str]:
+    """GPUs an actor asks for and the device it runs on: a GPU each when the cluster has them.
+
+    `device: cuda` needs GPUs: in the cluster, or promised by `gpus_per_*_actor` (an autoscaling
+    cluster adds GPU workers when actors ask for them).
+    """
+    section = "pose" if field == "pose" else "detector"
+    gpus_field = f"resources.gpus_per_{section}_actor"
+    if gpus is None:
+        gpus = 1.0 if cluster.gpus and device != "cpu" else 0.0
+        if device == "cuda" and not cluster.gpus:
+            raise SpecError(
+                f"{field}.device: cuda, but the Ray cluster has no GPU; use {field}.device: auto or cpu, or set "
+                f"{gpus_field} if the cluster adds GPU workers when asked (autoscaling)"
+            )
+    if device == "cuda" and gpus == 0:
+        raise SpecError(f"{gpus_field}: 0 with {field}.device: cuda; give each actor a GPU (or a share: 0.5)")
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    return gpus, device
+
+
+def resolve_dtype(dtype: str, device: str, cluster: ClusterShape) -> str:
+    """`auto` -> float32 on a CPU; bfloat16 on GPUs that have it, else float16."""
+    if dtype != "auto":
+        return dtype
+    if device == "cpu":
+        return "float32"
+    return "bfloat16" if gpus_have_bf16(cluster) else "float16"
+
+
+def gpus_have_bf16(cluster: ClusterShape) -> bool:
+    """Whether the cluster's GPUs run bfloat16: as the driver's own GPU says, else by their Ray accelerator type."""
+    if cluster.bf16 is not None:
+        return cluster.bf16
+    return not (set(cluster.accelerators) & NO_BF16_GPUS)
+
+
+def pose_actors(asked: int | None, threads: int | None, on_cpu: bool, crop_in: str, node_cpus: int, blocks: int,
+                detecting: bool) -> tuple[int, int | None]:
+    """Pose actors and each one's torch threads (None on a GPU).
+
+    On CPU the forward takes every core it is given. Two actors that crop for themselves crop
+    while the other runs its forwards (no more than there are blocks to give them); crop or
+    read tasks, or a detector, need CPUs of their own, so beside them one actor. Each CPU actor
+    takes its share of the node's cores: Ray's CPU count only paces the tasks.
+    """
+    actors = asked
+    if actors is None:
+        two = on_cpu and crop_in == "pose_actor" and not detecting
+        actors = max(1, min(min(2, max(1, node_cpus)), blocks)) if two else 1
+    if not on_cpu:
+        return actors, None
+    return actors, threads or max(1, node_cpus // max(1, actors))
+
+
+def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int) -> CropPlacement:
+    """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
+    if crop_in == "tasks":
+        return CropPlacement("tasks", (make_crops, {"options": options}), CropColumn(), rows_per_call=batch_size)
+    if crop_in == "pose_actor":
+        # An actor that crops for itself takes a crop task's block at a time.
+        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None)
+    nvjpeg = device == "cuda" and _has_torchvision()
+    read = (read_images, {"storage_options": options.storage_options, "image_column": options.image_column})
+    # An actor that crops on its device takes pose.batch_size images, so that its forwards are full.
+    return CropPlacement("pose_device", read, DeviceCropper(options, nvjpeg=nvjpeg), rows_per_call=batch_size,
+                         decoder="nvjpeg" if nvjpeg else "pillow")
+
+
+def _has_torchvision() -> bool:
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,106 @@
+"""The plan: everything about a job that can be known and checked without Ray.
+
+Model configs and routing, the detector, the output path, the listing, the boxes and the
+image tasks, and (with `output.mode: resume`) the shards an earlier run already committed.
+`raypose validate` and `raypose submit` run this same plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from raypose.config.spec import JobSpec
+from raypose.errors import SpecError
+from raypose.inputs.boxes import BoxSet, attach_boxes, inline_boxes, load_boxes
+from raypose.inputs.listing import list_images
+from raypose.models.detector import DetectorInfo, inspect_detector
+from raypose.models.routing import Routing, resolve_routing
+from raypose.output.resume import ShardPlan, check_resumable, plan_shards, result_key
+from raypose.output.writer import JOB_FILE, OutputStore
+
+
+@dataclass
+class JobPlan:
+    """A validated job with its inputs resolved: everything known before Ray starts."""
+
+    spec: JobSpec
+    routing: Routing
+    detector: DetectorInfo | None  # when some images need detection
+    tasks: pa.Table  # one row per image to process in this run (schema.IMAGE_TASK_SCHEMA)
+    missing: pa.Table  # errors for boxes whose image is not in storage
+    counts: dict[str, int]
+    store: OutputStore
+    shards: ShardPlan
+    previous: dict[str, Any] | None  # the _job.json of the run this one resumes
+    force: bool = False  # resume even if the settings changed
+
+    @property
+    def job_id(self) -> str:
+        return self.shards.job_id
+
+    def models(self) -> dict[str, str]:
+        return model_revisions(self.routing, self.detector)
+
+
+def model_revisions(routing: Routing, detector: DetectorInfo | None) -> dict[str, str]:
+    """Each expert's and the detector's `model@revision`: part of the result key."""
+    models = {f"expert:{name}": f"{e.model.model_id}@{e.model.revision}" for name, e in routing.experts.items()}
+    if detector is not None:
+        models["detector"] = f"{detector.model_id}@{detector.revision}"
+    return models
+
+
+def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
+    """Check everything that can be checked without Ray: model configs, routing, inputs, boxes, output.
+
+    With `output.mode: resume`, shards an earlier run committed for the same inputs are kept
+    and left out of this run; other settings are refused unless `force`.
+    """
+    routing = resolve_routing(spec.pose)
+    detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
+    detector = inspect_detector(spec.boxes.detector, spec.boxes.categories) if detecting else None
+    store = OutputStore(spec.output, spec.output_storage_options())
+    previous = _previous_run(spec, store)
+    if previous is not None and not force:
+        check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
+    store.check_writable()
+    tasks, missing, counts = _image_tasks(spec, detecting)
+    shards = plan_shards(spec, tasks.column("image_key").to_pylist(), store, previous)
+    tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
+    if shards.reused:
+        tasks = tasks.filter(pa.array([shard not in shards.reused for shard in shards.shard_of_task]))
+    return JobPlan(spec=spec, routing=routing, detector=detector, tasks=tasks, missing=missing, counts=counts,
+                   store=store, shards=shards, previous=previous, force=force)
+
+
+def _previous_run(spec: JobSpec, store: OutputStore) -> dict[str, Any] | None:
+    """The _job.json an earlier run left, when this run resumes it; refuses an output that is not to be touched."""
+    existing = store.existing_entries()
+    if existing and spec.output.mode == "error":
+        raise SpecError(
+            f"output.path: {spec.output.path} already holds raypose output ({', '.join(existing)}); "
+            "set output.mode: overwrite to replace it, resume to finish it, or choose another path"
+        )
+    return store.read_json(JOB_FILE) if spec.output.mode == "resume" else None
+
+
+def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """The listed images joined with their boxes: image tasks, listing errors and counts."""
+    images = list_images(spec.images, spec.boxes)
+    if spec.boxes.source == "detector":
+        box_set = BoxSet(by_image={}, source="detector")
+    elif spec.boxes.source == "inline":
+        box_set = inline_boxes(images, spec.boxes)
+    else:
+        box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
+    tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
+    if not counts["boxes"] and not counts["boxes_without_image"] and not counts["images_to_detect"]:
+        raise SpecError(
+            f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "
+            f"(boxes.categories {spec.boxes.categories}, min_area {spec.boxes.min_area}, "
+            f"min_score {spec.boxes.min_score}, include_crowd {spec.boxes.include_crowd})"
+        )
+    return tasks, missing, counts

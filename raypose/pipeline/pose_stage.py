@@ -1,0 +1,140 @@
+"""The pose stage: a Ray actor holding every checkpoint the routing uses, crop rows in, keypoint rows out."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raypose.imaging.heatmaps import instance_scores
+from raypose.imaging.keypoint_schemas import SCHEMAS
+from raypose.models.routing import Routing
+from raypose.models.vitpose import PoseEngine
+from raypose.pipeline.crop_stage import CropColumn, Pixels, pairs
+from raypose.pipeline.faults import inject
+from raypose.schema import POSE_OUTPUT_SCHEMA, fail_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoseSettings:
+    """How each pose actor runs its models, every "auto" already resolved (`layout.resolve_layout`)."""
+
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    batch_size: int = 8  # crops per forward
+    threads: int | None = None  # torch threads on a CPU; None on a GPU
+    flip_test: bool = False
+    compile: bool = False
+
+
+class PoseStage:
+    """Ray actor for the pose stage: every checkpoint the routing uses, loaded once.
+
+    The cropper (`crop_stage`) turns each batch into crop rows and their pixels: the batch's
+    own crop column, or crops the actor makes on its CPU or its device; the forwards then run
+    `settings.batch_size` crops at a time.
+    """
+
+    def __init__(self, routing: Routing, settings: PoseSettings = PoseSettings(), cropper=None):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.routing = routing
+        self.settings = settings
+        self.cropper = cropper or CropColumn()
+        self.device = torch.device(settings.device)
+        self._forwards = threading.Lock()
+        self.engines: dict[tuple[str, str], PoseEngine] = {}
+        for expert in routing.experts.values():
+            key = (expert.model.model_id, expert.model.revision)
+            if key not in self.engines:
+                # resolve_routing lets a folded checkpoint serve one dataset_index only.
+                self.engines[key] = PoseEngine(
+                    expert.model, device=settings.device, dtype=settings.dtype,
+                    fold_expert=expert.dataset_index if expert.folded else None, decode=routing.decode,
+                    compile=settings.compile,
+                )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, pixels = self.cropper(batch, self.device)
+        inject("pose")
+        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap,
+        # their forwards take turns (two at once would only fight over the cores or the GPU).
+        with self._forwards:
+            return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
+                                 batch_size=self.settings.batch_size)
+
+
+def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,
+                  batch_size: int | None = None) -> pa.Table:
+    """Run each expert on its own rows (homogeneous forward batches of at most `batch_size`); failed rows pass through.
+
+    `pixels(rows, input_size)` gives the crops of some rows.
+    """
+    n = batch.num_rows
+    experts = batch.column("expert").to_pylist()
+    stage = batch.column("error_stage").to_pylist()
+    centers = pairs(batch.column("center"))
+    scales = pairs(batch.column("scale"))
+    forwards = []
+    for name in sorted({e for e, s in zip(experts, stage) if s is None}):
+        rows = [i for i in range(n) if experts[i] == name and stage[i] is None]
+        step = batch_size or len(rows)
+        forwards += [(name, rows[start : start + step]) for start in range(0, len(rows), step)]
+    done = []  # (rows, keypoints, scores, keypoint schema) of each forward that ran
+    failed = np.zeros(n, bool)
+    reasons = np.full(n, None, dtype=object)
+    for name, rows in forwards:
+        expert = routing.experts[name]
+        engine = engines[(expert.model.model_id, expert.model.revision)]
+        schema = SCHEMAS[expert.keypoint_schema]
+        try:
+            inject("model")
+            keypoints, scores = engine.estimate(
+                pixels(rows, expert.input_size), centers[rows], scales[rows],
+                dataset_index=expert.dataset_index, flip_pairs=schema.flip_pairs if flip_test else None,
+            )
+        except Exception as exc:  # a failed batch becomes error rows, the job goes on
+            log.exception("pose batch of %d crops for expert %s failed", len(rows), name)
+            failed[rows], reasons[rows] = True, f"{type(exc).__name__}: {exc}"
+            continue
+        done.append((rows, keypoints, scores, expert.keypoint_schema))
+    if failed.any():
+        batch = fail_rows(batch, failed, "pose", reasons)
+    box_scores = batch.column("box_score").to_numpy(zero_copy_only=False)
+    pose_columns = _keypoint_columns(experts, done, box_scores)
+    columns = {name: pose_columns[name] if name in pose_columns else batch.column(name)
+               for name in POSE_OUTPUT_SCHEMA.names}
+    return pa.table(columns, schema=POSE_OUTPUT_SCHEMA)
+
+
+def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict[str, pa.Array]:
+    """The expert, keypoint and instance-score columns from each forward's (rows, keypoints, scores,
+    schema), written forward by forward (no per-row Python); null where no forward ran."""
+    n = len(experts)
+    lengths = np.zeros(n, np.int32)
+    schemas = np.full(n, None, dtype=object)
+    for rows, keypoints, _, schema in done:
+        lengths[rows], schemas[rows] = keypoints.shape[1], schema
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    xs, ys, ss = (np.empty(offsets[-1], np.float32) for _ in range(3))
+    instance = np.zeros(n, np.float32)
+    for rows, keypoints, scores, _ in done:
+        at = offsets[rows][:, None] + np.arange(keypoints.shape[1])
+        xs[at], ys[at], ss[at] = keypoints[..., 0], keypoints[..., 1], scores
+        instance[rows] = instance_scores(scores, box_scores[rows])
+    missing = lengths == 0
+    lists = {name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=pa.array(missing))
+             for name, values in (("keypoint_x", xs), ("keypoint_y", ys), ("keypoint_score", ss))}
+    return {
+        "expert": pa.array(np.where(missing, None, np.array(experts, dtype=object)), pa.string()),
+        "keypoint_schema": pa.array(schemas, pa.string()),
+        **lists,
+        "instance_score": pa.array(instance, pa.float32(), mask=missing),
+    }

@@ -1,0 +1,108 @@
+"""The run: a planned job on Ray, from the layout to the last shard's commit and the manifest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from raypose.errors import JobFailed
+from raypose.imaging.keypoint_schemas import SCHEMAS
+from raypose.output.resume import check_resumable, result_key, start_run
+from raypose.output.writer import ShardWriter
+from raypose.pipeline.build import build_dataset
+from raypose.pipeline.layout import Layout, resolve_layout
+from raypose.pipeline.manifest import job_manifest
+from raypose.pipeline.plan import JobPlan
+from raypose.pipeline.runtime import start_ray
+from raypose.pipeline.stages import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    """What a finished job wrote and how fast."""
+
+    job_id: str
+    output_path: str
+    counts: dict[str, Any]
+    seconds: dict[str, float]
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def crops_per_second(self) -> float:
+        return self.manifest["throughput"]["crops_per_second"]
+
+
+def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None) -> JobResult:
+    """Run a planned job on the Ray cluster this process uses (an embedded one if none); `wrap` may replace stages."""
+    started = time.time()
+    cluster = start_ray(plan.spec.resources)
+    layout = resolve_layout(plan.spec, plan.routing, cluster, plan.tasks.num_rows, detecting=plan.detector is not None)
+    key = result_key(plan.spec, plan.models(), resolved_settings(layout))
+    if plan.previous is not None and not plan.force:
+        check_resumable(plan.previous, key, plan.spec.output.path)
+    ray_ready = time.time()
+    writer = _start_writer(plan, key)
+    _log_started(plan, layout)
+    if plan.tasks.num_rows:
+        for batch in build_dataset(plan, layout, wrap).iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.write(batch)
+    committed = writer.close()
+    manifest = job_manifest(plan, layout, committed, key,
+                            {"started": started, "ray_ready": ray_ready, "finished": time.time()})
+    plan.store.finish(manifest)
+    _log_finished(plan, manifest)
+    if manifest["status"] == "failed":
+        c = manifest["counts"]
+        raise JobFailed(f"job {plan.job_id}: {manifest['problem']} ({c['errors']} errors, {c['errors_by_stage']}); "
+                        f"see {plan.spec.output.path}/errors/")
+    return JobResult(job_id=plan.job_id, output_path=plan.spec.output.path, counts=manifest["counts"],
+                     seconds=manifest["seconds"], manifest=manifest)
+
+
+def resolved_settings(layout: Layout) -> dict[str, Any]:
+    """What the layout resolved that changes the rows: the result key's `layout.*` entries."""
+    settings = {"pose_device": layout.pose.device, "pose_dtype": layout.pose.dtype, "decoder": layout.crops.decoder}
+    if layout.detector_pool is not None:
+        settings.update(detector_device=layout.detector_device, detector_dtype=layout.detector_dtype)
+    return settings
+
+
+def _start_writer(plan: JobPlan, key: dict[str, Any]) -> ShardWriter:
+    start_run(plan.store, plan.spec, plan.shards, key)
+    experts = plan.routing.experts
+    writer = ShardWriter(
+        plan.store,
+        job_id=plan.job_id,
+        models={name: (e.model.model_id, e.model.revision) for name, e in experts.items()},
+        schemas=[SCHEMAS[name] for name in sorted({e.keypoint_schema for e in experts.values()})],
+        shards=plan.shards.inputs(),
+    )
+    writer.write_listing_errors(plan.missing)
+    return writer
+
+
+def _log_started(plan: JobPlan, layout: Layout) -> None:
+    c, shards = plan.counts, plan.shards
+    log.info("job %s started: %d images, %d boxes, %d to detect, %d of %d shards to do -> %s", plan.job_id,
+             c["images"], c["boxes"], c["images_to_detect"], len(shards.to_write), shards.num_shards,
+             plan.spec.output.path,
+             extra={"event": "job_started", "job_id": plan.job_id, "images": c["images"], "boxes": c["boxes"],
+                    "images_to_detect": c["images_to_detect"], "shards": shards.num_shards,
+                    "shards_to_do": len(shards.to_write), "output": plan.spec.output.path,
+                    "layout": layout.describe()})
+
+
+def _log_finished(plan: JobPlan, manifest: dict[str, Any]) -> None:
+    c, status = manifest["counts"], manifest["status"]
+    rate = manifest["throughput"]["crops_per_second"]
+    log.log(logging.INFO if status == "succeeded" else logging.ERROR,
+            "job %s %s: %d images, %d instances, %d errors, %.1f crops/s -> %s", plan.job_id, status,
+            c["images"], c["instances"], c["errors"], rate, plan.spec.output.path,
+            extra={"event": "job_finished", "job_id": plan.job_id, "status": status, "images": c["images"],
+                   "boxes": c["boxes"], "instances": c["instances"], "errors": c["errors"],
+                   "errors_by_stage": c["errors_by_stage"], "crops_per_second": rate,
+                   "seconds": manifest["seconds"]["total"], "output": plan.spec.output.path})

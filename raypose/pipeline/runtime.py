@@ -1,0 +1,99 @@
+"""Ray itself: the one `ray.init` of raypose, what the layout needs to know of the cluster, Ray's console output.
+
+`start_ray` joins the cluster in RAY_ADDRESS (a Ray job's entrypoint, a KubeRay RayJob) or
+starts an embedded single-machine Ray; `quiet_ray` brings Ray's own loggers in line with the
+CLI's format and verbosity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from raypose.config.spec import ResourcesSpec
+from raypose.logs import LogFormat
+from raypose.pipeline.layout import ClusterShape
+
+ACCELERATOR_PREFIX = "accelerator_type:"
+
+
+def start_ray(resources: ResourcesSpec) -> ClusterShape:
+    """Connect to the Ray cluster this process should use, starting an embedded one if there is none; its shape."""
+    import ray
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS", "local") != "local":
+            # On a cluster: join it without the embedded Ray's arguments (num_cpus), which ray.init refuses there.
+            ray.init(log_to_driver=False)
+        else:
+            ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False)
+    return cluster_shape()
+
+
+def cluster_shape() -> ClusterShape:
+    """The connected cluster's GPUs, its smallest CPU node, its GPU kinds and whether they run bfloat16."""
+    import ray
+    import torch
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    cpus = [int(resources.get("CPU", 0)) for resources in nodes]
+    accelerators = sorted({name[len(ACCELERATOR_PREFIX):] for resources in nodes for name in resources
+                           if name.startswith(ACCELERATOR_PREFIX)})
+    return ClusterShape(
+        gpus=float(ray.cluster_resources().get("GPU", 0.0)),
+        node_cpus=min((c for c in cpus if c > 0), default=1),
+        accelerators=tuple(accelerators),
+        bf16=torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None,
+    )
+
+
+# Loggers that Ray configures with their own console handler (propagate=False).
+RAY_CONSOLE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def quiet_ray(fmt: LogFormat = "text", quiet: bool = False, data: bool = True) -> None:
+    """Bring Ray's console output in line with the CLI's: same format and level, no progress bars.
+
+    Ray's `ray` and `ray.data` loggers print through their own console handlers, and ray.init
+    resets those handlers' format; in JSON or quiet mode they are removed and the loggers
+    propagate to the root logger instead; in text mode they are kept, writing to the current
+    sys.stderr. With `data` (running a job, not only submitting one) Ray Data is imported, which
+    installs its console handler, and in JSON or quiet mode its progress is turned off.
+    """
+    import ray  # installs the `ray` logger's console handler
+
+    if data:
+        import ray.data
+    for name in RAY_CONSOLE_LOGGERS:
+        logger = logging.getLogger(name)
+        console = [h for h in logger.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        for handler in console:
+            if fmt == "json" or quiet:
+                logger.removeHandler(handler)
+            elif type(handler).__name__ == "PlainRayHandler":
+                # Meant to write to sys.stderr as it is at emit time, it keeps the stream it was
+                # made with (Ray 2.60): after a run inside a program that swaps sys.stderr (a test
+                # runner, a notebook), that stream may be closed. Make it follow sys.stderr.
+                handler.stream = _CURRENT_STDERR
+        if console and (fmt == "json" or quiet):
+            logger.propagate = True
+    if fmt == "json" or quiet:
+        if data:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            # ...which Ray Data then announces as a WARNING on every run: not a problem, so not shown.
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+class _CurrentStderr:
+    """A stream that is whatever sys.stderr is when written to."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_CURRENT_STDERR = _CurrentStderr()

@@ -1,0 +1,140 @@
+"""Column names and Arrow schemas, defined once and imported everywhere.
+
+Only plain Arrow types (no Ray tensor extension types), so DuckDB, Polars, Spark and
+pandas read the output without raypose installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# One row per image going into the crop stage.
+IMAGE_TASK_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("image_uri", pa.string()),
+        ("container", pa.string()),  # the tar or Parquet file holding the image, if any
+        ("offset", pa.int64()),  # tar: the member's byte offset; Parquet: the row
+        ("length", pa.int64()),  # tar: the member's size
+        ("expected_width", pa.int32()),  # from the boxes file, when it says
+        ("expected_height", pa.int32()),
+        ("box_xywh", pa.list_(pa.list_(pa.float64(), 4))),
+        ("annotation_id", pa.list_(pa.int64())),
+        ("category", pa.list_(pa.string())),
+        ("box_score", pa.list_(pa.float32())),
+        ("box_source", pa.string()),  # gt | table | detector
+        ("detector_id", pa.string()),
+        ("needs_detection", pa.bool_()),
+        ("image_bytes", pa.binary()),  # set when an earlier stage (the detector) already read the image
+        ("error_stage", pa.string()),  # set when an earlier stage failed on this image
+        ("error_reason", pa.string()),
+        ("shard", pa.int32()),
+    ]
+)
+
+# What every instance row carries, from the crop stage to the output.
+INSTANCE_FIELDS = [
+    pa.field("image_key", pa.string(), nullable=False),
+    pa.field("image_uri", pa.string()),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+    pa.field("instance_index", pa.int32()),
+    pa.field("annotation_id", pa.int64()),
+    pa.field("category", pa.string()),
+    pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh in image pixels, as cropped (clipped)
+    pa.field("box_score", pa.float32()),  # null for ground-truth boxes
+    pa.field("box_source", pa.string()),  # gt | table | detector
+    pa.field("detector_id", pa.string()),  # the detector checkpoint, for detected boxes
+]
+
+# Failures travel in the stream with the rows; the writer routes them to the errors table.
+# `shard` and `image_rows` (how many rows the image produced) let the writer tell when every
+# image of a shard is in, so it can commit the shard.
+FAILURE_FIELDS = [
+    pa.field("error_stage", pa.string()),
+    pa.field("error_reason", pa.string()),
+    pa.field("shard", pa.int32()),
+    pa.field("image_rows", pa.int32()),
+]
+
+POSE_FIELDS = [
+    pa.field("expert", pa.string()),
+    pa.field("keypoint_schema", pa.string()),
+    pa.field("keypoint_x", pa.list_(pa.float32())),
+    pa.field("keypoint_y", pa.list_(pa.float32())),
+    pa.field("keypoint_score", pa.list_(pa.float32())),
+    pa.field("instance_score", pa.float32()),
+]
+
+RUN_FIELDS = [
+    pa.field("model_id", pa.string()),
+    pa.field("model_revision", pa.string()),
+    pa.field("job_id", pa.string()),
+]
+
+
+# Rows out of the crop stage: instance fields, the expert that will label the crop, the crop's
+# geometry and its uint8 HWC pixels at that expert's input size.
+CROP_SCHEMA = pa.schema(
+    INSTANCE_FIELDS
+    + [
+        pa.field("expert", pa.string()),
+        pa.field("center", pa.list_(pa.float32(), 2)),
+        pa.field("scale", pa.list_(pa.float32(), 2)),
+        pa.field("crop", pa.binary()),
+    ]
+    + FAILURE_FIELDS
+)
+
+
+POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS)
+
+KEYPOINTS_SCHEMA = pa.schema(
+    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string()),
+        pa.field("image_key", pa.string()),
+        pa.field("image_uri", pa.string()),
+        pa.field("instance_index", pa.int32()),
+        pa.field("stage", pa.string()),  # list | read | decode | boxes | crop | pose
+        pa.field("reason", pa.string()),
+    ]
+)
+
+
+# What a failure that stands for its whole image leaves empty: nothing is known of its boxes.
+IMAGE_FAILURE_NULLS = (
+    "image_width", "image_height", "instance_index", "annotation_id", "category", "bbox", "box_score",
+    "expert", "center", "scale", "crop",
+)
+
+
+def fail_rows(rows: pa.Table, failing, stage, reason, *, whole_image: bool = False) -> pa.Table:
+    """`rows` with `error_stage`/`error_reason` set where `failing` (a bool mask) is true.
+
+    `stage` and `reason` are one value or one per row. `whole_image`: each failing row stands
+    for its image (one error row per image): its box fields are nulled and `image_rows` is 1.
+    """
+    failing = np.asarray(failing, dtype=bool)
+    n = rows.num_rows
+    columns = {}
+    for name, given in (("error_stage", stage), ("error_reason", reason)):
+        values = np.array(rows.column(name).to_pylist(), dtype=object)
+        values[failing] = np.asarray(given, dtype=object)[failing] if isinstance(given, (list, tuple, np.ndarray)) else given
+        columns[name] = pa.array(values.tolist(), pa.string())
+    if whole_image:
+        mask = pa.array(failing)
+        for name in IMAGE_FAILURE_NULLS:
+            if name in rows.column_names:
+                column = rows.column(name)
+                columns[name] = pc.if_else(mask, pa.nulls(n, column.type), column)
+        if "image_rows" in rows.column_names:
+            columns["image_rows"] = pc.if_else(mask, pa.scalar(1, pa.int32()), rows.column("image_rows"))
+    for name, column in columns.items():
+        rows = rows.set_column(rows.schema.get_field_index(name), rows.schema.field(name), column)
+    return rows

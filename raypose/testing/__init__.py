@@ -1,0 +1,1 @@
+"""Synthetic inputs (drawn people, tiny checkpoints) for tests, benchmarks and the bundled quickstart."""
