@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_pose import benchmark_tasks, crop_options  # noqa: E402
 
-from raypose.crops import make_crops  # noqa: E402
-from raypose.heatmaps import decode_heatmaps  # noqa: E402
-from raypose.pose import PoseEngine, _crop_array, inspect_model  # noqa: E402
-from raypose.routing import resolve_routing  # noqa: E402
-from raypose.spec import PoseSpec  # noqa: E402
-from raypose.synthetic import make_checkpoint  # noqa: E402
+from raypose.config.spec import PoseSpec  # noqa: E402
+from raypose.imaging.heatmaps import decode_heatmaps  # noqa: E402
+from raypose.models.routing import resolve_routing  # noqa: E402
+from raypose.models.vitpose import PoseEngine, inspect_model  # noqa: E402
+from raypose.pipeline.crop_stage import crop_array as _crop_array  # noqa: E402
+from raypose.pipeline.crop_stage import make_crops  # noqa: E402
+from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 
 
 def heatmaps(engine: PoseEngine, crops) -> torch.Tensor:

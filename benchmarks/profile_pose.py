@@ -39,11 +39,13 @@ import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
-from raypose.pose import PoseEngine, _crop_array, estimate_rows, inspect_model
-from raypose.routing import resolve_routing
-from raypose.spec import PoseSpec
-from raypose.synthetic import make_checkpoint
-from raypose.table import CROP_SCHEMA
+from raypose.config.spec import PoseSpec
+from raypose.models.routing import resolve_routing
+from raypose.models.vitpose import PoseEngine, inspect_model
+from raypose.pipeline.crop_stage import crop_array as _crop_array
+from raypose.pipeline.pose_stage import estimate_rows
+from raypose.schema import CROP_SCHEMA
+from raypose.testing.synthetic import make_checkpoint
 
 
 def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
@@ -162,8 +164,8 @@ def benchmark_tasks(folder: Path, count: int) -> pa.Table:
     import json
     import os
 
-    from raypose.synthetic import make_benchmark_dataset
-    from raypose.table import IMAGE_TASK_SCHEMA
+    from raypose.schema import IMAGE_TASK_SCHEMA
+    from raypose.testing.synthetic import make_benchmark_dataset
 
     _, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1)
     coco = json.loads(boxes.read_text())
@@ -185,9 +187,10 @@ def crop_options(routing) -> dict:
 
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
     """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
-    from raypose.crops import plan_crops
-    from raypose.device_crops import cut_crops, decode_on_device, gpu_jpeg_decoder
-    from raypose.reader import read_images
+    from raypose.imaging.crop_torch import decode_on_device, gpu_jpeg_decoder
+    from raypose.inputs.fetch import read_images
+    from raypose.pipeline.crop_stage import cut_on_device as cut_crops
+    from raypose.pipeline.crop_stage import plan_crops
 
     tasks = benchmark_tasks(folder, count)
     options = crop_options(routing)
@@ -211,7 +214,7 @@ def profile_device_crops(folder: Path, count: int, routing, device: torch.device
     for name, seconds in steps.items():
         print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
     # The same crops from the CPU stage (Pillow decode, numpy cut): how far the device's are.
-    from raypose.crops import make_crops
+    from raypose.pipeline.crop_stage import make_crops
 
     reference = make_crops(tasks, **options)
     table, cut = cut_crops(rows, images, device, 10**8)

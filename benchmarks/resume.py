@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from raypose.synthetic import make_checkpoint, make_coco_dataset
+from raypose.testing.synthetic import make_checkpoint, make_coco_dataset
 
 
 def submit(job: Path, *args: str) -> float:

@@ -293,7 +293,7 @@ class Sampler:
 
 def prepare_inputs(args: argparse.Namespace, counts: list[int]) -> dict[str, Any]:
     """Images (shared pool, grown as needed), per-count manifests and boxes, and the checkpoint."""
-    from raypose.synthetic import make_benchmark_dataset, make_checkpoint
+    from raypose.testing.synthetic import make_benchmark_dataset, make_checkpoint
 
     out = Path(args.out)
     sizes = "_".join(f"{w}x{h}" for w, h in args.size_list)
@@ -329,8 +329,8 @@ def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, An
     from PIL import Image
     from transformers import AutoProcessor, VitPoseForPoseEstimation
 
-    from raypose.keypoint_schemas import SCHEMAS
-    from raypose.pose import resolve_device, resolve_dtype
+    from raypose.imaging.keypoint_schemas import SCHEMAS
+    from raypose.pipeline.layout import resolve_device, resolve_dtype
 
     device = resolve_device(pose.device)
     dtype = resolve_dtype(pose.dtype, device)
@@ -432,7 +432,7 @@ def _ceiling_worker(job: dict) -> None:
     """One of `_parallel_ceiling`'s processes: waits for the others to be warm, then prints its loop's result."""
     from types import SimpleNamespace
 
-    from raypose.pose import inspect_model
+    from raypose.models.vitpose import inspect_model
 
     expert = SimpleNamespace(model=inspect_model(job["model"]), dataset_index=job["dataset_index"])
     pose = SimpleNamespace(**{k: job[k] for k in ("device", "dtype", "compile", "flip_test")})
@@ -450,7 +450,7 @@ def _forward_loop(expert, pose, bs: int, n_crops: int, threads: int | None, min_
                   warm=None) -> dict[str, Any]:
     import torch
 
-    from raypose.pose import PoseEngine
+    from raypose.models.vitpose import PoseEngine
 
     if threads:
         torch.set_num_threads(threads)
@@ -532,7 +532,7 @@ def write_job(args: argparse.Namespace, data: dict, checkpoint: Path, output: Pa
 
 
 def load_spec(job: Path, overrides: list[str]):
-    from raypose.spec import load_job_spec
+    from raypose.config.spec import load_job_spec
 
     return load_job_spec(job, overrides)
 
@@ -632,7 +632,8 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     """One `raypose submit` in this process: plan_job + run_job (Ray reused if already up)."""
     import ray
 
-    from raypose.pipeline import plan_job, run_job
+    from raypose.pipeline.plan import plan_job
+    from raypose.pipeline.run import run_job
 
     out = Path(args.out)
     job = write_job(args, data, checkpoint, out / "runs" / tag, out / "jobs" / f"{tag}.yaml")
@@ -852,8 +853,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.images
     inputs = prepare_inputs(args, [n, 4 * n] if args.scale else [n])
     data, checkpoint = inputs["sets"][n], inputs["checkpoint"]
-    from raypose.pose import default_batch_size
-    from raypose.routing import resolve_routing
+    from raypose.models.routing import resolve_routing
+    from raypose.pipeline.layout import default_batch_size
 
     spec = load_spec(write_job(args, data, checkpoint, out / "runs" / "probe", out / "jobs" / "probe.yaml"),
                      args.overrides)
@@ -870,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # than one with two threads). --ceiling-threads N: one process, N threads.
     ceiling_processes, ceiling_threads = 1, threads
     if not gpu and not args.ceiling_threads:
-        from raypose.pipeline import pose_actor_layout
+        from raypose.pipeline.layout import pose_actor_layout
 
         blocks = math.ceil(n / spec.resources.images_per_crop_task)
         _, ceiling_processes, ceiling_threads = pose_actor_layout(spec.resources, True, cores, blocks)

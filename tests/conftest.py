@@ -1,4 +1,7 @@
-"""Shared fixtures: tiny checkpoints, drawn images with COCO boxes, one Ray per session."""
+"""Shared fixtures and builders: tiny checkpoints, drawn images with COCO boxes, image tasks, one Ray per session.
+
+tests/unit/<package>/ mirrors raypose/<package>/ and never starts Ray; tests/e2e/ runs jobs.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,77 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypose.synthetic import make_checkpoint, make_coco_dataset
+from raypose.testing.synthetic import make_checkpoint, make_coco_dataset
+
+REPO = Path(__file__).resolve().parents[1]  # the repository's root: jobs/, docs/, infra/, benchmarks/
+
+
+def image_task(path: Path, boxes: list[list[float]], *, categories: list[str] | None = None,
+               size: tuple[int, int] | None = None, first_annotation: int = 1) -> dict:
+    """One image task (schema.IMAGE_TASK_SCHEMA) for the file at `path`, keyed by its name, with ground-truth boxes."""
+    n = len(boxes)
+    return {
+        "image_key": path.name, "image_uri": path.as_uri(),
+        "expected_width": size[0] if size else None, "expected_height": size[1] if size else None,
+        "box_xywh": boxes, "annotation_id": list(range(first_annotation, first_annotation + n)),
+        "category": categories or ["person"] * n, "box_score": [None] * n, "box_source": "gt",
+    }
+
+
+def task_table(*tasks: dict):
+    """Image tasks as the Arrow batch the stages take."""
+    import pyarrow as pa
+
+    from raypose.schema import IMAGE_TASK_SCHEMA
+
+    return pa.Table.from_pylist(list(tasks), schema=IMAGE_TASK_SCHEMA)
+
+
+def routing_for(input_sizes: dict[str, tuple[int, int]], rules: dict[str, str] | None = None, default: str = "coco"):
+    """A Routing of experts known only by their input size (width, height): enough for the crop stage."""
+    from raypose.models.routing import Expert, Routing
+    from raypose.models.vitpose import ModelInfo
+
+    experts = {
+        name: Expert(name=name, dataset_index=None, keypoint_schema="coco17",
+                     model=ModelInfo(model_id=f"stand-in/{name}", revision="0", input_size=tuple(size), num_keypoints=17,
+                                     num_experts=1, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
+        for name, size in input_sizes.items()
+    }
+    return Routing(experts=experts, rules=dict(rules or {}), default=default)
+
+
+def crop_options(input_sizes: dict[str, tuple[int, int]] | None = None, rules: dict[str, str] | None = None,
+                 routing=None, **options):
+    """The crop stage's options for stand-in experts (`routing_for`) or a real routing."""
+    from raypose.pipeline.crop_stage import CropOptions
+
+    return CropOptions(routing=routing or routing_for(input_sizes, rules), **options)
+
+
+def gaussian_blur(heatmaps, kernel: int, sigma: float, border: str = "reflect"):
+    """Separable Gaussian smoothing of whole heatmaps (N, K, h, w): `heatmaps.blurred_at` every pixel (a reference)."""
+    import torch
+
+    from raypose.imaging.heatmaps import blurred_at
+
+    n, k, height, width = heatmaps.shape
+    device = heatmaps.device
+    planes = torch.arange(n * k, device=device).view(-1, 1, 1)
+    ys, xs = torch.arange(height, device=device).view(1, -1, 1), torch.arange(width, device=device).view(1, 1, -1)
+    return blurred_at(heatmaps, planes, ys, xs, kernel, sigma, border).reshape(n, k, height, width)
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random 2-layer ViTPose (COCO-17 head, 256x192 input) saved with save_pretrained."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "vitpose-tiny", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoint(tmp_path_factory) -> Path:
+    """As published in transformers format: a ViTPose++ (6 experts) with one 17-channel head, no raypose_schema."""
+    return make_checkpoint(tmp_path_factory.mktemp("plus") / "vitpose-plus-tiny", preset="tiny-plus")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,79 @@
+"""The throughput benchmark in CI size: tiny preset, three small images, all three rows, JSON written.
+
+A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
+machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one each
+of benchmarks/dtype_drift.py and benchmarks/profile_pose.py, in the same spirit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from conftest import REPO
+
+pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
+pytest.importorskip("scipy")
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def load_benchmark(name: str = "throughput"):
+    spec = importlib.util.spec_from_file_location(f"raypose_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
+    bench = load_benchmark()
+    json_path = tmp_path / "result.json"
+    result = bench.main([
+        "--preset", "tiny", "--images", "3", "--sizes", "320x240,240x320", "--persons", "1-2",
+        "--batch-size", "4", "--device", "cpu", "--ceiling-min-seconds", "0.1",
+        "--out", str(tmp_path / "bench"), "--json", str(json_path),
+    ])
+    rows = result["rows"]
+    for name in ("reference", "ceiling", "raypose"):
+        assert name in rows, name
+        assert rows[name]["crops"] > 0 and rows[name]["crops_per_second"] > 0, (name, rows[name])
+    assert rows["raypose"]["crops"] == rows["reference"]["crops"]  # same images and boxes
+    assert rows["raypose"]["x_reference"] > 0 and rows["raypose"]["x_ceiling"] > 0
+    assert result["raypose"]["errors"] == 0
+    assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
+
+    written = json.loads(json_path.read_text())
+    assert set(written["rows"]) >= {"reference", "ceiling", "raypose"}
+    assert written["config"]["preset"] == "tiny" and written["config"]["batch_size"] == 4
+    table = capsys.readouterr().out
+    assert "reference" in table and "ceiling" in table and "x ceiling" in table
+
+
+def test_dtype_drift_smoke(capsys):
+    load_benchmark("dtype_drift").main(["--preset", "tiny", "--images", "2", "--peaks", "20"])
+    out = capsys.readouterr().out
+    assert "bfloat16 vs float32" in out and "heatmap noise" in out
+    assert "peaked heatmaps + median noise" in out and "peaked heatmaps + p99 noise" in out
+
+
+def test_profile_pose_smoke(capsys):
+    load_benchmark("profile_pose").main(["--preset", "tiny", "--batch-size", "4", "--repeat", "1", "--device", "cpu",
+                                         "--device-crops", "2"])
+    out = capsys.readouterr().out
+    for row in ("crops -> array", "estimate", "forward", "estimate_rows", "rows, no model", "plan_crops", "cut_crops"):
+        assert f"  {row} " in out, row
+    assert "100.0% equal" in out  # on CPU the device path decodes with Pillow: the CPU stage's very crops
+
+
+def test_ceiling_in_processes_adds_their_rates(tiny_checkpoint):
+    from types import SimpleNamespace
+
+    from raypose.models.vitpose import inspect_model
+
+    bench = load_benchmark()
+    expert = SimpleNamespace(model=inspect_model(str(tiny_checkpoint)), dataset_index=None)
+    pose = SimpleNamespace(device="cpu", dtype="float32", compile=False, flip_test=False)
+    result = bench.run_ceiling(expert, pose, bs=2, n_crops=4, threads=1, min_seconds=0.1, processes=2)
+    assert result["processes"] == 2 and result["threads"] == 1 and result["crops"] >= 8
+    assert result["crops_per_second"] == pytest.approx(sum(result["crops_per_second_each"]), rel=0.01)

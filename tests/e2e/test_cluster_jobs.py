@@ -1,0 +1,211 @@
+"""`raypose submit --address`: the Ray Jobs API against a real local head, and the pieces around it.
+
+The head is a `ray start --head --block` subprocess with its own ports, its own temp dir (so
+its address file does not make anyone's `ray.init()` join it) and its own token; it is
+stopped by signalling that process, never with `ray stop`, which would also end the session's
+in-process Ray (the `ray_session` fixture) and anyone else's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import job_dict, read_json
+from typer.testing import CliRunner
+
+from raypose.cli import app
+from raypose.pipeline import cluster
+
+runner = CliRunner()
+HEAD_START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _our_pids(marker: str) -> list[int]:
+    """Processes whose command line names our head's private temp dir (nobody else's can)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head with the dashboard and Jobs API on 127.0.0.1, token auth on; yields its address."""
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing is not None:
+        pytest.skip(f"the Ray dashboard (Jobs API) needs ray[default]: {missing}")
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    temp_dir = tempfile.mkdtemp(prefix="rp-head-", dir="/tmp")  # short: Unix socket paths are limited
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
+    dashboard_port = free_port()
+    args = [
+        ray_bin, "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000",
+        f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+    ]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        from ray.job_submission import JobSubmissionClient
+
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited with {head.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
+                break
+            except Exception as exc:  # not up yet
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the Jobs API at {address} did not come up in {HEAD_START_TIMEOUT_S} s: {exc}\n"
+                                f"{log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield SimpleNamespace(address=address, token=token, temp_dir=temp_dir,
+                              client=JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}))
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _our_pids(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _our_pids(temp_dir):  # stragglers of this head only
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def head_env(ray_head, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    return ray_head
+
+
+def wait_for(client, submission_id: str, timeout_s: float = JOB_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(submission_id).value)
+        if status in cluster.TERMINAL:
+            return status
+        assert time.monotonic() < deadline, f"{submission_id} still {status}"
+        time.sleep(1)
+
+
+# --- against the real head ----------------------------------------------------------------
+
+
+def test_submit_runs_on_the_head_streams_its_log_and_writes_parquet(head_env, tiny_checkpoint, coco_folder,
+                                                                     write_job, tmp_path):
+    output = tmp_path / "out"
+    job = write_job(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, output))
+    started = time.monotonic()
+    result = runner.invoke(app, ["submit", str(job), "--address", head_env.address, "--set", "pose.batch_size=2"])
+    elapsed = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    # The job's own log, streamed: Ray's job manager line, then the run's lines, then its summary.
+    [entry] = [line for line in lines if line.startswith("Running entrypoint for job ")]
+    submission_id = entry.split()[4].rstrip(":")
+    assert entry.endswith("python -m raypose.cli submit raypose-job.json")
+    assert any(f"job {submission_id} started" in line for line in lines), result.stdout
+    assert lines[-1].startswith("done: 3 images, 6 instances, 0 errors") and str(output) in lines[-1]
+
+    table = pq.read_table(output / "keypoints")
+    assert table.num_rows == 6
+    assert set(table.column("job_id").to_pylist()) == {submission_id}  # one id in the dashboard and the table
+    manifest = read_json(output / "manifest.json")
+    assert manifest["job_id"] == submission_id and manifest["status"] == "succeeded"
+    assert manifest["spec"]["pose"]["batch_size"] == 2  # --set travelled with the spec
+
+    info = head_env.client.get_job_info(submission_id)
+    assert str(info.status.value) == "SUCCEEDED" and info.metadata["raypose_name"] == "test-job"
+    assert any(m.startswith("gcs://") for m in info.runtime_env["py_modules"])  # the package was uploaded
+    assert head_env.token not in json.dumps(info.runtime_env) + info.entrypoint
+    print(f"submit --address: {elapsed:.1f} s")
+
+
+def test_a_spec_problem_found_on_the_cluster_exits_2(head_env, tiny_checkpoint, coco_folder, write_job, tmp_path):
+    # Valid fields, so the local check passes; the images exist nowhere, which only the cluster finds out.
+    job = write_job(job_dict(tmp_path / "no-such-images", coco_folder / "boxes.json", tiny_checkpoint,
+                             tmp_path / "out"))
+    env = {**os.environ, "RAY_AUTH_TOKEN": head_env.token}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", "submit", str(job), "--address", head_env.address, "--quiet"],
+        env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stdout == ""  # --quiet: no log lines, and no summary for a job that did not run
+    assert "error: images.path:" in done.stderr and "no-such-images" in done.stderr
+    assert "FAILED" in done.stderr  # the client's own last word, as a warning-level line
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_no_wait_prints_the_job_id_and_returns(head_env, tiny_checkpoint, coco_folder, write_job, tmp_path):
+    job = write_job(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, tmp_path / "out"))
+    started = time.monotonic()
+    result = runner.invoke(app, ["submit", str(job), "--address", head_env.address, "--no-wait"])
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 30
+    submission_id = result.stdout.strip()
+    assert submission_id.startswith("test-job-") and "\n" not in submission_id
+    info = head_env.client.get_job_info(submission_id)
+    assert info.entrypoint == "python -m raypose.cli submit raypose-job.json"
+    head_env.client.stop_job(submission_id)  # no need to run it twice; frees the head
+    assert wait_for(head_env.client, submission_id) in ("STOPPED", "SUCCEEDED", "FAILED")
+
+
+def test_a_wrong_token_is_refused_with_one_line(head_env, tiny_checkpoint, coco_folder, write_job, tmp_path,
+                                                monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    job = write_job(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, tmp_path / "out"))
+    result = runner.invoke(app, ["submit", str(job), "--address", head_env.address])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"error: --address {head_env.address}: cannot use the Ray Jobs API there")
+    assert "0" * 64 not in result.output
+
+
+# --- without a cluster ----------------------------------------------------------------------
+
+

@@ -1,0 +1,170 @@
+"""The pose engine against the seed's reference pipeline on the same checkpoint, images and boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import crop_options, image_task, task_table
+from PIL import Image
+
+from raypose.config.spec import PoseSpec
+from raypose.imaging.crop_cpu import crop_image
+from raypose.imaging.geometry import center_scale_from_boxes
+from raypose.imaging.keypoint_schemas import COCO17
+from raypose.models.routing import resolve_routing
+from raypose.models.vitpose import PoseEngine, inspect_model
+from raypose.pipeline.crop_stage import make_crops
+from raypose.pipeline.pose_stage import PoseStage
+from raypose.testing.synthetic import draw_people
+
+reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
+pytest.importorskip("scipy")
+
+IMAGES = [
+    ((320, 240), [[20.0, 30.0, 60.0, 150.0], [200.5, 10.25, 90.0, 200.0]]),
+    ((180, 400), [[5.0, 40.0, 150.0, 300.0]]),
+    ((640, 160), [[300.0, 0.0, 40.0, 160.0], [0.0, 20.0, 639.0, 100.0]]),
+]
+
+
+def reference_pipeline(checkpoint, image: Image.Image, boxes, dataset_index=None):
+    """The seed's example: processor -> VitPoseForPoseEstimation -> post_process_pose_estimation."""
+    from transformers import VitPoseForPoseEstimation
+
+    processor = reference.VitPoseImageProcessorPil.from_pretrained(checkpoint)
+    model = VitPoseForPoseEstimation.from_pretrained(checkpoint).eval()
+    inputs = processor(image, boxes=[boxes], return_tensors="pt")
+    kwargs = {}
+    if dataset_index is not None:
+        kwargs["dataset_index"] = torch.full((len(boxes),), dataset_index)
+    with torch.no_grad():
+        outputs = model(**inputs, **kwargs)
+    results = processor.post_process_pose_estimation(outputs, boxes=[np.array(boxes, np.float32)])[0]
+    return np.stack([r["keypoints"].numpy() for r in results]), np.stack([r["scores"].numpy() for r in results])
+
+
+def engine_for(checkpoint) -> PoseEngine:
+    return PoseEngine(inspect_model(str(checkpoint)))
+
+
+def ours(engine: PoseEngine, image: Image.Image, boxes, **options):
+    centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    pixels = np.asarray(image)
+    crops = np.stack([crop_image(pixels, c, s, engine.info.input_size) for c, s in zip(centers, scales)])
+    return engine.estimate(crops, centers, scales, **options)
+
+
+def stage_for(checkpoint, **pose) -> PoseStage:
+    return PoseStage(resolve_routing(PoseSpec(model=str(checkpoint), **pose)))
+
+
+def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
+    return make_crops(tasks, options=crop_options(routing=stage.routing))
+
+
+@pytest.mark.parametrize("index", range(len(IMAGES)))
+def test_engine_equals_reference_pipeline(tiny_checkpoint, index):
+    (width, height), boxes = IMAGES[index]
+    image = draw_people(width, height, np.array(boxes), seed=index)
+    engine = engine_for(tiny_checkpoint)
+    keypoints, scores = ours(engine, image, boxes)
+    ref_keypoints, ref_scores = reference_pipeline(tiny_checkpoint, image, boxes)
+    assert keypoints.shape == ref_keypoints.shape == (len(boxes), 17, 2)
+    # Crops agree to one grey level on rare rounding ties, so heatmaps agree to ~1e-4 and
+    # keypoints to a hundredth of a heatmap pixel (the box's size / 48 image pixels).
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-3)
+    assert_same_keypoints(keypoints, ref_keypoints, boxes, engine)
+
+
+def assert_same_keypoints(keypoints, expected, boxes, engine, heatmap_pixels=0.01):
+    _, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    pitch = scales * 200.0 / (np.array(engine.info.input_size) / 4 - 1)  # image px per heatmap px
+    error = np.abs(keypoints - expected) / pitch[:, None, :]
+    assert error.max() <= heatmap_pixels, error.max()
+
+
+@pytest.mark.parametrize("expert, index", [("coco", 0), ("ap10k", 3)])
+def test_moe_checkpoint_gets_the_experts_dataset_index(moe_checkpoint, tmp_path, expert, index):
+    checkpoint = moe_checkpoint
+    (width, height), boxes = IMAGES[0]
+    draw_people(width, height, np.array(boxes)).save(tmp_path / "p.png")
+    # The tiny MoE's one head counts as COCO's; the AP-10K expert needs its head_schema said explicitly.
+    stage = stage_for(checkpoint, expert=expert, experts={} if expert == "coco" else {expert: {"head_schema": "ap10k17"}})
+    [engine] = stage.engines.values()
+    seen = []
+    engine.model.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("dataset_index")), with_kwargs=True
+    )
+    tasks = task_table(image_task(tmp_path / "p.png", boxes))
+    rows = stage(crops_for(tasks, stage)).to_pylist()
+    assert seen and seen[0].tolist() == [index] * len(boxes)
+    assert {r["expert"] for r in rows} == {expert}
+    keypoints = np.array([np.stack([r["keypoint_x"], r["keypoint_y"]], 1) for r in rows])
+    ref_keypoints, _ = reference_pipeline(checkpoint, Image.open(tmp_path / "p.png"), boxes, dataset_index=index)
+    assert_same_keypoints(keypoints, ref_keypoints, boxes, engine)
+
+
+def test_flip_test_averages_crop_and_mirror_heatmaps(tiny_checkpoint):
+    from transformers.models.vitpose.modeling_vitpose import flip_back
+
+    from raypose.imaging.heatmaps import decode_heatmaps
+
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes))
+    engine = engine_for(tiny_checkpoint)
+    keypoints, scores = ours(engine, image, boxes, flip_pairs=COCO17.flip_pairs)
+
+    processor = reference.VitPoseImageProcessorPil.from_pretrained(tiny_checkpoint)
+    pixels = processor(image, boxes=[boxes], return_tensors="pt")["pixel_values"]
+    pairs = torch.tensor(COCO17.flip_pairs)
+    with torch.no_grad():
+        plain = engine.model(pixel_values=pixels).heatmaps
+        mirrored = engine.model(pixel_values=pixels.flip(-1)).heatmaps
+    averaged = 0.5 * (plain + flip_back(mirrored, pairs))
+    centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    expected, expected_scores = decode_heatmaps(averaged, torch.from_numpy(centers), torch.from_numpy(scales))
+    assert_same_keypoints(keypoints, expected.numpy(), boxes, engine)
+    np.testing.assert_allclose(scores, expected_scores.numpy(), atol=1e-3)
+    plain_keypoints, _ = ours(engine_for(tiny_checkpoint), image, boxes)
+    assert not np.allclose(plain_keypoints, keypoints)
+
+
+def test_estimate_leaves_its_crops_as_they_were(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint)
+    crops = np.random.default_rng(1).integers(0, 256, (2, 256, 192, 3), dtype=np.uint8)
+    centers, scales = center_scale_from_boxes(np.array([[10.0, 10.0, 50.0, 90.0]] * 2), engine.info.input_size)
+    expected = engine.estimate(crops, centers, scales)
+    for given in (crops.copy(), torch.from_numpy(crops).float()):  # normalised in place, but on a copy
+        got = engine.estimate(given, centers, scales)
+        np.testing.assert_array_equal(np.asarray(given), crops)
+        np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_inspect_model_reads_shape_without_weights(tiny_checkpoint):
+    info = inspect_model(str(tiny_checkpoint))
+    assert info.input_size == (192, 256)
+    assert info.num_keypoints == 17 and info.num_experts == 1
+    assert info.revision.startswith("sha256:")
+    assert info.image_mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_channels_last_upsample_gives_the_same_values():
+    from raypose.models.vitpose import ChannelsLastUpsample
+
+    upsample = torch.nn.Upsample(scale_factor=4, mode="bilinear", align_corners=False)
+    hidden = torch.randn(3, 8, 16, 12)
+    assert torch.equal(ChannelsLastUpsample(upsample)(hidden), upsample(hidden))
+
+
+def test_compiled_engine_gives_the_eager_keypoints(tiny_checkpoint):
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes), seed=0)
+    eager = ours(engine_for(tiny_checkpoint), image, boxes)
+    compiled_engine = PoseEngine(inspect_model(str(tiny_checkpoint)), compile=True)
+    compiled = ours(compiled_engine, image, boxes)
+    np.testing.assert_allclose(compiled[1], eager[1], atol=1e-4)
+    assert_same_keypoints(compiled[0], eager[0], boxes, compiled_engine)
+
+

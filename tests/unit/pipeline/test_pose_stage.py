@@ -1,0 +1,133 @@
+"""The pose stage without Ray: crop rows (or image rows its cropper cuts) in, keypoint rows out, failures kept."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import crop_options, image_task, task_table
+
+from raypose.config.spec import PoseSpec
+from raypose.inputs.fetch import read_images
+from raypose.models.routing import resolve_routing
+from raypose.pipeline.crop_stage import CpuCropper, DeviceCropper, make_crops
+from raypose.pipeline.pose_stage import PoseSettings, PoseStage
+from raypose.schema import POSE_OUTPUT_SCHEMA
+from raypose.testing.synthetic import draw_people
+
+KEYPOINT_COLUMNS = ["keypoint_x", "keypoint_y", "keypoint_score", "instance_score"]
+
+
+def stage_for(checkpoint, cropper=None, batch_size: int = 8, **pose) -> PoseStage:
+    spec = PoseSpec(model=str(checkpoint), **pose)
+    return PoseStage(resolve_routing(spec), PoseSettings(batch_size=batch_size, flip_test=spec.flip_test), cropper)
+
+
+def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
+    return make_crops(tasks, options=crop_options(routing=stage.routing))
+
+
+def person_tasks(tmp_path, boxes, size=(320, 240)) -> pa.Table:
+    """A drawn picture with `boxes`, and an image that is not in storage."""
+    path = tmp_path / "person.png"
+    draw_people(*size, np.array([b for b in boxes if np.isfinite(b).all()]).reshape(-1, 4)).save(path)
+    return task_table(image_task(path, boxes), image_task(tmp_path / "gone.png", [[0.0, 0.0, 10.0, 10.0]], first_annotation=99))
+
+
+def test_pose_stage_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path):
+    stage = stage_for(tiny_checkpoint)
+    tasks = person_tasks(tmp_path, [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0]])
+    crops = crops_for(tasks, stage)
+    out = stage(crops)
+    assert out.schema == POSE_OUTPUT_SCHEMA
+    rows = out.to_pylist()
+    assert [(r["image_key"], r["instance_index"], r["error_stage"]) for r in rows] == [
+        ("person.png", 0, None), ("person.png", 1, "boxes"), ("person.png", 2, None), ("gone.png", None, "read"),
+    ]
+    for row in (rows[0], rows[2]):
+        assert len(row["keypoint_x"]) == len(row["keypoint_score"]) == 17
+        assert row["expert"] == "coco" and row["keypoint_schema"] == "coco17"
+        assert 0 <= row["instance_score"] <= 1
+    assert rows[1]["keypoint_x"] is None and rows[1]["instance_score"] is None
+    # The same crop alone gives the same keypoints: rows are not mixed up within a batch.
+    alone = stage(crops.slice(2, 1)).to_pylist()[0]
+    np.testing.assert_allclose(alone["keypoint_x"], rows[2]["keypoint_x"], atol=1e-3)
+
+
+@pytest.mark.parametrize("cropper", ["cpu", "device"])
+def test_a_stage_that_crops_takes_image_rows_and_forwards_in_batches(tiny_checkpoint, tmp_path, cropper):
+    separate = stage_for(tiny_checkpoint)
+    boxes = [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0], [100.0, 5.0, 70.0, 200.0]]
+    tasks = person_tasks(tmp_path, boxes)
+    expected = separate(crops_for(tasks, separate))
+    options = crop_options(routing=separate.routing)
+    if cropper == "device":
+        tasks = read_images(tasks, storage_options={})
+    fused = stage_for(tiny_checkpoint, CpuCropper(options) if cropper == "cpu" else DeviceCropper(options), batch_size=2)
+    [engine] = fused.engines.values()
+    forwards = []
+    engine.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(len(kwargs["pixel_values"])),
+                                           with_kwargs=True)
+    got = fused(tasks)
+    assert forwards == [2, 1]  # three good boxes, at most two crops per forward
+    assert got.drop_columns(KEYPOINT_COLUMNS).equals(expected.drop_columns(KEYPOINT_COLUMNS))
+    for name in KEYPOINT_COLUMNS:
+        ours, theirs = got.column(name).to_pylist(), expected.column(name).to_pylist()
+        assert [v is None for v in ours] == [v is None for v in theirs]
+        for a, b in zip(ours, theirs):
+            if a is not None:
+                np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_calls_in_threads_crop_together_and_take_turns_at_the_forwards(tiny_checkpoint, tmp_path):
+    separate = stage_for(tiny_checkpoint)
+    tasks = person_tasks(tmp_path, [[20.0, 30.0, 60.0, 150.0], [10.0, 10.0, 80.0, 90.0]])
+    cpu = CpuCropper(crop_options(routing=separate.routing))
+    stage = stage_for(tiny_checkpoint, cpu, batch_size=1)
+    expected = stage(tasks)
+    # All three calls must be cropping at once before any goes on to its forwards...
+    together = threading.Barrier(3, timeout=60)
+
+    def crop_together(batch, device):
+        rows = cpu(batch, device)
+        together.wait()
+        return rows
+
+    stage.cropper = crop_together
+    [engine] = stage.engines.values()
+    running, most, estimate = [0], [0], engine.estimate
+
+    def counted(*args, **kwargs):
+        # ...and each forward runs holding the actor's forward lock, one at a time.
+        assert stage._forwards.locked()
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            return estimate(*args, **kwargs)
+        finally:
+            running[0] -= 1
+
+    engine.estimate = counted
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(stage, [tasks] * 3))
+    assert most[0] == 1
+    assert all(result.equals(expected) for result in results)
+
+
+def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
+    stage = stage_for(tiny_checkpoint)
+    crops = crops_for(person_tasks(tmp_path, [[20.0, 30.0, 60.0, 150.0]]), stage)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert")
+
+    [engine] = stage.engines.values()
+    monkeypatch.setattr(engine, "estimate", explode)
+    rows = stage(crops).to_pylist()
+    assert [(r["error_stage"], r["error_reason"]) for r in rows] == [
+        ("pose", "RuntimeError: CUDA error: device-side assert"),
+        ("read", "not found in storage"),
+    ]

@@ -1,0 +1,54 @@
+"""Logs for scheduled runs: `submit --log-format json` (every line a JSON object, start/finish records
+with the counts) and `submit --quiet` (the summary line alone on stdout).
+
+The runs are real processes (Ray's C++ core and Ray Data write to the process's own streams,
+which an in-process test runner cannot capture), joined to the session's Ray through
+RAY_ADDRESS, the way a run inside a Ray job or a KubeRay RayJob finds its cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from raypose.logs import JsonFormatter, as_json_line
+
+
+def test_json_formatter_keeps_the_extra_fields():
+    record = logging.LogRecord("raypose.pipeline", logging.INFO, __file__, 1, "job %s started", ("j1",), None)
+    record.event, record.images, record._private = "job_started", 3, "hidden"
+    data = json.loads(JsonFormatter().format(record))
+    assert data["message"] == "job j1 started" and data["event"] == "job_started" and data["images"] == 3
+    assert data["logger"] == "raypose.pipeline" and data["level"] == "INFO" and "ts" in data
+    assert "_private" not in data and "args" not in data and "msg" not in data
+
+
+def test_lines_that_bypass_logging_are_wrapped():
+    core = json.loads(as_json_line("[2026-11-25 06:18:30,737 E 31824 31824] core_worker.cc:2465: Actor ..."))
+    assert core["level"] == "ERROR" and core["logger"] == "ray.core"
+    assert json.loads(as_json_line("plain text"))["message"] == "plain text"
+    assert as_json_line('{"already": "json"}') == '{"already": "json"}'
+    assert json.loads(as_json_line("[1, 2]"))["message"] == "[1, 2]"  # only objects pass as they are
+
+
+def test_rays_console_handlers_follow_sys_stderr(monkeypatch):
+    """Ray's console handler keeps the stream it was created with; after `quiet_ray` it writes to
+    whatever sys.stderr is, so a closed stream from an earlier in-process run is never used."""
+    import io
+
+    import ray.data  # noqa: F401  (installs Ray Data's console handler)
+
+    from raypose.pipeline.runtime import quiet_ray
+
+    stale = io.StringIO()
+    handlers = [h for h in logging.getLogger("ray.data").handlers if type(h).__name__ == "PlainRayHandler"]
+    assert handlers
+    for handler in handlers:
+        monkeypatch.setattr(handler, "stream", stale)
+    stale.close()
+    quiet_ray("text", quiet=False)
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    logging.getLogger("ray.data.test").info("hello from ray data")
+    assert "hello from ray data" in now.getvalue()
