@@ -209,3 +209,13 @@ def test_s3_urls_get_a_retry_policy_unless_one_is_configured(monkeypatch):
 # --- faults mid-job -------------------------------------------------------------------------
 
 
+
+
+def test_open_url_names_the_field_and_uri_of_records_the_protocol(tmp_path):
+    from raypose.errors import SpecError
+    from raypose.inputs.storage import open_url, uri_of
+
+    fs, path = open_url(str(tmp_path), {}, "images.path")
+    assert uri_of(fs, path) == f"file://{tmp_path}" and uri_of(fs, "s3://b/k") == "s3://b/k"
+    with pytest.raises(SpecError, match=r"^boxes.path: cannot open nosuchproto://x"):
+        open_url("nosuchproto://x", {}, "boxes.path")

@@ -1,0 +1,100 @@
+"""Resume: the result key (what decides the rows), refusals that name what changed, shards and job ids."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from raypose.config.spec import load_job_spec, parse_job_spec
+from raypose.errors import SpecError
+from raypose.output.resume import (
+    JOB_ID_ENV,
+    check_resumable,
+    fingerprint,
+    keys_fingerprint,
+    new_job_id,
+    plan_shards,
+    result_key,
+    shard_of,
+)
+from raypose.output.writer import OutputStore
+
+MODELS = {"expert:coco": "m@r1"}
+
+
+def spec_with(**fields):
+    raw = {"images": {"path": "/data"}, "boxes": {"path": "/boxes.json"}, "pose": {"model": "/model"},
+           "output": {"path": "/out"}}
+    for dotted, value in fields.items():
+        section, key = dotted.split("__")
+        raw.setdefault(section, {})[key] = value
+    return parse_job_spec(raw)
+
+
+def key_of(spec=None, models=MODELS, **resolved):
+    return result_key(spec or spec_with(), models, resolved or None)
+
+
+def test_speed_knobs_do_not_change_what_a_resume_must_match():
+    base = fingerprint(key_of())
+    for field, value in [("pose__compile", True), ("pose__batch_size", 512), ("resources__threads_per_pose_actor", 3),
+                         ("resources__crop_in", "tasks"), ("resources__pose_calls_per_actor", 2),
+                         ("output__images_per_shard", 7), ("output__compression", "snappy")]:
+        assert fingerprint(key_of(spec_with(**{field: value}))) == base, field
+    assert fingerprint(key_of(spec_with(images__storage_options={"key": "a", "secret": "b"}))) == base
+    # JPEG draft changes the crops' pixels, the flip test the keypoints; so do the models and the decoder.
+    assert fingerprint(key_of(spec_with(images__jpeg_draft=True))) != base
+    assert fingerprint(key_of(spec_with(pose__flip_test=True))) != base
+    assert fingerprint(key_of(models={"expert:coco": "m@r2"})) != base
+    assert fingerprint(key_of(decoder="pillow")) != fingerprint(key_of(decoder="nvjpeg"))
+
+
+def test_the_output_spelled_another_way_is_the_same_output(tmp_path, monkeypatch):
+    job = tmp_path / "job.yaml"
+    job.write_text("images: {path: data}\nboxes: {path: boxes.json}\npose: {model: model}\noutput: {path: out}\n")
+    monkeypatch.chdir(tmp_path)
+    keys = {fingerprint(key_of(load_job_spec(job, overrides)))
+            for overrides in ([], ["output.path=out"], ["output.path=./out/"], [f"output.path={tmp_path / 'out'}"])}
+    assert len(keys) == 1
+
+
+def test_a_refusal_names_each_setting_that_changed():
+    previous = {"result_key": key_of(decoder="pillow")}
+    check_resumable(previous, key_of(), "/out")  # the spec's part, as the plan checks it
+    check_resumable(previous, key_of(decoder="pillow"), "/out")
+    with pytest.raises(SpecError, match=re.escape("(pose.flip_test: false -> true); use output.mode: overwrite")):
+        check_resumable(previous, key_of(spec_with(pose__flip_test=True)), "/out")
+    with pytest.raises(SpecError, match=re.escape('layout.decoder: "pillow" -> "nvjpeg"')):
+        check_resumable(previous, key_of(decoder="nvjpeg"), "/out")
+    with pytest.raises(SpecError, match=re.escape('models.expert:coco: "m@r1" -> "m@r2"')):
+        check_resumable(previous, key_of(models={"expert:coco": "m@r2"}), "/out")
+    with pytest.raises(SpecError, match="written by an earlier raypose that recorded no result key"):
+        check_resumable({"result_fingerprint": "abc"}, key_of(), "/out")
+
+
+def test_shards_are_stable_and_committed_ones_are_reused_only_for_the_same_images(tmp_path, monkeypatch):
+    monkeypatch.delenv(JOB_ID_ENV, raising=False)
+    spec = spec_with(output__images_per_shard=2, output__path=str(tmp_path / "out"))
+    store = OutputStore(spec.output, {})
+    keys = [f"img_{i}.jpg" for i in range(5)]
+    fresh = plan_shards(spec, keys, store, previous=None)
+    assert fresh.num_shards == 3 and fresh.shard_of_task == [shard_of(k, 3) for k in keys]
+    assert sorted(k for ks in fresh.to_write.values() for k in ks) == keys and not fresh.reused
+    assert re.fullmatch(r"raypose-job-\d{8}T\d{6}Z-[0-9a-f]{6}", fresh.job_id)
+    done = next(s for s, ks in fresh.to_write.items() if ks)
+    store.write_json(f"_shards/{done:05d}.json", {"shard": done, "inputs": keys_fingerprint(fresh.to_write[done])})
+    previous = {"job_id": fresh.job_id, "num_shards": 3}
+    resumed = plan_shards(spec, keys, store, previous)
+    assert resumed.job_id == fresh.job_id and set(resumed.reused) == {done} and done not in resumed.to_write
+    changed = keys[:-1] + ["new.jpg"]
+    other = plan_shards(spec, changed, store, previous)
+    same_images = sorted(k for k, s in zip(changed, other.shard_of_task) if s == done) == sorted(fresh.to_write[done])
+    assert (done in other.reused) == same_images
+
+
+def test_a_run_on_a_cluster_takes_the_submission_id(monkeypatch, tmp_path):
+    monkeypatch.setenv(JOB_ID_ENV, "nightly-20261201T000000Z-abcdef")
+    spec = spec_with(output__path=str(tmp_path / "out"))
+    assert plan_shards(spec, ["a"], OutputStore(spec.output, {}), None).job_id == "nightly-20261201T000000Z-abcdef"
+    assert new_job_id("x").startswith("x-")

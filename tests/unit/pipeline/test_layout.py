@@ -1,0 +1,96 @@
+"""The layout: every auto of a spec resolved once for a cluster, and what the cluster cannot give refused."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import routing_for
+
+from raypose.config.spec import parse_job_spec
+from raypose.errors import SpecError
+from raypose.inputs.fetch import read_images
+from raypose.pipeline.crop_stage import (
+    CpuCropper,
+    CropColumn,
+    DeviceCropper,
+    make_crops,
+)
+from raypose.pipeline.layout import ClusterShape, resolve_layout
+
+ROUTING = routing_for({"coco": (192, 256)})
+CPU = ClusterShape(gpus=0, node_cpus=2)
+GPU = ClusterShape(gpus=4, node_cpus=16, accelerators=("H100",))
+
+
+def layout(cluster: ClusterShape = CPU, images: int = 128, detecting: bool = False, **sections):
+    raw = {"images": {"path": "/data"}, "boxes": {"path": "/boxes.json"}, "pose": {"model": "/model"},
+           "output": {"path": "/out"}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return resolve_layout(parse_job_spec(raw), ROUTING, cluster, images, detecting=detecting)
+
+
+def pose_layout(result) -> tuple[str, int, int | None]:
+    return result.crops.name, result.pose_pool.actors, result.pose.threads
+
+
+def test_cpu_jobs_get_two_actors_that_crop_for_themselves_and_share_the_cores():
+    assert pose_layout(layout(CPU)) == ("pose_actor", 2, 1)
+    assert pose_layout(layout(ClusterShape(node_cpus=16))) == ("pose_actor", 2, 8)
+    assert pose_layout(layout(ClusterShape(node_cpus=1))) == ("pose_actor", 1, 1)
+    assert pose_layout(layout(CPU, images=16)) == ("pose_actor", 1, 2)  # one block, one actor
+    # Crop or read tasks, or a detector, need a CPU beside the actor: one actor.
+    assert pose_layout(layout(CPU, resources={"crop_in": "tasks"})) == ("tasks", 1, 2)
+    assert pose_layout(layout(CPU, resources={"crop_in": "pose_device"})) == ("pose_device", 1, 2)
+    assert pose_layout(layout(CPU, detecting=True)) == ("pose_actor", 1, 2)
+    # What the job names, it gets.
+    named = layout(ClusterShape(node_cpus=16), images=16, resources={"pose_actors": 3, "threads_per_pose_actor": 4})
+    assert pose_layout(named) == ("pose_actor", 3, 4)
+    assert pose_layout(layout(ClusterShape(node_cpus=16), resources={"pose_actors": 3})) == ("pose_actor", 3, 5)
+
+
+def test_cpu_defaults_device_dtype_and_batch():
+    result = layout(CPU)
+    assert (result.pose.device, result.pose.dtype, result.pose.batch_size, result.pose_pool.gpus) == ("cpu", "float32", 8, 0)
+    assert result.crops.decoder == "pillow"
+
+
+def test_gpu_jobs_get_a_gpu_per_actor_crop_tasks_and_bfloat16():
+    result = layout(GPU)
+    assert pose_layout(result) == ("tasks", 1, None)
+    assert (result.pose.device, result.pose.dtype, result.pose.batch_size, result.pose_pool.gpus) == (
+        "cuda", "bfloat16", 256, 1.0)
+    older = layout(ClusterShape(gpus=1, node_cpus=8, accelerators=("V100",)))
+    assert older.pose.dtype == "float16"  # no bfloat16 before compute capability 8.0
+    assert layout(GPU, pose={"device": "cpu"}).pose.device == "cpu"
+
+
+def test_each_crop_placement_is_a_strategy_object():
+    tasks, in_actor, on_device = (layout(CPU, resources={"crop_in": name}).crops
+                                  for name in ("tasks", "pose_actor", "pose_device"))
+    assert tasks.task[0] is make_crops and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
+    assert in_actor.task is None and isinstance(in_actor.cropper, CpuCropper) and in_actor.rows_per_call is None
+    assert in_actor.cropper.threads == 1
+    assert on_device.task[0] is read_images and isinstance(on_device.cropper, DeviceCropper)
+    assert on_device.rows_per_call == 8 and not on_device.cropper.nvjpeg  # Pillow on a CPU
+
+
+def test_cuda_on_a_cluster_without_gpus_is_a_spec_error_before_any_actor_starts():
+    with pytest.raises(SpecError, match=r"pose.device: cuda, but the Ray cluster has no GPU"):
+        layout(CPU, pose={"device": "cuda"})
+    with pytest.raises(SpecError, match=r"boxes.detector.device: cuda, but the Ray cluster has no GPU"):
+        layout(CPU, detecting=True, boxes={"source": "detector", "path": None, "detector": {"device": "cuda"}})
+    with pytest.raises(SpecError, match=r"resources.gpus_per_pose_actor: 0 with pose.device: cuda"):
+        layout(GPU, pose={"device": "cuda"}, resources={"gpus_per_pose_actor": 0})
+    # An autoscaling cluster adds GPU workers when asked: a job that asks for them is trusted.
+    promised = layout(CPU, pose={"device": "cuda"}, resources={"gpus_per_pose_actor": 1})
+    assert (promised.pose.device, promised.pose_pool.gpus) == ("cuda", 1)
+
+
+def test_the_detector_is_laid_out_beside_the_pose_actors():
+    result = layout(GPU, detecting=True, resources={"detector_actors": 2, "cpus_per_detector_actor": 3})
+    assert (result.detector_device, result.detector_dtype, result.detector_threads) == ("cuda", "bfloat16", 3)
+    assert (result.detector_pool.actors, result.detector_pool.gpus) == (2, 1.0)
+    assert layout(CPU).detector_pool is None
+    described = result.describe()
+    assert described["detector"]["actors"] == 2 and described["pose"]["device"] == "cuda"
+    assert described["crop_in"] == "tasks" and described["decoder"] == "pillow"

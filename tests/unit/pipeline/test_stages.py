@@ -1,0 +1,62 @@
+"""The stages as data: their order, arguments and resources come from the plan and the layout; each runs without Ray."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from conftest import job_dict
+from raypose.config.spec import parse_job_spec
+from raypose.pipeline.layout import ClusterShape, resolve_layout
+from raypose.pipeline.plan import plan_job
+from raypose.pipeline.stages import Stage, job_stages
+
+
+def run_locally(stages: list[Stage], batch: pa.Table) -> pa.Table:
+    """What the Dataset does with one block, without Ray: each stage's callable in turn."""
+    for stage in stages:
+        if stage.pool is not None:
+            batch = stage.fn(**stage.fn_args)(batch)
+        else:
+            batch = stage.fn(batch, **stage.fn_args)
+    return batch
+
+
+@pytest.fixture
+def plan(tiny_checkpoint, coco_folder, tmp_path):
+    spec = parse_job_spec(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, tmp_path / "out"))
+    return plan_job(spec)
+
+
+def test_each_placement_gives_its_stages_and_the_same_rows(plan):
+    results = {}
+    for crop_in, names in [("tasks", ["make_crops", "pose"]), ("pose_actor", ["pose"]),
+                           ("pose_device", ["read_images", "pose"])]:
+        spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(update={"crop_in": crop_in})})
+        layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
+        stages = job_stages(plan, layout)
+        assert [s.name for s in stages] == names
+        pose = stages[-1]
+        assert pose.pool == layout.pose_pool and pose.map_args["num_gpus"] == 0
+        assert pose.map_args["batch_size"] == layout.crops.rows_per_call
+        assert pose.map_args["max_restarts"] == spec.limits.max_retries
+        results[crop_in] = run_locally(stages, plan.tasks).sort_by([("image_key", "ascending"),
+                                                                   ("instance_index", "ascending")])
+    assert results["tasks"].num_rows == 6 and results["tasks"].column("error_stage").null_count == 6
+    # Where the crops are made does not change a row.
+    assert results["pose_actor"].equals(results["tasks"]) and results["pose_device"].equals(results["tasks"])
+
+
+def test_a_stage_can_be_wrapped_without_touching_the_others(plan):
+    layout = resolve_layout(plan.spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
+    stages = job_stages(plan, layout)
+    calls = []
+
+    class Traced(stages[-1].fn):
+        def __call__(self, batch):
+            calls.append(batch.num_rows)
+            return super().__call__(batch)
+
+    wrapped = [stage.with_fn(Traced) if stage.name == "pose" else stage for stage in stages]
+    assert wrapped[-1].fn_args is stages[-1].fn_args and wrapped[-1].map_args == stages[-1].map_args
+    assert run_locally(wrapped, plan.tasks).num_rows == 6 and calls == [3]
