@@ -27,14 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_pose import benchmark_tasks, crop_options  # noqa: E402
+from profile_pose import benchmark_tasks  # noqa: E402
 
 from raypose.config.spec import PoseSpec  # noqa: E402
 from raypose.imaging.heatmaps import decode_heatmaps  # noqa: E402
 from raypose.models.routing import resolve_routing  # noqa: E402
 from raypose.models.vitpose import PoseEngine, inspect_model  # noqa: E402
-from raypose.pipeline.crop_stage import crop_array as _crop_array  # noqa: E402
-from raypose.pipeline.crop_stage import make_crops  # noqa: E402
+from raypose.pipeline.crop_stage import CropOptions, crop_array, make_crops  # noqa: E402
 from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 
 
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / args.preset, preset=args.preset)
         routing = resolve_routing(PoseSpec(model=str(checkpoint)))
-        crops = make_crops(benchmark_tasks(Path(tmp), args.images), **crop_options(routing))
+        crops = make_crops(benchmark_tasks(Path(tmp), args.images), options=CropOptions(routing=routing))
         info = inspect_model(str(checkpoint))
         good = [i for i, stage in enumerate(crops.column("error_stage").to_pylist()) if stage is None]
-        array = _crop_array(crops.column("crop").combine_chunks(), good, info.input_size)
+        array = crop_array(crops.column("crop").combine_chunks(), good, info.input_size)
         full = heatmaps(PoseEngine(info, device=args.device, dtype="float32"), array)
         low = heatmaps(PoseEngine(info, device=args.device, dtype=args.dtype), array)
 

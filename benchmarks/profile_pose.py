@@ -6,7 +6,7 @@
 Builds a checkpoint of the preset's shape (random weights) and one pose-stage batch as the
 crop stage makes it (uint8 crops in a binary Arrow column), then times, median of --repeat:
 
-  crops -> array    the crop column -> one (N, H, W, 3) uint8 array (`pose._crop_array`)
+  crops -> array    the crop column -> one (N, H, W, 3) uint8 array (`crop_stage.crop_array`)
   estimate          `PoseEngine.estimate`: host->device copy, normalise, forward, decode, back
   forward           the model forward alone on ready device tensors (the ceiling's unit)
   estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
@@ -17,9 +17,9 @@ On a GPU it also prints the forward's ten most expensive kernels (torch.profiler
 benchmark JPEGs (`synthetic.make_benchmark_dataset`) as resources.crop_in: pose_device runs it:
 
   read_images       the CPU stage: the files' bytes
-  plan_crops        headers, boxes and crop geometry, in the actor
-  decode            `device_crops.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
-  cut_crops         decode + every crop of the block cut on the device (one cut)
+  plan_device_crops headers, boxes and crop geometry, in the actor
+  decode            `crop_torch.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
+  cut_on_device     decode + every crop of the block cut on the device (one cut)
 
 and how far those crops are from the CPU stage's (`make_crops`: Pillow decode, numpy cut):
 bit-identical where the device decodes with Pillow too, nvJPEG's rounding on a GPU.
@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing
 from raypose.models.vitpose import PoseEngine, inspect_model
-from raypose.pipeline.crop_stage import crop_array as _crop_array
+from raypose.pipeline.crop_stage import CropOptions, column_pixels, crop_array
 from raypose.pipeline.pose_stage import estimate_rows
 from raypose.schema import CROP_SCHEMA
 from raypose.testing.synthetic import make_checkpoint
 
 
 def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
-    """n crop rows as `crops.make_crops` emits them (random pixels, plausible geometry)."""
+    """n crop rows as `crop_stage.make_crops` emits them (random pixels, plausible geometry)."""
     width, height = size
     rng = np.random.default_rng(seed)
     crops = rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(Path(tmp) / args.preset, preset=args.preset)
-        spec = PoseSpec(model=str(checkpoint), device=args.device, dtype=args.dtype)
-        routing = resolve_routing(spec)
+        routing = resolve_routing(PoseSpec(model=str(checkpoint)))
+        device, dtype = resolved(args.device, args.dtype)
         started = time.perf_counter()
-        engine = PoseEngine(inspect_model(str(checkpoint)), device=args.device, dtype=args.dtype)
+        engine = PoseEngine(inspect_model(str(checkpoint)), device=device, dtype=dtype)
         load_seconds = time.perf_counter() - started
         expert = routing.experts[routing.default]
         engines = {(expert.model.model_id, expert.model.revision): engine}
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         width, height = engine.info.input_size
         batch = crop_batch(n, (width, height))
         column = batch.column("crop").combine_chunks()
-        array = _crop_array(column, list(range(n)), (width, height))
+        array = crop_array(column, list(range(n)), (width, height))
         centers = np.tile(np.float32([[60, 120]]), (n, 1))
         scales = np.tile(np.float32([[0.94, 1.25]]), (n, 1))
         pixels = torch.randn(n, 3, height, width, device=device).to(engine.dtype)
@@ -126,12 +126,13 @@ def main(argv: list[str] | None = None) -> None:
             engine.model(pixel_values=pixels)
 
         rows = {
-            "crops -> array": timed(lambda: _crop_array(column, list(range(n)), (width, height)), args.repeat, device),
+            "crops -> array": timed(lambda: crop_array(column, list(range(n)), (width, height)), args.repeat, device),
             "estimate": timed(lambda: engine.estimate(array, centers, scales), args.repeat, device),
             "forward": timed(forward, args.repeat, device),
-            "estimate_rows": timed(lambda: estimate_rows(engines, routing, batch), args.repeat, device),
+            "estimate_rows": timed(lambda: estimate_rows(engines, routing, batch, column_pixels(batch)), args.repeat,
+                                   device),
             "rows, no model": timed(lambda: estimate_rows({key: NoModel(engine.info.num_keypoints) for key in engines},
-                                                          routing, batch), args.repeat, device),
+                                                          routing, batch, column_pixels(batch)), args.repeat, device),
         }
         print(f"{args.preset} on {device} {str(engine.dtype).replace('torch.', '')}, batch {n}, "
               f"attention {engine.model.backbone.config._attn_implementation}, torch threads {torch.get_num_threads()}, "
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def benchmark_tasks(folder: Path, count: int) -> pa.Table:
-    """Image rows (`table.IMAGE_TASK_SCHEMA`) for `count` benchmark JPEGs and their boxes, made under `folder`."""
+    """Image rows (`schema.IMAGE_TASK_SCHEMA`) for `count` benchmark JPEGs and their boxes, made under `folder`."""
     import json
     import os
 
@@ -179,47 +180,51 @@ def benchmark_tasks(folder: Path, count: int) -> pa.Table:
          "box_source": "gt"} for image in coco["images"]], schema=IMAGE_TASK_SCHEMA)
 
 
-def crop_options(routing) -> dict:
-    """`make_crops` / `plan_crops` options for a routing, local files."""
-    return {"input_sizes": {name: e.input_size for name, e in routing.experts.items()}, "routes": routing.rules,
-            "default_expert": routing.default, "storage_options": {}, "max_pixels": 10**8}
+def resolved(device: str, dtype: str) -> tuple[str, str]:
+    """--device and --dtype with auto resolved as a job's layout resolves it on this machine."""
+    from raypose.pipeline.layout import ClusterShape, resolve_dtype
+
+    cuda = torch.cuda.is_available()
+    device = ("cuda" if cuda else "cpu") if device == "auto" else device
+    return device, resolve_dtype(dtype, device, ClusterShape(bf16=torch.cuda.is_bf16_supported() if cuda else None))
 
 
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
     """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
     from raypose.imaging.crop_torch import decode_on_device, gpu_jpeg_decoder
     from raypose.inputs.fetch import read_images
-    from raypose.pipeline.crop_stage import cut_on_device as cut_crops
-    from raypose.pipeline.crop_stage import plan_crops
+    from raypose.pipeline.crop_stage import cut_on_device, plan_device_crops
 
     tasks = benchmark_tasks(folder, count)
-    options = crop_options(routing)
+    options = CropOptions(routing=routing)
+    size = routing.input_size(routing.default)
+    nvjpeg = device.type == "cuda" and gpu_jpeg_decoder() is not None
+
     def cut_all(rows, images, device):
-        table, cut = cut_crops(rows, images, device, 10**8)
-        size = options["input_sizes"][routing.default]
+        table, cut = cut_on_device(rows, images, device, options.max_pixels, nvjpeg)
         return cut([row for image in images for row in image.rows], size)
 
     read = read_images(tasks, storage_options={})
-    rows, images = plan_crops(read, **options)
+    rows, images = plan_device_crops(read, options)
     crops = sum(len(image.rows) for image in images)
     steps = {
         "read_images": timed(lambda: read_images(tasks, storage_options={}), repeat, device),
-        "plan_crops": timed(lambda: plan_crops(read, **options), repeat, device),
-        "decode": timed(lambda: decode_on_device(images, device, 10**8), repeat, device),
-        "cut_crops": timed(lambda: cut_all(rows, images, device), repeat, device),
+        "plan_device_crops": timed(lambda: plan_device_crops(read, options), repeat, device),
+        "decode": timed(lambda: decode_on_device(images, device, options.max_pixels, nvjpeg), repeat, device),
+        "cut_on_device": timed(lambda: cut_all(rows, images, device), repeat, device),
     }
-    decoder = "nvJPEG (torchvision)" if device.type == "cuda" and gpu_jpeg_decoder() else "Pillow"
+    decoder = "nvJPEG (torchvision)" if nvjpeg else "Pillow"
     print(f"device crops: {count} images ({', '.join(sorted({k.split('_')[-1][:-4] for k in tasks.column('image_key').to_pylist()}))}), "
           f"{crops} crops, decoded by {decoder}")
     for name, seconds in steps.items():
-        print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
+        print(f"  {name:17s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
     # The same crops from the CPU stage (Pillow decode, numpy cut): how far the device's are.
     from raypose.pipeline.crop_stage import make_crops
 
-    reference = make_crops(tasks, **options)
-    table, cut = cut_crops(rows, images, device, 10**8)
+    reference = make_crops(tasks, options=options)
+    table, cut = cut_on_device(rows, images, device, options.max_pixels, nvjpeg)
     good = [i for i, stage in enumerate(table.column("error_stage").to_pylist()) if stage is None]
-    width, height = options["input_sizes"][routing.default]
+    width, height = size
     ours = cut(good, (width, height)).cpu().numpy().astype(np.int16)
     theirs = np.stack([np.frombuffer(reference.column("crop")[i].as_py(), np.uint8).reshape(height, width, 3)
                        for i in good]).astype(np.int16)

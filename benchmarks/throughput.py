@@ -330,10 +330,8 @@ def run_reference(expert, pose, data: dict, threads: int | None) -> dict[str, An
     from transformers import AutoProcessor, VitPoseForPoseEstimation
 
     from raypose.imaging.keypoint_schemas import SCHEMAS
-    from raypose.pipeline.layout import resolve_device, resolve_dtype
 
-    device = resolve_device(pose.device)
-    dtype = resolve_dtype(pose.dtype, device)
+    device, dtype = torch.device(pose.device), getattr(torch, pose.dtype)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     checkpoint = expert.model.model_id
@@ -537,21 +535,13 @@ def load_spec(job: Path, overrides: list[str]):
     return load_job_spec(job, overrides)
 
 
-@contextlib.contextmanager
-def traced_stages(trace_path: Path, enabled: bool = True):
-    """Time the pipeline's crop tasks and pose-actor calls from inside the workers.
+def stage_tracer(trace_path: Path):
+    """A `build_dataset` stage wrapper that times the job's tasks and pose-actor calls from inside the workers.
 
-    Wraps `raypose.pipeline.make_crops`, `read_images` and `PoseStage` for the duration
-    (restored after): each call appends one JSON line (wall-clock start/end, rows) to
-    `trace_path`. The workers share this machine's clock, so the first crop task's start
-    can be set against the driver's end time. Costs a file append per block/batch.
+    Each call appends one JSON line (wall-clock start/end, rows) to `trace_path`. The workers
+    share this machine's clock, so the first crop task's start can be set against the
+    driver's end time. Costs a file append per block/batch.
     """
-    import raypose.pipeline as pipeline
-
-    if not enabled or not hasattr(pipeline, "make_crops") or not hasattr(pipeline, "PoseStage"):
-        yield False
-        return
-    original_crops, original_reads, original_pose = pipeline.make_crops, pipeline.read_images, pipeline.PoseStage
     trace = str(trace_path)
 
     # Defined here (not at module level) so Ray pickles them by value: the workers need
@@ -562,70 +552,77 @@ def traced_stages(trace_path: Path, enabled: bool = True):
         with open(trace, "a") as f:
             f.write(_json.dumps(record) + "\n")
 
-    def make_crops(batch, **kwargs):
-        import os as _os
-        import time as _time
-
-        start = _time.time()
-        out = original_crops(batch, **kwargs)
-        crops = out.num_rows - out.column("crop").null_count if out.num_rows else 0
-        append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
-                "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
-        return out
-
-    def read_images(batch, **kwargs):
-        import os as _os
-        import time as _time
-
-        start = _time.time()
-        out = original_reads(batch, **kwargs)
-        append({"stage": "read", "start": start, "end": _time.time(), "images": batch.num_rows, "pid": _os.getpid()})
-        return out
-
-    class PoseStage(original_pose):
-        def __init__(self, *a, **k):
+    def timed_task(fn, stage_name: str):
+        def task(batch, **kwargs):
             import os as _os
             import time as _time
 
             start = _time.time()
-            super().__init__(*a, **k)
-            append({"stage": "pose_init", "start": start, "end": _time.time(), "pid": _os.getpid()})
-
-        def crop(self, batch):
-            import os as _os
-            import time as _time
-
-            start = _time.time()
-            out, cutter = super().crop(batch)
-            if self.crop_in != "tasks":  # crops made here: timed as the crop stage (on the device: without the cut)
-                crops = out.num_rows - sum(1 for e in out.column("error_stage").to_pylist() if e) if out.num_rows else 0
-                append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
-                        "rows": out.num_rows, "crops": crops, "pid": _os.getpid()})
-            return out, cutter
-
-        def __call__(self, batch):
-            import os as _os
-            import time as _time
-
-            import torch as _torch
-
-            start = _time.time()
-            out = super().__call__(batch)
-            # Crops that got keypoints (an actor that crops itself takes image rows in).
-            crops = out.num_rows - out.column("keypoint_x").null_count
-            record = {"stage": "pose", "start": start, "end": _time.time(), "rows": crops,
-                      "pid": _os.getpid(), "threads": _torch.get_num_threads()}
-            if _torch.cuda.is_available() and _torch.cuda.is_initialized():
-                record["gpu_mem_peak_torch_mib"] = round(_torch.cuda.max_memory_allocated() / 2**20, 1)
+            out = fn(batch, **kwargs)
+            record = {"stage": stage_name, "start": start, "end": _time.time(), "images": batch.num_rows,
+                      "pid": _os.getpid()}
+            if "crop" in out.column_names:
+                record.update(rows=out.num_rows, crops=out.num_rows - out.column("crop").null_count)
             append(record)
             return out
 
-    PoseStage.__name__ = PoseStage.__qualname__ = original_pose.__name__
-    pipeline.make_crops, pipeline.read_images, pipeline.PoseStage = make_crops, read_images, PoseStage
-    try:
-        yield True
-    finally:
-        pipeline.make_crops, pipeline.read_images, pipeline.PoseStage = original_crops, original_reads, original_pose
+        task.__name__ = fn.__name__
+        return task
+
+    def timed_cropper(cropper):
+        def crop(batch, device):
+            import os as _os
+            import time as _time
+
+            start = _time.time()
+            rows, pixels = cropper(batch, device)
+            append({"stage": "crop", "start": start, "end": _time.time(), "images": batch.num_rows,
+                    "rows": rows.num_rows, "crops": rows.column("error_stage").null_count, "pid": _os.getpid()})
+            return rows, pixels
+
+        return crop
+
+    def wrap(stage):
+        if stage.pool is None:
+            return stage.with_fn(timed_task(stage.fn, "crop" if stage.name == "make_crops" else "read"))
+        if stage.name != "pose":
+            return stage
+        original = stage.fn
+
+        class PoseStage(original):
+            def __init__(self, *a, **k):
+                import os as _os
+                import time as _time
+
+                from raypose.pipeline.crop_stage import CropColumn
+
+                start = _time.time()
+                super().__init__(*a, **k)
+                if not isinstance(self.cropper, CropColumn):  # crops made here: timed as the crop stage
+                    self.cropper = timed_cropper(self.cropper)
+                append({"stage": "pose_init", "start": start, "end": _time.time(), "pid": _os.getpid()})
+
+            def __call__(self, batch):
+                import os as _os
+                import time as _time
+
+                import torch as _torch
+
+                start = _time.time()
+                out = super().__call__(batch)
+                # Crops that got keypoints (an actor that crops itself takes image rows in).
+                crops = out.num_rows - out.column("keypoint_x").null_count
+                record = {"stage": "pose", "start": start, "end": _time.time(), "rows": crops,
+                          "pid": _os.getpid(), "threads": _torch.get_num_threads()}
+                if _torch.cuda.is_available() and _torch.cuda.is_initialized():
+                    record["gpu_mem_peak_torch_mib"] = round(_torch.cuda.max_memory_allocated() / 2**20, 1)
+                append(record)
+                return out
+
+        PoseStage.__name__ = PoseStage.__qualname__ = original.__name__
+        return stage.with_fn(PoseStage)
+
+    return wrap
 
 
 def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str) -> dict[str, Any]:
@@ -645,8 +642,8 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     spec = load_spec(job, args.overrides)
     plan = plan_job(spec)
     planned = time.time()
-    with traced_stages(trace, enabled=not args.no_trace) as tracing:
-        result = run_job(plan)
+    tracing = not args.no_trace
+    result = run_job(plan, wrap=stage_tracer(trace) if tracing else None)
     ended = time.time()
     seconds = dict(result.seconds)
     instances = result.counts.get("instances_this_run", result.counts["instances"])
@@ -660,10 +657,11 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
         "crops_per_second_with_start": instances / (ended - started),
         "spec": {"batch_size": spec.pose.batch_size, "dtype": spec.pose.dtype, "device": spec.pose.device,
                  "flip_test": spec.pose.flip_test, "resources": spec.resources.model_dump()},
+        "layout": result.manifest["layout"],
         "ray_cpus": ray.cluster_resources().get("CPU"), "ray_gpus": ray.cluster_resources().get("GPU", 0.0),
     }
-    if tracing and not args.no_trace:
-        row["trace"] = summarize_trace(trace, ended, instances)
+    if tracing:
+        row["trace"] = summarize_trace(trace, ended, instances, result.manifest["layout"]["crop_in"])
         if row["trace"].get("first_crop_start"):
             row["crops_per_second_from_first_crop"] = instances / (ended - row["trace"]["first_crop_start"])
     return row
@@ -685,7 +683,7 @@ def run_scale(args: argparse.Namespace, inputs: dict, checkpoint: Path, sampler,
     }
 
 
-def summarize_trace(path: Path, ended: float, instances: int) -> dict[str, Any]:
+def summarize_trace(path: Path, ended: float, instances: int, crop_in: str) -> dict[str, Any]:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     crop = [r for r in records if r["stage"] == "crop"]
     read = [r for r in records if r["stage"] == "read"]
@@ -695,10 +693,6 @@ def summarize_trace(path: Path, ended: float, instances: int) -> dict[str, Any]:
     if not first_stage:
         return {}
     first = min(r["start"] for r in first_stage)
-    if read:
-        crop_in = "pose_device"
-    else:
-        crop_in = "pose_actor" if {r["pid"] for r in crop} & {r["pid"] for r in pose} else "tasks"
     summary: dict[str, Any] = {
         "crop_in": crop_in,
         "first_crop_start": first,
@@ -854,7 +848,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inputs = prepare_inputs(args, [n, 4 * n] if args.scale else [n])
     data, checkpoint = inputs["sets"][n], inputs["checkpoint"]
     from raypose.models.routing import resolve_routing
-    from raypose.pipeline.layout import default_batch_size
 
     spec = load_spec(write_job(args, data, checkpoint, out / "runs" / "probe", out / "jobs" / "probe.yaml"),
                      args.overrides)
@@ -864,22 +857,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = args.ceiling_threads or cores
     torch_threads = torch.get_num_threads()
     ray_was_up = ray.is_initialized()
-    gpu = torch.cuda.is_available() and args.device != "cpu"
-    batch_size = spec.pose.batch_size or default_batch_size(on_gpu=gpu)
-    # On CPU the ceiling runs the forward as raypose's pose actors would: that many processes
-    # with that many torch threads each (two single-threaded forwards on 2 cores do 7% more
-    # than one with two threads). --ceiling-threads N: one process, N threads.
+    # The reference and the ceiling run with the device, dtype and batch size the job's layout
+    # resolves on this machine; on CPU the ceiling runs the forward as raypose's pose actors
+    # would: that many processes with that many torch threads each (two single-threaded
+    # forwards on 2 cores do 7% more than one with two threads). --ceiling-threads N: one process, N threads.
+    layout = local_layout(spec, routing, cores, n)
+    pose = layout.pose
+    gpu = pose.device == "cuda"
+    batch_size = pose.batch_size
     ceiling_processes, ceiling_threads = 1, threads
     if not gpu and not args.ceiling_threads:
-        from raypose.pipeline.layout import pose_actor_layout
-
-        blocks = math.ceil(n / spec.resources.images_per_crop_task)
-        _, ceiling_processes, ceiling_threads = pose_actor_layout(spec.resources, True, cores, blocks)
+        ceiling_processes, ceiling_threads = layout.pose_pool.actors, pose.threads
     result: dict[str, Any] = {
         "config": {
             "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
             "box_heights": args.box_heights, "seed": args.seed, "batch_size": batch_size,
-            "dtype": spec.pose.dtype, "device": spec.pose.device, "flip_test": spec.pose.flip_test,
+            "dtype": pose.dtype, "device": pose.device, "flip_test": pose.flip_test,
             "resources": spec.resources.model_dump(), "overrides": args.overrides,
             "jpeg_draft": spec.images.jpeg_draft, "ceiling_threads": ceiling_threads,
             "ceiling_processes": ceiling_processes, "reference_threads": threads, "argv": sys.argv[1:] if argv is None else list(argv),
@@ -905,14 +898,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ray.shutdown()
             if "ceiling" in args.row_set:
                 with sampler.phase("ceiling") as stats:
-                    ceiling = run_ceiling(expert, spec.pose, batch_size, result["inputs"]["crops"],
-                                          ceiling_threads if spec.pose.device != "cuda" else None, args.ceiling_min_seconds,
+                    ceiling = run_ceiling(expert, pose, batch_size, result["inputs"]["crops"],
+                                          ceiling_threads if not gpu else None, args.ceiling_min_seconds,
                                           ceiling_processes)
                 rows["ceiling"] = {**ceiling, **Sampler.summary(stats, own=ceiling_processes == 1)}
                 gc.collect()
             if "reference" in args.row_set:
                 with sampler.phase("reference") as stats:
-                    reference = run_reference(expert, spec.pose, data, threads)
+                    reference = run_reference(expert, pose, data, threads)
                 rows["reference"] = {**reference, **Sampler.summary(stats, own=True)}
                 gc.collect()
     finally:
@@ -954,6 +947,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     json_path.write_text(json.dumps(result, indent=1, default=str))
     print(f"json: {json_path}")
     return result
+
+
+def local_layout(spec, routing, cores: int, images: int):
+    """The job's layout on this machine as an embedded Ray sees it: its GPUs and its cores."""
+    import torch
+
+    from raypose.pipeline.layout import ClusterShape, resolve_layout
+
+    cuda = torch.cuda.is_available()
+    cluster = ClusterShape(gpus=float(torch.cuda.device_count()) if cuda else 0.0, node_cpus=cores,
+                           bf16=torch.cuda.is_bf16_supported() if cuda else None)
+    return resolve_layout(spec, routing, cluster, images)
 
 
 def _ratio(a, b):

@@ -14,8 +14,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from raypose.errors import SpecError
 from raypose.config.spec import BoxesSpec
+from raypose.errors import SpecError
 from raypose.inputs.storage import with_retries
 from raypose.schema import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 

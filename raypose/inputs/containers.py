@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from raypose.errors import SpecError
 from raypose.config.spec import BoxesSpec, ImagesSpec
+from raypose.errors import SpecError
 from raypose.inputs.storage import uri_of, with_retries
 
 CONTAINER_SUFFIXES = {"webdataset": (".tar",), "parquet": (".parquet", ".pq")}

@@ -278,7 +278,9 @@ def convert_vitpose_plus(checkpoint: str | Path, out: str | Path, datasets: list
                          num_attention_heads: int | None = None, image_size: tuple[int, int] = (256, 192),
                          into_subfolders: bool = False) -> list[Path]:
     """Write one transformers checkpoint (safetensors + preprocessor_config.json) per dataset; return the folders."""
-    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+    from transformers.models.vitpose.image_processing_pil_vitpose import (
+        VitPoseImageProcessorPil,
+    )
 
     unknown = [d for d in datasets if d not in EXPERT_INDEX]
     if unknown:

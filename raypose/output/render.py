@@ -29,10 +29,10 @@ from typing import Any
 import pyarrow.dataset as ds
 from PIL import Image, ImageDraw, ImageFont
 
-from raypose.output.reading import JobOutput, OutputError, open_fs
 from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
 from raypose.inputs.fetch import read_bytes
+from raypose.output.reading import JobOutput, OutputError, open_fs
 
 COLUMNS = [
     "image_key", "image_uri", "image_width", "image_height", "instance_index", "bbox", "keypoint_schema",

@@ -130,7 +130,7 @@ class DeviceCropper:
     nvjpeg: bool = False
 
     def __call__(self, batch: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
-        rows, images = crop_rows(batch, self.options, functools.partial(_leave_to_device, self.options))
+        rows, images = plan_device_crops(batch, self.options)
         try:
             return cut_on_device(rows, images, device, self.options.max_pixels, self.nvjpeg)
         except Exception as exc:  # e.g. out of GPU memory: this call's crops fail as rows, the job goes on
@@ -139,6 +139,11 @@ class DeviceCropper:
                                                                          rows.column("error_stage").to_pylist())]
             failed = fail_rows(rows, crop_rows_mask, "crop", f"{type(exc).__name__}: {exc}")
             return failed, column_pixels(failed)
+
+
+def plan_device_crops(batch: pa.Table, options: CropOptions) -> tuple[pa.Table, list[EncodedImage]]:
+    """The crop rows with their geometry but no pixels (only headers are read), and the images to cut them from."""
+    return crop_rows(batch, options, functools.partial(_leave_to_device, options))
 
 
 def cut_on_device(rows: pa.Table, images: list[EncodedImage], device: torch.device, max_pixels: int,

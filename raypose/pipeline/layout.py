@@ -16,7 +16,13 @@ from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
 from raypose.inputs.fetch import read_images
 from raypose.models.routing import Routing
-from raypose.pipeline.crop_stage import CropColumn, CpuCropper, CropOptions, DeviceCropper, make_crops
+from raypose.pipeline.crop_stage import (
+    CpuCropper,
+    CropColumn,
+    CropOptions,
+    DeviceCropper,
+    make_crops,
+)
 from raypose.pipeline.pose_stage import PoseSettings
 
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.

@@ -39,8 +39,14 @@ def make_checkpoint(
 ) -> Path:
     """Save a randomly initialised ViTPose checkpoint (safetensors + processor config) to `path`."""
     import torch
-    from transformers import VitPoseBackboneConfig, VitPoseConfig, VitPoseForPoseEstimation
-    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+    )
+    from transformers.models.vitpose.image_processing_pil_vitpose import (
+        VitPoseImageProcessorPil,
+    )
 
     shape = PRESETS[preset]
     backbone = VitPoseBackboneConfig(
@@ -245,7 +251,9 @@ def make_detector_checkpoint(path: str | Path, labels: list[str], image_size: in
     """
     import torch
     from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig
-    from transformers.models.rt_detr.image_processing_pil_rt_detr import RTDetrImageProcessorPil
+    from transformers.models.rt_detr.image_processing_pil_rt_detr import (
+        RTDetrImageProcessorPil,
+    )
 
     backbone = RTDetrResNetConfig(
         embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], layer_type="basic",

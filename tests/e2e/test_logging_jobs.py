@@ -54,7 +54,7 @@ def test_json_log_format_is_one_object_per_line_with_start_and_finish_counts(ray
     [started], [finished], [summary] = events["job_started"], events["job_finished"], events["job_summary"]
     job_id = read_json(output / "manifest.json")["job_id"]
     assert started["job_id"] == finished["job_id"] == summary["job_id"] == job_id
-    assert started["level"] == "INFO" and started["logger"] == "raypose.pipeline"
+    assert started["level"] == "INFO" and started["logger"] == "raypose.pipeline.run"
     assert (started["images"], started["boxes"], started["output"]) == (3, 6, str(output))
     assert finished["status"] == "succeeded"
     assert (finished["images"], finished["boxes"], finished["instances"], finished["errors"]) == (3, 6, 6, 0)

@@ -130,7 +130,7 @@ def test_resume_refuses_another_spec_unless_forced(full_run, many_images, tiny_c
     job.write_text(json.dumps(spec_for(many_images, tiny_checkpoint, out)))
     assert submit(job).exit_code == 0
     refused = submit(job, "--resume", "--set", "pose.flip_test=true")
-    assert refused.exit_code == 2 and "made from a different spec" in refused.output
+    assert refused.exit_code == 2 and "made with other settings (pose.flip_test: false -> true)" in refused.output
     # Resources and batch sizes do not change the rows: resuming with others is fine.
     assert submit(job, "--resume", "--set", "pose.batch_size=4").exit_code == 0
     forced = submit(job, "--resume", "--force", "--set", "pose.flip_test=true")

@@ -325,11 +325,11 @@ def no_ray(monkeypatch):
     """Record any attempt to start Ray or run a job; the test checks there was none."""
     import ray
 
-    import raypose.pipeline
+    import raypose.pipeline.run
 
     calls = []
     monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append("ray.init"))
-    monkeypatch.setattr(raypose.pipeline, "run_job", lambda *a, **k: calls.append("run_job"))
+    monkeypatch.setattr(raypose.pipeline.run, "run_job", lambda *a, **k: calls.append("run_job"))
     was_initialized = ray.is_initialized()
     yield calls
     assert ray.is_initialized() == was_initialized
