@@ -5,16 +5,32 @@ tests/unit/<package>/ mirrors raypose/<package>/ and never starts Ray; tests/e2e
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import tarfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from raypose.testing.synthetic import make_checkpoint, make_coco_dataset
 
 REPO = Path(__file__).resolve().parents[1]  # the repository's root: jobs/, docs/, infra/, benchmarks/
+
+
+# Boxes inside, across the border, tiny, wide, tall, fractional, the whole image.
+REFERENCE_BOXES = [
+    [10, 20, 50, 80],
+    [-10, -5, 200, 150],
+    [100, 60, 30, 20],
+    [3.3, 7.7, 40.2, 10.1],
+    [0, 0, 160, 120],
+    [150, 110, 30, 40],
+    [40.5, 0.25, 8.0, 119.0],
+]
 
 
 def image_task(path: Path, boxes: list[list[float]], *, categories: list[str] | None = None,
@@ -31,8 +47,6 @@ def image_task(path: Path, boxes: list[list[float]], *, categories: list[str] | 
 
 def task_table(*tasks: dict):
     """Image tasks as the Arrow batch the stages take."""
-    import pyarrow as pa
-
     from raypose.schema import IMAGE_TASK_SCHEMA
 
     return pa.Table.from_pylist(list(tasks), schema=IMAGE_TASK_SCHEMA)
@@ -71,6 +85,32 @@ def gaussian_blur(heatmaps, kernel: int, sigma: float, border: str = "reflect"):
     planes = torch.arange(n * k, device=device).view(-1, 1, 1)
     ys, xs = torch.arange(height, device=device).view(1, -1, 1), torch.arange(width, device=device).view(1, 1, -1)
     return blurred_at(heatmaps, planes, ys, xs, kernel, sigma, border).reshape(n, k, height, width)
+
+
+DETECTOR_LABELS = ["person", "bicycle", "dog", "cat"]
+DETECTOR_THRESHOLD = 0.005  # random weights score near the focal-loss prior (~0.01)
+
+
+@pytest.fixture(scope="session")
+def detector_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random RT-DETR with DETECTOR_LABELS, saved with save_pretrained."""
+    from raypose.testing.synthetic import make_detector_checkpoint
+
+    return make_detector_checkpoint(tmp_path_factory.mktemp("detr") / "rtdetr-tiny", DETECTOR_LABELS)
+
+
+def direct_detections(checkpoint, image, threshold: float):
+    """The seed's detection step: processor -> RTDetrForObjectDetection -> post_process_object_detection."""
+    import torch
+    from transformers import AutoImageProcessor, RTDetrForObjectDetection
+
+    processor = AutoImageProcessor.from_pretrained(checkpoint)
+    model = RTDetrForObjectDetection.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    return processor.post_process_object_detection(
+        outputs, threshold=threshold, target_sizes=[(image.shape[0], image.shape[1])]
+    )[0]
 
 
 @pytest.fixture(scope="session")
@@ -160,3 +200,80 @@ def s3_bucket(endpoint: str, bucket: str, key: str = "testing", secret: str = "t
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
                  region_name="us-east-1").create_bucket(Bucket=bucket)
     return {"key": key, "secret": secret, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
+
+
+def coco_boxes_by_image(coco_folder: Path) -> dict[str, list]:
+    coco = read_json(coco_folder / "boxes.json")
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    boxes: dict[str, list] = {name: [] for name in names.values()}
+    for ann in coco["annotations"]:
+        boxes[names[ann["image_id"]]].append(ann["bbox"])
+    return boxes
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def webdataset_shards(coco_folder, tmp_path_factory) -> Path:
+    """Two WebDataset shards holding the three images, each with a .json of its boxes."""
+    folder = tmp_path_factory.mktemp("wds")
+    boxes = coco_boxes_by_image(coco_folder)
+    names = sorted(boxes)
+    for shard, members in enumerate([names[:2], names[2:]]):
+        with tarfile.open(folder / f"shard-{shard:04d}.tar", "w") as tar:
+            for name in members:
+                stem = name.rsplit(".", 1)[0]
+                _add_member(tar, name, (coco_folder / "images" / name).read_bytes())
+                _add_member(tar, f"{stem}.json", json.dumps({"bbox": boxes[name], "category": ["person"] * len(boxes[name])}).encode())
+                _add_member(tar, f"{stem}.txt", b"a caption, ignored")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def parquet_images(coco_folder, tmp_path_factory) -> Path:
+    """The HF datasets layout: an `image` struct {bytes, path} and a `bbox` list column, in two files."""
+    folder = tmp_path_factory.mktemp("pq")
+    boxes = coco_boxes_by_image(coco_folder)
+    names = sorted(boxes)
+    for part, members in enumerate([names[:1], names[1:]]):
+        table = pa.table({
+            "image": [{"bytes": (coco_folder / "images" / n).read_bytes(), "path": n} for n in members],
+            "bbox": [boxes[n] for n in members],
+        })
+        pq.write_table(table, folder / f"part-{part}.parquet")
+    return folder
+
+
+def save_image(path: Path, size=(4, 3), color=(10, 20, 30)) -> Path:
+    """A plain RGB image file at `path` (folders made)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def listed(table) -> list[tuple[str, str]]:
+    """A listing's (image_key, image_uri) pairs."""
+    return list(zip(table.column("image_key").to_pylist(), table.column("image_uri").to_pylist()))
+
+
+@pytest.fixture
+def memory_root():
+    """Four objects on fsspec's memory filesystem, one hidden and one not an image."""
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/raypose-test-{uuid.uuid4().hex}"
+    fs.pipe(f"{root}/imgs/p/q.jpg", b"q-bytes")
+    fs.pipe(f"{root}/imgs/r.PNG", b"r-bytes")
+    fs.pipe(f"{root}/imgs/.s.png", b"hidden")
+    fs.pipe(f"{root}/imgs/t.txt", b"text")
+    yield root
+    fs.rm(root, recursive=True)

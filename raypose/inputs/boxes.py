@@ -170,17 +170,7 @@ def attach_boxes(
         for name in rows:
             rows[name].append(values.get(name))
     missing = sorted(k for k in box_set.by_image if k not in listed)
-    errors = pa.table(
-        {
-            "job_id": pa.nulls(len(missing), pa.string()),
-            "image_key": missing,
-            "image_uri": pa.nulls(len(missing), pa.string()),
-            "instance_index": pa.nulls(len(missing), pa.int32()),
-            "stage": ["list"] * len(missing),
-            "reason": ["listed in the boxes file but not found under images.path"] * len(missing),
-        },
-        schema=ERRORS_SCHEMA,
-    )
+    errors = _listing_errors(missing)
     counts = {
         "images_listed": len(keys),
         "images": len(tasks),  # sent to the pipeline
@@ -192,6 +182,16 @@ def attach_boxes(
         "boxes_without_image": sum(len(box_set.by_image[k].xywh) for k in missing),
     }
     return pa.table(rows, schema=IMAGE_TASK_SCHEMA), errors, counts
+
+
+def _listing_errors(missing: list[str]) -> pa.Table:
+    """Errors-table rows for images the boxes file names but the listing does not have."""
+    n = len(missing)
+    return pa.table({
+        "job_id": pa.nulls(n, pa.string()), "image_key": missing, "image_uri": pa.nulls(n, pa.string()),
+        "instance_index": pa.nulls(n, pa.int32()), "stage": ["list"] * n,
+        "reason": ["listed in the boxes file but not found under images.path"] * n,
+    }, schema=ERRORS_SCHEMA)
 
 
 def inline_boxes(images: pa.Table, boxes: BoxesSpec) -> BoxSet:

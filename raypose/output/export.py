@@ -87,45 +87,15 @@ def coco_from_output(
 
     image_ids = _image_ids(rows, gt_data, gt)
     categories, category_ids = _categories(rows, job, gt_data)
-    annotation_ids = _annotation_ids(rows)
-
     images: dict[str, dict[str, Any]] = {}
     annotations, results = [], []
-    for row, ann_id in zip(rows, annotation_ids):
+    for row, ann_id in zip(rows, _annotation_ids(rows)):
         key = row["image_key"]
-        width, height = row["image_width"], row["image_height"]
-        if key not in images:
-            images[key] = {"id": image_ids[key], "file_name": key, "width": width, "height": height}
-        x = np.asarray(row["keypoint_x"], np.float64)
-        y = np.asarray(row["keypoint_y"], np.float64)
-        s = np.asarray(row["keypoint_score"], np.float64)
-        labeled = (s > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(s)
-        labeled &= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
-        xr, yr = _round(x, 2), _round(y, 2)
-        flat_gt: list[float] = []
-        flat_res: list[float] = []
-        for i in range(len(s)):
-            flat_gt += [xr[i], yr[i], 2] if labeled[i] else [0, 0, 0]
-            flat_res += [xr[i], yr[i], _round1(s[i], 4)]
-        bx, by, bw, bh = (float(v) for v in row["bbox"])
-        bbox = [round(bx, 2), round(by, 2), round(bw, 2), round(bh, 2)]
-        score = row["instance_score"]
-        score = _round1(score, 6) if score is not None and math.isfinite(score) else 0.0
-        category_id = category_ids[row["category"]]
-        annotations.append(
-            {
-                "id": ann_id,
-                "image_id": image_ids[key],
-                "category_id": category_id,
-                "bbox": bbox,
-                "area": round(bbox[2] * bbox[3], 2),
-                "iscrowd": 0,
-                "keypoints": flat_gt,
-                "num_keypoints": int(labeled.sum()),
-                "score": score,
-            }
-        )
-        results.append({"image_id": image_ids[key], "category_id": category_id, "keypoints": flat_res, "score": score})
+        images.setdefault(key, {"id": image_ids[key], "file_name": key, "width": row["image_width"],
+                                "height": row["image_height"]})
+        annotation, result = _coco_instance(row, ann_id, image_ids[key], category_ids[row["category"]], min_score)
+        annotations.append(annotation)
+        results.append(result)
 
     manifest = job.manifest or {}
     dataset = {
@@ -143,6 +113,31 @@ def coco_from_output(
         "categories": categories,
     }
     return dataset, results
+
+
+def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
+                   min_score: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One row as a COCO annotation (keypoints scored above `min_score` labeled, v=2) and a COCO result."""
+    width, height = row["image_width"], row["image_height"]
+    x = np.asarray(row["keypoint_x"], np.float64)
+    y = np.asarray(row["keypoint_y"], np.float64)
+    s = np.asarray(row["keypoint_score"], np.float64)
+    labeled = (s > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(s)
+    labeled &= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+    xr, yr = _round(x, 2), _round(y, 2)
+    flat_gt: list[float] = []
+    flat_res: list[float] = []
+    for i in range(len(s)):
+        flat_gt += [xr[i], yr[i], 2] if labeled[i] else [0, 0, 0]
+        flat_res += [xr[i], yr[i], _round1(s[i], 4)]
+    bx, by, bw, bh = (float(v) for v in row["bbox"])
+    bbox = [round(bx, 2), round(by, 2), round(bw, 2), round(bh, 2)]
+    score = row["instance_score"]
+    score = _round1(score, 6) if score is not None and math.isfinite(score) else 0.0
+    annotation = {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox,
+                  "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "keypoints": flat_gt,
+                  "num_keypoints": int(labeled.sum()), "score": score}
+    return annotation, {"image_id": image_id, "category_id": category_id, "keypoints": flat_res, "score": score}
 
 
 def _load_gt(gt: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,79 +30,15 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None) -> dic
     job = JobOutput.open(output, storage_options)
     manifest = job.manifest or {}
     counts = manifest.get("counts", {})
-
-    instances = 0
-    images: set[str] = set()
-    instance_scores: list[np.ndarray] = []
-    per_schema: dict[str, dict[str, Any]] = {}
-    categories: Counter[str] = Counter()
-    experts: Counter[str] = Counter()
-    columns = ["image_key", "category", "expert", "keypoint_schema", "keypoint_score", "instance_score"]
-    for batch in job.batches(columns):
-        instances += batch.num_rows
-        categories.update(batch.column("category").to_pylist())
-        experts.update(batch.column("expert").to_pylist())
-        images.update(batch.column("image_key").to_pylist())
-        instance_scores.append(batch.column("instance_score").to_numpy(zero_copy_only=False).astype(np.float64))
-        schemas = batch.column("keypoint_schema")
-        for name in pc.unique(schemas).to_pylist():
-            rows = batch.filter(pc.equal(schemas, name)) if name is not None else batch.filter(pc.is_null(schemas))
-            scores = rows.column("keypoint_score")
-            lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False)
-            width = int(lengths.max()) if len(lengths) else 0
-            if width == 0 or (lengths != width).any():
-                continue  # a ragged list would be a writer bug; the stats skip it rather than guess
-            values = pc.list_flatten(scores).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
-            acc = per_schema.setdefault(
-                str(name), {"instances": 0, "sum": np.zeros(width), "finite": np.zeros(width, np.int64),
-                            "hist": np.zeros((width, len(SCORE_BINS) - 1), np.int64)}
-            )
-            if acc["sum"].shape[0] != width:
-                continue
-            finite = np.isfinite(values)
-            acc["instances"] += values.shape[0]
-            acc["sum"] += np.where(finite, values, 0.0).sum(axis=0)
-            acc["finite"] += finite.sum(axis=0)
-            clipped = np.clip(values, SCORE_BINS[0], SCORE_BINS[-1])
-            bins = np.clip(np.searchsorted(SCORE_BINS, clipped, side="right") - 1, 0, len(SCORE_BINS) - 2)
-            for k in range(width):
-                acc["hist"][k] += np.bincount(bins[finite[:, k], k], minlength=len(SCORE_BINS) - 1)
-
-    stages: Counter[str] = Counter()
-    reasons: Counter[tuple[str, str]] = Counter()
-    errors = 0
-    for batch in job.batches(["stage", "reason"], table=ERRORS_DIR):
-        errors += batch.num_rows
-        for stage, reason in zip(batch.column("stage").to_pylist(), batch.column("reason").to_pylist()):
-            stages[stage] += 1
-            reasons[(stage, reason)] += 1
-
-    keypoint_scores = {}
-    for name, acc in sorted(per_schema.items()):
-        names = list(job.schemas.get(name, {}).get("keypoints") or [f"k{i}" for i in range(len(acc["sum"]))])
-        keypoint_scores[name] = {
-            "instances": acc["instances"],
-            "bins": list(SCORE_BINS),
-            "keypoints": [
-                {
-                    "index": k,
-                    "name": names[k] if k < len(names) else f"k{k}",
-                    "mean": float(acc["sum"][k] / acc["finite"][k]) if acc["finite"][k] else None,
-                    "histogram": [int(v) for v in acc["hist"][k]],
-                }
-                for k in range(len(acc["sum"]))
-            ],
-        }
-    all_instance_scores = np.concatenate(instance_scores) if instance_scores else np.zeros(0)
-    all_instance_scores = all_instance_scores[np.isfinite(all_instance_scores)]
-
+    instances = _InstanceStats.of(job)
+    errors = _ErrorStats.of(job)
+    scores = instances.scores[np.isfinite(instances.scores)]
     warnings = []
     if not job.complete:
         warnings.append("no manifest.json: the job did not finish (or is still running); counts are what is on disk")
-    for key, found in (("instances", instances), ("errors", errors)):
+    for key, found in (("instances", instances.count), ("errors", errors.count)):
         if key in counts and counts[key] != found:
             warnings.append(f"manifest says {counts[key]} {key}, the Parquet holds {found}")
-
     return {
         "output": job.url,
         "job_id": manifest.get("job_id"),
@@ -112,24 +49,21 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None) -> dic
         "experts": job.experts,
         "detector": manifest.get("detector"),
         # what the Parquet holds, counted here
-        "counts": {
-            "images_with_instances": len(images),
-            "instances": instances,
-            "errors": errors,
-        },
+        "counts": {"images_with_instances": len(instances.images), "instances": instances.count, "errors": errors.count},
         "instances_by": {
-            "category": dict(categories.most_common()),
-            "expert": dict(experts.most_common()),
+            "category": dict(instances.categories.most_common()),
+            "expert": dict(instances.experts.most_common()),
         },
         # what the job planned and counted (manifest.json), as it says
         "job_counts": {k: v for k, v in counts.items() if not isinstance(v, (dict, list))},
-        "errors_by_stage": dict(stages.most_common()),
-        "top_error_reasons": [{"stage": s, "reason": r, "count": n} for (s, r), n in reasons.most_common(TOP_REASONS)],
+        "errors_by_stage": dict(errors.stages.most_common()),
+        "top_error_reasons": [{"stage": s, "reason": r, "count": n}
+                              for (s, r), n in errors.reasons.most_common(TOP_REASONS)],
         "instance_score": {
-            "mean": float(all_instance_scores.mean()) if all_instance_scores.size else None,
-            "median": float(np.median(all_instance_scores)) if all_instance_scores.size else None,
+            "mean": float(scores.mean()) if scores.size else None,
+            "median": float(np.median(scores)) if scores.size else None,
         },
-        "keypoint_scores": keypoint_scores,
+        "keypoint_scores": instances.keypoint_scores(job.schemas),
         "throughput": manifest.get("throughput", {}),
         "seconds": manifest.get("seconds", {}),
         "versions": manifest.get("versions", {}),
@@ -138,13 +72,113 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None) -> dic
     }
 
 
+@dataclass
+class _InstanceStats:
+    """What the keypoints table holds, read batch by batch: counts, instance scores, per-keypoint score stats."""
+
+    count: int = 0
+    images: set = field(default_factory=set)
+    categories: Counter = field(default_factory=Counter)
+    experts: Counter = field(default_factory=Counter)
+    batch_scores: list = field(default_factory=list)
+    per_schema: dict = field(default_factory=dict)  # schema -> instances, sum, finite, hist per keypoint
+
+    @classmethod
+    def of(cls, job: JobOutput) -> "_InstanceStats":
+        stats = cls()
+        for batch in job.batches(["image_key", "category", "expert", "keypoint_schema", "keypoint_score",
+                                  "instance_score"]):
+            stats.add(batch)
+        return stats
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.concatenate(self.batch_scores) if self.batch_scores else np.zeros(0)
+
+    def add(self, batch) -> None:
+        self.count += batch.num_rows
+        self.categories.update(batch.column("category").to_pylist())
+        self.experts.update(batch.column("expert").to_pylist())
+        self.images.update(batch.column("image_key").to_pylist())
+        self.batch_scores.append(batch.column("instance_score").to_numpy(zero_copy_only=False).astype(np.float64))
+        schemas = batch.column("keypoint_schema")
+        for name in pc.unique(schemas).to_pylist():
+            rows = batch.filter(pc.equal(schemas, name)) if name is not None else batch.filter(pc.is_null(schemas))
+            self._add_keypoint_scores(str(name), rows.column("keypoint_score"))
+
+    def _add_keypoint_scores(self, name: str, scores) -> None:
+        lengths = pc.list_value_length(scores).to_numpy(zero_copy_only=False)
+        width = int(lengths.max()) if len(lengths) else 0
+        if width == 0 or (lengths != width).any():
+            return  # a ragged list would be a writer bug; the stats skip it rather than guess
+        values = pc.list_flatten(scores).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
+        acc = self.per_schema.setdefault(name, {"instances": 0, "sum": np.zeros(width), "finite": np.zeros(width, np.int64),
+                                                "hist": np.zeros((width, len(SCORE_BINS) - 1), np.int64)})
+        if acc["sum"].shape[0] != width:
+            return
+        finite = np.isfinite(values)
+        acc["instances"] += values.shape[0]
+        acc["sum"] += np.where(finite, values, 0.0).sum(axis=0)
+        acc["finite"] += finite.sum(axis=0)
+        clipped = np.clip(values, SCORE_BINS[0], SCORE_BINS[-1])
+        bins = np.clip(np.searchsorted(SCORE_BINS, clipped, side="right") - 1, 0, len(SCORE_BINS) - 2)
+        for k in range(width):
+            acc["hist"][k] += np.bincount(bins[finite[:, k], k], minlength=len(SCORE_BINS) - 1)
+
+    def keypoint_scores(self, schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Per schema: instances, the score bins, and per keypoint (named) its mean score and histogram."""
+        out = {}
+        for name, acc in sorted(self.per_schema.items()):
+            names = list(schemas.get(name, {}).get("keypoints") or [f"k{i}" for i in range(len(acc["sum"]))])
+            out[name] = {
+                "instances": acc["instances"],
+                "bins": list(SCORE_BINS),
+                "keypoints": [
+                    {"index": k, "name": names[k] if k < len(names) else f"k{k}",
+                     "mean": float(acc["sum"][k] / acc["finite"][k]) if acc["finite"][k] else None,
+                     "histogram": [int(v) for v in acc["hist"][k]]}
+                    for k in range(len(acc["sum"]))
+                ],
+            }
+        return out
+
+
+@dataclass
+class _ErrorStats:
+    """What the errors table holds: counts by stage and by (stage, reason)."""
+
+    count: int = 0
+    stages: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, job: JobOutput) -> "_ErrorStats":
+        stats = cls()
+        for batch in job.batches(["stage", "reason"], table=ERRORS_DIR):
+            stats.count += batch.num_rows
+            for stage, reason in zip(batch.column("stage").to_pylist(), batch.column("reason").to_pylist()):
+                stats.stages[stage] += 1
+                stats.reasons[(stage, reason)] += 1
+        return stats
+
+
 def format_json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, sort_keys=False, default=str)
 
 
 def format_text(summary: dict[str, Any]) -> str:
     """The summary as aligned plain-text tables."""
-    out: list[str] = []
+    sections = [_head_lines(summary), _expert_lines(summary), _count_lines(summary), _error_lines(summary)]
+    sections += [_keypoint_score_lines(name, schema) for name, schema in summary["keypoint_scores"].items()]
+    if summary["warnings"]:
+        sections.append(["warnings"] + [f"  ! {w}" for w in summary["warnings"]])
+    if summary["spec"] is not None:
+        spec = yaml.safe_dump(summary["spec"], sort_keys=False, default_flow_style=False).rstrip()
+        sections.append(["spec (credentials redacted)"] + [f"  {line}" for line in spec.splitlines()])
+    return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
+
+
+def _head_lines(summary: dict[str, Any]) -> list[str]:
     secs = summary["seconds"] or {}
     tput = summary["throughput"] or {}
     head = [
@@ -158,10 +192,11 @@ def format_text(summary: dict[str, Any]) -> str:
     detector = summary.get("detector")
     if detector:
         head.append(("detector", f"{detector.get('model', '?')} @ {detector.get('revision', '?')}"))
-    out += _kv(head)
-    out.append("")
-    out.append("experts")
-    out += _table(
+    return _kv(head)
+
+
+def _expert_lines(summary: dict[str, Any]) -> list[str]:
+    return ["experts"] + _table(
         ["expert", "model", "revision", "keypoint schema", "input", "instances"],
         [[name, e.get("model") or "?", e.get("revision") or "?", e.get("keypoint_schema") or "?",
           "x".join(str(v) for v in e["input_size"]) if e.get("input_size") else "?",
@@ -169,49 +204,38 @@ def format_text(summary: dict[str, Any]) -> str:
          for name, e in summary["experts"].items()],
         indent=2,
     )
-    out.append("")
+
+
+def _count_lines(summary: dict[str, Any]) -> list[str]:
     c, job_counts = summary["counts"], summary["job_counts"]
     rows = [[k.replace("_", " "), _int(v), _int(c.get(k))] for k, v in job_counts.items()]
     rows += [[k.replace("_", " "), "-", _int(v)] for k, v in c.items() if k not in job_counts]
     rows += [[f"instances: {cat}", "-", str(n)] for cat, n in summary["instances_by"]["category"].items()]
-    out.append("counts")
-    out += _table(["", "manifest", "parquet"], rows, indent=2)
     inst = summary["instance_score"]
-    out.append(f"  instance score: mean {_num(inst['mean'], 3)}, median {_num(inst['median'], 3)}")
-    out.append("")
-    if summary["errors_by_stage"]:
-        out.append("errors by stage")
-        out += _table(["stage", "count"], [[s, str(n)] for s, n in summary["errors_by_stage"].items()], indent=2)
-        out.append("top error reasons")
-        out += _table(
-            ["count", "stage", "reason"],
-            [[str(e["count"]), e["stage"], _clip(e["reason"], 90)] for e in summary["top_error_reasons"]],
-            indent=2,
-        )
-    else:
-        out.append("errors: none")
-    for name, schema in summary["keypoint_scores"].items():
-        out.append("")
-        bins = schema["bins"]
-        labels = [f"<{bins[1]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(bins[1:-2], bins[2:-1])] + [f">={bins[-2]:g}"]
-        n = schema["instances"]
-        out.append(f"keypoint scores: {name} ({n} instance{'' if n == 1 else 's'}; instances per score bin)")
-        out += _table(
-            ["#", "keypoint", "mean"] + labels,
-            [[str(k["index"]), k["name"], _num(k["mean"], 3)] + [str(v) for v in k["histogram"]]
-             for k in schema["keypoints"]],
-            indent=2,
-        )
-    if summary["warnings"]:
-        out.append("")
-        out.append("warnings")
-        out += [f"  ! {w}" for w in summary["warnings"]]
-    if summary["spec"] is not None:
-        out.append("")
-        out.append("spec (credentials redacted)")
-        spec = yaml.safe_dump(summary["spec"], sort_keys=False, default_flow_style=False).rstrip()
-        out += [f"  {line}" for line in spec.splitlines()]
-    return "\n".join(out) + "\n"
+    return (["counts"] + _table(["", "manifest", "parquet"], rows, indent=2)
+            + [f"  instance score: mean {_num(inst['mean'], 3)}, median {_num(inst['median'], 3)}"])
+
+
+def _error_lines(summary: dict[str, Any]) -> list[str]:
+    if not summary["errors_by_stage"]:
+        return ["errors: none"]
+    return (["errors by stage"]
+            + _table(["stage", "count"], [[s, str(n)] for s, n in summary["errors_by_stage"].items()], indent=2)
+            + ["top error reasons"]
+            + _table(["count", "stage", "reason"],
+                     [[str(e["count"]), e["stage"], _clip(e["reason"], 90)] for e in summary["top_error_reasons"]],
+                     indent=2))
+
+
+def _keypoint_score_lines(name: str, schema: dict[str, Any]) -> list[str]:
+    bins = schema["bins"]
+    labels = [f"<{bins[1]:g}"] + [f"{a:g}-{b:g}" for a, b in zip(bins[1:-2], bins[2:-1])] + [f">={bins[-2]:g}"]
+    n = schema["instances"]
+    return [f"keypoint scores: {name} ({n} instance{'' if n == 1 else 's'}; instances per score bin)"] + _table(
+        ["#", "keypoint", "mean"] + labels,
+        [[str(k["index"]), k["name"], _num(k["mean"], 3)] + [str(v) for v in k["histogram"]] for k in schema["keypoints"]],
+        indent=2,
+    )
 
 
 def _kv(pairs: list[tuple[str, str]]) -> list[str]:

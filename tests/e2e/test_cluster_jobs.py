@@ -204,8 +204,3 @@ def test_a_wrong_token_is_refused_with_one_line(head_env, tiny_checkpoint, coco_
     assert result.exit_code == 1
     assert result.stderr.startswith(f"error: --address {head_env.address}: cannot use the Ray Jobs API there")
     assert "0" * 64 not in result.output
-
-
-# --- without a cluster ----------------------------------------------------------------------
-
-

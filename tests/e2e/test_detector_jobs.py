@@ -1,38 +1,14 @@
-"""The detector stage: RT-DETR boxes equal to a direct transformers call, filters, NMS, failures as rows."""
+"""Detector jobs end to end: RT-DETR boxes for every image, or only for the images the boxes file lacks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
-import torch
-from conftest import job_dict, read_json
+from conftest import DETECTOR_THRESHOLD, direct_detections, job_dict, read_json
 from PIL import Image
 from typer.testing import CliRunner
 
 from raypose.cli import app
-from raypose.testing.synthetic import make_detector_checkpoint
-
-LABELS = ["person", "bicycle", "dog", "cat"]
-THRESHOLD = 0.005  # random weights score near the focal-loss prior (~0.01)
-
-
-@pytest.fixture(scope="module")
-def detector_checkpoint(tmp_path_factory):
-    return make_detector_checkpoint(tmp_path_factory.mktemp("detr") / "rtdetr-tiny", LABELS)
-
-
-def direct_detections(checkpoint, image: np.ndarray, threshold: float):
-    """The seed's detection step: processor -> RTDetrForObjectDetection -> post_process_object_detection."""
-    from transformers import AutoImageProcessor, RTDetrForObjectDetection
-
-    processor = AutoImageProcessor.from_pretrained(checkpoint)
-    model = RTDetrForObjectDetection.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        outputs = model(**processor(images=image, return_tensors="pt"))
-    return processor.post_process_object_detection(
-        outputs, threshold=threshold, target_sizes=[(image.shape[0], image.shape[1])]
-    )[0]
 
 
 def test_detector_job_end_to_end(ray_session, detector_checkpoint, tiny_checkpoint, coco_folder, write_job, tmp_path):
@@ -40,7 +16,7 @@ def test_detector_job_end_to_end(ray_session, detector_checkpoint, tiny_checkpoi
     spec["boxes"] = {
         "source": "detector",
         "categories": ["person"],
-        "detector": {"model": str(detector_checkpoint), "threshold": THRESHOLD, "max_per_image": 2, "batch_size": 2},
+        "detector": {"model": str(detector_checkpoint), "threshold": DETECTOR_THRESHOLD, "max_per_image": 2, "batch_size": 2},
     }
     result = CliRunner().invoke(app, ["submit", str(write_job(spec))], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -49,12 +25,12 @@ def test_detector_job_end_to_end(ray_session, detector_checkpoint, tiny_checkpoi
     assert len(rows) == 6  # 3 images x max_per_image 2 (random weights find "persons" everywhere)
     assert {r["box_source"] for r in rows} == {"detector"}
     assert {r["detector_id"] for r in rows} == {str(detector_checkpoint)}
-    assert {r["category"] for r in rows} == {"person"} and all(r["box_score"] >= THRESHOLD for r in rows)
+    assert {r["category"] for r in rows} == {"person"} and all(r["box_score"] >= DETECTOR_THRESHOLD for r in rows)
     assert all(r["annotation_id"] is None for r in rows)
     # The boxes are the detector's own on that image (clipped to it).
     first = [r for r in rows if r["image_key"] == "img_0000.jpg"]
     image = np.asarray(Image.open(coco_folder / "images" / "img_0000.jpg").convert("RGB"))
-    ref = direct_detections(detector_checkpoint, image, THRESHOLD)
+    ref = direct_detections(detector_checkpoint, image, DETECTOR_THRESHOLD)
     person = ref["labels"] == 0
     best = ref["boxes"][person][ref["scores"][person].argsort(descending=True)[:2]].numpy()
     ref_xywh = np.concatenate([best[:, :2], best[:, 2:] - best[:, :2]], axis=1)
@@ -72,7 +48,7 @@ def test_detect_missing_detects_only_images_without_boxes(ray_session, detector_
     coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] != 2]  # img_0001 loses its box
     (tmp_path / "boxes.json").write_text(__import__("json").dumps(coco))
     spec = job_dict(coco_folder / "images", tmp_path / "boxes.json", tiny_checkpoint, tmp_path / "out")
-    spec["boxes"].update(detect_missing=True, detector={"model": str(detector_checkpoint), "threshold": THRESHOLD, "max_per_image": 1})
+    spec["boxes"].update(detect_missing=True, detector={"model": str(detector_checkpoint), "threshold": DETECTOR_THRESHOLD, "max_per_image": 1})
     result = CliRunner().invoke(app, ["submit", str(write_job(spec))], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     rows = pq.read_table(tmp_path / "out" / "keypoints").to_pylist()

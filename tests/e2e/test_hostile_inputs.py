@@ -23,6 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from raypose.cli import app
+from raypose.imaging.decode import decode_image
 
 runner = CliRunner()
 MAX_PIXELS = 1_000_000  # the job's images.max_pixels: a 1200x1000 PNG is a "bomb"
@@ -277,3 +278,26 @@ def test_every_hostile_file_ends_as_rows_or_a_specific_error(ray_session, tiny_c
     assert manifest["counts"]["errors"] == errors == 17
 
 
+def test_hostile_files_decode_to_what_is_displayed(tmp_path):
+    """The pixels behind the rows above: first frames, EXIF orientation, 16-bit scaling, alpha on white."""
+    images = tmp_path / "images"
+    build_folder(images)
+
+    def decoded(name: str) -> np.ndarray:
+        return np.asarray(decode_image((images / name).read_bytes(), MAX_PIXELS))
+
+    for name in ("animated.gif", "animated.webp"):
+        first = decoded(name)
+        assert first.shape == (48, 64, 3)
+        assert np.abs(first.astype(int) - RED).max() <= 8, name  # the first frame, not the last
+    rotated = decoded("exif_rotated.jpg")
+    assert rotated.shape == (64, 48, 3)  # displayed: 48 wide, 64 high
+    assert np.abs(rotated[4, 44].astype(int) - RED).max() <= 16  # stored top-left is displayed top-right
+    assert np.abs(rotated[60, 4].astype(int) - BLUE).max() <= 16
+    ramp = decoded("gray16.png")
+    assert ramp[0, 0].tolist() == [0, 0, 0] and ramp[0, -1].tolist() == [255, 255, 255]  # scaled, not clipped
+    transparent = decoded("palette_transparent.png")
+    index = np.asarray(Image.open(images / "palette_transparent.png"))
+    assert (transparent[index == 0] == 255).all()  # transparent pixels composited on white
+    for name in ("cmyk.jpg", "gray.jpg", "rgba.png", "palette.png", "one_pixel.png"):
+        assert decoded(name).dtype == np.uint8 and decoded(name).shape[2] == 3

@@ -1,4 +1,4 @@
-"""`raypose render`: skeletons drawn on sampled images, an index.html grid, safe file names."""
+"""`raypose render` on a real output: skeletons drawn on sampled images, an index.html grid, fsspec URLs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing: categories to experts, each expert checked against its checkpoint, mixed jobs end to end."""
+"""A mixed job end to end: people and animals routed to their experts, each row with its expert and schema."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A small fault-injecting HTTP proxy (`FaultProxy`) sits between raypose and moto:
 chosen requests with S3 errors (503 SlowDown, 500 InternalError, 403 AccessDenied, a wrong
 access key) and forwards everything else. Covered:
 
-- transient errors are retried with backoff (raypose's default S3 retry policy, `raypose.storage`),
+- transient errors are retried with backoff (raypose's default S3 retry policy, `raypose.inputs.storage`),
   on listing, boxes, image reads and output writes, and the job loses nothing;
 - an object that keeps failing past the job's own retry config becomes a `read` error row;
 - missing buckets and objects, wrong credentials and denied writes fail before Ray starts,

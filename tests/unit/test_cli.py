@@ -1,4 +1,4 @@
-"""The CLI: `raypose validate` / `raypose submit` exit 2 with one `error: ...` line for a bad job."""
+"""The CLI without Ray: `raypose validate` / `raypose submit` exit 2 with one `error: ...` line for a bad job."""
 
 from __future__ import annotations
 
@@ -217,3 +217,24 @@ def test_debug_shows_the_traceback(good_job, write_job):
 # --- submit stops before Ray ----------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda job, tmp: job["pose"].update(batch_size=-1),
+        lambda job, tmp: job["images"].update(path=str(tmp / "missing")),
+        lambda job, tmp: (tmp / "out").mkdir() or (tmp / "out" / "manifest.json").write_text("{}"),
+    ],
+    ids=["spec", "images", "output"],
+)
+def test_submit_fails_before_starting_ray(breakage, good_job, write_job, tmp_path, monkeypatch):
+    import ray
+
+    was_running = ray.is_initialized()
+    starts = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: starts.append((a, k)))
+    breakage(good_job, tmp_path)
+    result = invoke("submit", str(write_job(good_job)))
+    assert result.exit_code == 2, result.output
+    assert starts == []
+    if not was_running:
+        assert not ray.is_initialized()

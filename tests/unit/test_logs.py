@@ -1,10 +1,4 @@
-"""Logs for scheduled runs: `submit --log-format json` (every line a JSON object, start/finish records
-with the counts) and `submit --quiet` (the summary line alone on stdout).
-
-The runs are real processes (Ray's C++ core and Ray Data write to the process's own streams,
-which an in-process test runner cannot capture), joined to the session's Ray through
-RAY_ADDRESS, the way a run inside a Ray job or a KubeRay RayJob finds its cluster.
-"""
+"""Log lines: the one JSON record, lines that bypass logging wrapped as JSON, Ray's console handlers following sys.stderr."""
 
 from __future__ import annotations
 

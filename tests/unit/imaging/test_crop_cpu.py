@@ -1,9 +1,10 @@
-"""Crops against the reference: transformers' VitPoseImageProcessor (PIL backend, scipy warp)."""
+"""The CPU crop against the reference: transformers' VitPoseImageProcessor (PIL backend, scipy warp)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REFERENCE_BOXES
 from PIL import Image
 
 from raypose.imaging.crop_cpu import crop_image
@@ -12,16 +13,6 @@ from raypose.imaging.geometry import center_scale_from_boxes
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
 
-# Boxes inside, across the border, tiny, wide, tall, fractional, the whole image.
-BOXES = [
-    [10, 20, 50, 80],
-    [-10, -5, 200, 150],
-    [100, 60, 30, 20],
-    [3.3, 7.7, 40.2, 10.1],
-    [0, 0, 160, 120],
-    [150, 110, 30, 40],
-    [40.5, 0.25, 8.0, 119.0],
-]
 
 
 def reference_crop(image: np.ndarray, box, size=(192, 256)) -> np.ndarray:
@@ -37,7 +28,7 @@ def reference_crop(image: np.ndarray, box, size=(192, 256)) -> np.ndarray:
 def test_crop_within_bilinear_tolerance_of_reference(image_shape, input_size):
     rng = np.random.default_rng(sum(image_shape) + sum(input_size))
     image = rng.integers(0, 256, image_shape, dtype=np.uint8)
-    for box in BOXES:
+    for box in REFERENCE_BOXES:
         center, scale = center_scale_from_boxes(np.array([box]), input_size)
         ours = crop_image(image, center[0], scale[0], input_size)
         ref = reference_crop(image, box, input_size)
@@ -67,7 +58,7 @@ def test_crop_from_pil_image_equals_crop_from_array(image_shape):
 
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, image_shape, dtype=np.uint8)
-    for box in BOXES:
+    for box in REFERENCE_BOXES:
         center, scale = center_scale_from_boxes(np.array([box]), (192, 256))
         np.testing.assert_array_equal(
             crop_image(Image.fromarray(image), center[0], scale[0], (192, 256)),

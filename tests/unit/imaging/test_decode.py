@@ -1,4 +1,4 @@
-"""The reader (listing, reading, decoding hostile images) and the CPU crop stage without Ray."""
+"""Decoding hostile images: empty, truncated, bombs, every awkward mode, animation, EXIF rotation, header probes."""
 
 from __future__ import annotations
 
@@ -42,9 +42,6 @@ def png_declaring(width: int, height: int) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
         + png_chunk(b"IEND", b"")
     )
-
-
-# --- list_images ----------------------------------------------------------------------------
 
 
 # --- decode_image: hostile inputs -----------------------------------------------------------
@@ -210,8 +207,3 @@ def test_decode_one_pixel():
     image = decode_image(encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), MAX_PIXELS)
     assert image.size == (1, 1)
     assert np.asarray(image).tolist() == [[[1, 2, 3]]]
-
-
-# --- the CPU stage, without Ray -------------------------------------------------------------
-
-

@@ -1,28 +1,19 @@
-"""Crops against the reference: transformers' VitPoseImageProcessor (PIL backend, scipy warp)."""
+"""Crop geometry against the reference: center/scale of boxes, and the JPEG draft reduction a crop affords."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import REFERENCE_BOXES
 
 from raypose.imaging.geometry import center_scale_from_boxes
 
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
 
-# Boxes inside, across the border, tiny, wide, tall, fractional, the whole image.
-BOXES = [
-    [10, 20, 50, 80],
-    [-10, -5, 200, 150],
-    [100, 60, 30, 20],
-    [3.3, 7.7, 40.2, 10.1],
-    [0, 0, 160, 120],
-    [150, 110, 30, 40],
-    [40.5, 0.25, 8.0, 119.0],
-]
 
 
-@pytest.mark.parametrize("box", BOXES)
+@pytest.mark.parametrize("box", REFERENCE_BOXES)
 def test_center_scale_equal_reference(box):
     center, scale = center_scale_from_boxes(np.array([box]), (192, 256))
     ref_center, ref_scale = reference.box_to_center_and_scale(np.array(box, np.float32), 192, 256)

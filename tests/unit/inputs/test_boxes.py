@@ -389,3 +389,25 @@ def test_real_coco_sample():
         image = decode_image(read_bytes(task["image_uri"], {}), max_pixels=100_000_000)
         assert image.mode == "RGB"
         assert image.size == sizes[task["image_key"]] == (task["expected_width"], task["expected_height"])
+
+
+def test_broken_boxes_are_reported_not_filtered_by_min_area():
+    """boxes.min_area drops small boxes; a NaN, negative or zero-size one must still become an error row."""
+    from raypose.config.spec import BoxesSpec
+    from raypose.inputs.boxes import coco_boxes
+
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50]},   # kept
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5]},     # too small: dropped
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [0, 0, -50, 50]},  # negative: reported
+            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [0, 0, -50, -50]},  # negative (area > 0): reported
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 0, 50]},    # zero: reported
+            {"id": 6, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 0, 50, 50]},  # NaN: reported
+            {"id": 7, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50], "area": 10.0},  # small segment: dropped
+        ],
+    }
+    box_set = coco_boxes(coco, BoxesSpec(source="coco", path="x.json", min_area=100))
+    assert box_set.by_image["a.jpg"].annotation_id == [1, 3, 4, 5, 6] and box_set.dropped == 2

@@ -1,16 +1,10 @@
-"""WebDataset tars and Parquet files with image bytes: listing, reading, and whole jobs."""
+"""WebDataset tars and Parquet files with image bytes: listing them without reading bytes, and fetching one image."""
 
 from __future__ import annotations
-
-import io
-import json
-import tarfile
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import read_json
 from typer.testing import CliRunner
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
@@ -20,54 +14,8 @@ from raypose.inputs.listing import list_images
 runner = CliRunner()
 
 
-def coco_boxes_by_image(coco_folder: Path) -> dict[str, list]:
-    coco = read_json(coco_folder / "boxes.json")
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    boxes: dict[str, list] = {name: [] for name in names.values()}
-    for ann in coco["annotations"]:
-        boxes[names[ann["image_id"]]].append(ann["bbox"])
-    return boxes
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def shards(coco_folder, tmp_path_factory) -> Path:
-    """Two WebDataset shards holding the three images, each with a .json of its boxes."""
-    folder = tmp_path_factory.mktemp("wds")
-    boxes = coco_boxes_by_image(coco_folder)
-    names = sorted(boxes)
-    for shard, members in enumerate([names[:2], names[2:]]):
-        with tarfile.open(folder / f"shard-{shard:04d}.tar", "w") as tar:
-            for name in members:
-                stem = name.rsplit(".", 1)[0]
-                add(tar, name, (coco_folder / "images" / name).read_bytes())
-                add(tar, f"{stem}.json", json.dumps({"bbox": boxes[name], "category": ["person"] * len(boxes[name])}).encode())
-                add(tar, f"{stem}.txt", b"a caption, ignored")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def parquet_images(coco_folder, tmp_path_factory) -> Path:
-    """The HF datasets layout: an `image` struct {bytes, path} and a `bbox` list column, in two files."""
-    folder = tmp_path_factory.mktemp("pq")
-    boxes = coco_boxes_by_image(coco_folder)
-    names = sorted(boxes)
-    for part, members in enumerate([names[:1], names[1:]]):
-        table = pa.table({
-            "image": [{"bytes": (coco_folder / "images" / n).read_bytes(), "path": n} for n in members],
-            "bbox": [boxes[n] for n in members],
-        })
-        pq.write_table(table, folder / f"part-{part}.parquet")
-    return folder
-
-
-def test_tar_listing_reads_headers_and_finds_each_members_bytes(shards, coco_folder):
-    images = ImagesSpec(path=str(shards), format="webdataset")
+def test_tar_listing_reads_headers_and_finds_each_members_bytes(webdataset_shards, coco_folder):
+    images = ImagesSpec(path=str(webdataset_shards), format="webdataset")
     table = list_images(images, BoxesSpec(source="inline"))
     assert table.column("image_key").to_pylist() == ["img_0000.jpg", "img_0001.jpg", "img_0002.jpg"]
     rows = table.to_pylist()

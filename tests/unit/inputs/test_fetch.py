@@ -1,14 +1,10 @@
-"""The reader (listing, reading, decoding hostile images) and the CPU crop stage without Ray."""
+"""Fetching bytes: odd file names, missing and unreadable objects, and a read that fails as the row's error."""
 
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
-
-import fsspec
 import pyarrow as pa
 import pytest
-from PIL import Image
+from conftest import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import ImageError
@@ -20,34 +16,12 @@ from raypose.schema import IMAGE_TASK_SCHEMA
 MAX_PIXELS = 1_000_000
 
 
-def save(path: Path, size=(4, 3), color=(10, 20, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def rows(table: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(table.column("image_key").to_pylist(), table.column("image_uri").to_pylist()))
-
-
 # --- list_images ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def memory_root():
-    fs = fsspec.filesystem("memory")
-    root = f"/raypose-test-{uuid.uuid4().hex}"
-    fs.pipe(f"{root}/imgs/p/q.jpg", b"q-bytes")
-    fs.pipe(f"{root}/imgs/r.PNG", b"r-bytes")
-    fs.pipe(f"{root}/imgs/.s.png", b"hidden")
-    fs.pipe(f"{root}/imgs/t.txt", b"text")
-    yield root
-    fs.rm(root, recursive=True)
-
-
 def test_read_bytes_odd_file_names(tmp_path):
-    path = save(tmp_path / "odd names" / "a photo é ü 写真.jpg", size=(5, 4), color=(200, 100, 50))
-    [(key, uri)] = rows(list_images(ImagesSpec(path=str(tmp_path / "odd names"))))
+    path = save_image(tmp_path / "odd names" / "a photo é ü 写真.jpg", size=(5, 4), color=(200, 100, 50))
+    [(key, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path / "odd names"))))
     assert key == "a photo é ü 写真.jpg"
     assert uri.startswith("file://")
     data = read_bytes(uri, {})
@@ -80,13 +54,13 @@ def decode_error(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageError:
 def test_decode_non_image_named_jpg_through_storage(tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_text("this is a text file with a .jpg name")
-    [(_, uri)] = rows(list_images(ImagesSpec(path=str(tmp_path))))
+    [(_, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path))))
     error = decode_error(read_bytes(uri, {}))
     assert "unknown format" in str(error) and error.stage == "decode"
 
 
 def test_read_images_attaches_bytes_and_turns_a_failed_read_into_the_rows_error(tmp_path):
-    path = save(tmp_path / "a.png")
+    path = save_image(tmp_path / "a.png")
     rows = [
         {"image_key": "a.png", "image_uri": path.as_uri(), "box_xywh": [[0, 0, 2, 2]]},
         {"image_key": "gone.png", "image_uri": (tmp_path / "gone.png").as_uri(), "box_xywh": [[0, 0, 2, 2]]},
@@ -96,8 +70,3 @@ def test_read_images_attaches_bytes_and_turns_a_failed_read_into_the_rows_error(
     assert got[0]["image_bytes"] == path.read_bytes() and got[0]["error_stage"] is None
     assert (got[1]["image_bytes"], got[1]["error_stage"], got[1]["error_reason"]) == (None, "read", "not found in storage")
     assert got[2]["image_bytes"] is None and got[2]["error_stage"] is None  # no box: nothing to read
-
-
-# --- the CPU stage, without Ray -------------------------------------------------------------
-
-

@@ -1,30 +1,17 @@
-"""The reader (listing, reading, decoding hostile images) and the CPU crop stage without Ray."""
+"""Listing: directories, globs and manifests, local and fsspec URLs, stable relative keys, clear errors."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import fsspec
-import pyarrow as pa
 import pytest
-from PIL import Image
+from conftest import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.fetch import read_bytes
 from raypose.inputs.listing import list_images
-
-
-def save(path: Path, size=(4, 3), color=(10, 20, 30)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def rows(table: pa.Table) -> list[tuple[str, str]]:
-    return list(zip(table.column("image_key").to_pylist(), table.column("image_uri").to_pylist()))
-
 
 # --- list_images ----------------------------------------------------------------------------
 
@@ -32,13 +19,13 @@ def rows(table: pa.Table) -> list[tuple[str, str]]:
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     root = tmp_path / "images"
-    save(root / "b.jpg")
-    save(root / "A.PNG")
-    save(root / "sub" / "deep" / "c.jpeg")
-    save(root / "sub" / "d.png")
-    save(root / ".hidden.jpg")
-    save(root / ".cache" / "e.jpg")
-    save(root / "sub" / ".thumbs" / "f.jpg")
+    save_image(root / "b.jpg")
+    save_image(root / "A.PNG")
+    save_image(root / "sub" / "deep" / "c.jpeg")
+    save_image(root / "sub" / "d.png")
+    save_image(root / ".hidden.jpg")
+    save_image(root / ".cache" / "e.jpg")
+    save_image(root / "sub" / ".thumbs" / "f.jpg")
     (root / "notes.txt").write_text("not an image")
     (root / "sub" / "data.json").write_text("{}")
     return root
@@ -49,7 +36,7 @@ def test_list_directory_recursive_sorted_relative_keys(image_tree):
     assert table.column_names == ["image_key", "image_uri"]
     # Upper-case extension kept, hidden files and folders skipped, non-images dropped, sorted by key.
     assert table.column("image_key").to_pylist() == ["A.PNG", "b.jpg", "sub/d.png", "sub/deep/c.jpeg"]
-    for key, uri in rows(table):
+    for key, uri in listed(table):
         assert uri == (image_tree / key).as_uri()
         assert read_bytes(uri, {}) == (image_tree / key).read_bytes()
 
@@ -62,10 +49,10 @@ def test_list_extension_filter_is_case_insensitive(image_tree):
 def test_list_glob_keys_relative_to_fixed_prefix(image_tree):
     table = list_images(ImagesSpec(path=f"{image_tree}/sub/**/*.*"))
     assert table.column("image_key").to_pylist() == ["d.png", "deep/c.jpeg"]
-    assert dict(rows(table))["deep/c.jpeg"] == (image_tree / "sub/deep/c.jpeg").as_uri()
+    assert dict(listed(table))["deep/c.jpeg"] == (image_tree / "sub/deep/c.jpeg").as_uri()
 
     table = list_images(ImagesSpec(path=f"{image_tree}/sub/*/*.jpeg"))
-    assert rows(table) == [("deep/c.jpeg", (image_tree / "sub/deep/c.jpeg").as_uri())]
+    assert listed(table) == [("deep/c.jpeg", (image_tree / "sub/deep/c.jpeg").as_uri())]
 
 
 def test_list_manifest_relative_to_its_folder(image_tree):
@@ -73,7 +60,7 @@ def test_list_manifest_relative_to_its_folder(image_tree):
     manifest.write_text("# a comment\n\nsub/d.png\n  b.jpg  \n./sub/deep/c.jpeg\r\n   \n# sub/nope.jpg\n")
     table = list_images(ImagesSpec(path=str(manifest)))
     assert table.column("image_key").to_pylist() == ["b.jpg", "sub/d.png", "sub/deep/c.jpeg"]
-    for key, uri in rows(table):
+    for key, uri in listed(table):
         assert read_bytes(uri, {}) == (image_tree / key).read_bytes()
 
 
@@ -90,29 +77,17 @@ def test_list_manifest_entries_above_its_folder(image_tree):
     ]
 
 
-@pytest.fixture
-def memory_root():
-    fs = fsspec.filesystem("memory")
-    root = f"/raypose-test-{uuid.uuid4().hex}"
-    fs.pipe(f"{root}/imgs/p/q.jpg", b"q-bytes")
-    fs.pipe(f"{root}/imgs/r.PNG", b"r-bytes")
-    fs.pipe(f"{root}/imgs/.s.png", b"hidden")
-    fs.pipe(f"{root}/imgs/t.txt", b"text")
-    yield root
-    fs.rm(root, recursive=True)
-
-
 def test_list_memory_url(memory_root):
     table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs"))
-    assert rows(table) == [
+    assert listed(table) == [
         ("p/q.jpg", f"memory://{memory_root}/imgs/p/q.jpg"),
         ("r.PNG", f"memory://{memory_root}/imgs/r.PNG"),
     ]
-    assert [read_bytes(uri, {}) for _, uri in rows(table)] == [b"q-bytes", b"r-bytes"]
+    assert [read_bytes(uri, {}) for _, uri in listed(table)] == [b"q-bytes", b"r-bytes"]
 
     # One level only; the folder p/, the hidden .s.png and the .txt are not listed.
     table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs/*"))
-    assert rows(table) == [("r.PNG", f"memory://{memory_root}/imgs/r.PNG")]
+    assert listed(table) == [("r.PNG", f"memory://{memory_root}/imgs/r.PNG")]
 
 
 def test_list_memory_manifest_resolves_parent_entries(memory_root):
@@ -136,11 +111,3 @@ def test_list_empty_dir_is_spec_error(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(SpecError, match=r"^images\.path: no images under .*empty"):
         list_images(ImagesSpec(path=str(tmp_path / "empty")))
-
-
-# --- decode_image: hostile inputs -----------------------------------------------------------
-
-
-# --- the CPU stage, without Ray -------------------------------------------------------------
-
-

@@ -1,44 +1,24 @@
-"""The detector stage: RT-DETR boxes equal to a direct transformers call, filters, NMS, failures as rows."""
+"""The detector: RT-DETR boxes equal to a direct transformers call, with filters and NMS; its config checked."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import DETECTOR_LABELS, DETECTOR_THRESHOLD, direct_detections
 
 from raypose.config.spec import DetectorSpec
 from raypose.errors import SpecError
 from raypose.models.detector import Detector, class_aware_nms, inspect_detector
-from raypose.testing.synthetic import draw_people, make_detector_checkpoint
-
-LABELS = ["person", "bicycle", "dog", "cat"]
-THRESHOLD = 0.005  # random weights score near the focal-loss prior (~0.01)
-
-
-@pytest.fixture(scope="module")
-def detector_checkpoint(tmp_path_factory):
-    return make_detector_checkpoint(tmp_path_factory.mktemp("detr") / "rtdetr-tiny", LABELS)
-
-
-def direct_detections(checkpoint, image: np.ndarray, threshold: float):
-    """The seed's detection step: processor -> RTDetrForObjectDetection -> post_process_object_detection."""
-    from transformers import AutoImageProcessor, RTDetrForObjectDetection
-
-    processor = AutoImageProcessor.from_pretrained(checkpoint)
-    model = RTDetrForObjectDetection.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        outputs = model(**processor(images=image, return_tensors="pt"))
-    return processor.post_process_object_detection(
-        outputs, threshold=threshold, target_sizes=[(image.shape[0], image.shape[1])]
-    )[0]
+from raypose.testing.synthetic import draw_people
 
 
 def test_detect_equals_direct_call_with_filters(detector_checkpoint):
     image = np.asarray(draw_people(320, 240, np.array([[40.0, 20.0, 60.0, 180.0]])))
-    detector = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=THRESHOLD, max_per_image=100), ["person", "dog"])
+    detector = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=DETECTOR_THRESHOLD, max_per_image=100), ["person", "dog"])
     [(xywh, scores, names)] = detector.detect([image])
-    ref = direct_detections(detector_checkpoint, image, THRESHOLD)
-    wanted = [i for i, label in enumerate(ref["labels"].tolist()) if LABELS[label] in ("person", "dog")]
+    ref = direct_detections(detector_checkpoint, image, DETECTOR_THRESHOLD)
+    wanted = [i for i, label in enumerate(ref["labels"].tolist()) if DETECTOR_LABELS[label] in ("person", "dog")]
     assert len(wanted) > 0 and set(names) <= {"person", "dog"}
     order = np.argsort(-ref["scores"].numpy()[wanted], kind="stable")
     ref_boxes = ref["boxes"].numpy()[wanted][order]
@@ -46,10 +26,10 @@ def test_detect_equals_direct_call_with_filters(detector_checkpoint):
     np.testing.assert_allclose(xywh[:, :2], ref_boxes[:, :2], atol=1e-3)
     np.testing.assert_allclose(xywh[:, 2:], ref_boxes[:, 2:] - ref_boxes[:, :2], atol=1e-3)
 
-    capped = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=THRESHOLD, max_per_image=2), None)
+    capped = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=DETECTOR_THRESHOLD, max_per_image=2), None)
     [(few, few_scores, _)] = capped.detect([image])
     assert len(few) == 2 and few_scores[0] >= few_scores[1]
-    big = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=THRESHOLD, min_size=1e6), None)
+    big = Detector(DetectorSpec(model=str(detector_checkpoint), threshold=DETECTOR_THRESHOLD, min_size=1e6), None)
     assert len(big.detect([image])[0][0]) == 0
 
 

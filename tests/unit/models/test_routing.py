@@ -1,4 +1,4 @@
-"""Routing: categories to experts, each expert checked against its checkpoint, mixed jobs end to end."""
+"""Routing: categories to experts, each expert checked against its checkpoint."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pose engine against the seed's reference pipeline on the same checkpoint, images and boxes."""
+"""The ViTPose engine against the seed's reference pipeline on the same checkpoint, images and boxes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`raypose render`: skeletons drawn on sampled images, an index.html grid, safe file names."""
+"""`raypose render`'s file names: safe inside the output folder, never colliding."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""`raypose submit --address`: the Ray Jobs API against a real local head, and the pieces around it.
-
-The head is a `ray start --head --block` subprocess with its own ports, its own temp dir (so
-its address file does not make anyone's `ray.init()` join it) and its own token; it is
-stopped by signalling that process, never with `ray stop`, which would also end the session's
-in-process Ray (the `ray_session` fixture) and anyone else's.
-"""
+"""`raypose submit --address` without a cluster: the submission (spec, paths, credentials, runtime_env),
+the address and token, exit codes, and how the job's log is relayed."""
 
 from __future__ import annotations
 
@@ -21,9 +16,6 @@ from raypose.errors import SpecError
 from raypose.pipeline import cluster
 
 runner = CliRunner()
-
-
-# --- against the real head ----------------------------------------------------------------
 
 
 # --- without a cluster ----------------------------------------------------------------------

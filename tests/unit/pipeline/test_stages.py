@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-
 from conftest import job_dict
+
 from raypose.config.spec import parse_job_spec
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 from raypose.pipeline.plan import plan_job
