@@ -14,7 +14,7 @@ crop stage makes it (uint8 crops in a binary Arrow column), then times, median o
 
 On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
 --compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
-benchmark JPEGs (`synthetic.make_benchmark_dataset`) as resources.crop_in: pose_device runs it:
+benchmark JPEGs (`testing.synthetic.make_benchmark_dataset`) as resources.crop_in: pose_device runs it:
 
   read_images       the CPU stage: the files' bytes
   plan_device_crops headers, boxes and crop geometry, in the actor

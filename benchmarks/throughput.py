@@ -4,7 +4,7 @@
     python benchmarks/throughput.py --preset vitpose-small --images 64
     python benchmarks/throughput.py --preset vitpose-base --images 256 --device cuda --dtype bfloat16 --scale
 
-It makes its own inputs (raypose.synthetic: JPEGs cycling 640x480 / 1280x720 / 4000x3000 with
+It makes its own inputs (raypose.testing.synthetic: JPEGs cycling 640x480 / 1280x720 / 4000x3000 with
 1-8 drawn people each, their COCO boxes, and a checkpoint of the preset's shape with random
 weights), then measures on the same images, boxes, model, device and dtype:
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="raypose throughput vs the reference pipeline and the model-forward ceiling.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--preset", default="vitpose-small", help="raypose.synthetic.PRESETS shape (random weights)")
+    p.add_argument("--preset", default="vitpose-small", help="raypose.testing.synthetic.PRESETS shape (random weights)")
     p.add_argument("--images", type=int, default=64, help="number of images (N)")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="image sizes WxH, cycled over the images")
     p.add_argument("--persons", default="1-8", help="people per image, MIN-MAX")

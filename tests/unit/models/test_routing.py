@@ -26,7 +26,7 @@ def routing_of(**pose):
 
 def test_builtin_experts_on_a_moe_checkpoint_get_their_dataset_index(moe_checkpoint):
     # The tiny MoE's one head is taken as COCO's (as the published transformers ViTPose++ checkpoints);
-    # the AP-10K expert is served only when told its head is AP-10K's (tests/test_convert.py: refused otherwise).
+    # the AP-10K expert is served only when told its head is AP-10K's (test_convert.py: refused otherwise).
     routing = routing_of(model=str(moe_checkpoint), routing={"dog": "ap10k", "person": "coco"},
                          experts={"ap10k": {"head_schema": "ap10k17"}})
     assert {n: (e.dataset_index, e.keypoint_schema) for n, e in routing.experts.items()} == {
