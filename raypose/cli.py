@@ -87,7 +87,10 @@ def submit(
         typer.Option("--runtime-env-json", help="With --address: JSON merged into the job's runtime_env, e.g. '{\"py_modules\": []}'."),
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No progress bars or log lines: only the summary line (problems still on stderr).")
+        bool, typer.Option("--quiet", "-q", help="No progress or log lines: only the summary line (problems still on stderr).")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also Ray's own output: Ray Data's progress bars per stage, Ray's notices.")
     ] = False,
     log_format: Annotated[
         LogFormat, typer.Option("--log-format", help="text, or json: one JSON object per line (for scheduled runs).")
@@ -105,7 +108,7 @@ def submit(
     from raypose.logs import setup_logging
 
     fmt = LogFormat(log_format).value
-    setup_logging(fmt, quiet)
+    setup_logging(fmt, quiet, pump_stderr=True)
     with _submit_errors_as_exit(debug, fmt):
         if address is not None:
             from raypose.pipeline.cluster import run_remote
@@ -113,16 +116,18 @@ def submit(
             code = run_remote(job, set_ or [], address, wait=wait, runtime_env_json=runtime_env_json,
                               quiet=quiet, log_format=fmt, debug=debug, force=force, echo=typer.echo)
             raise typer.Exit(code)
-        _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json, force=force)
+        _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json, force=force,
+                      verbose=verbose)
 
 
 def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait: bool,
-                  runtime_env_json: Optional[str], force: bool = False) -> None:
+                  runtime_env_json: Optional[str], force: bool = False, verbose: bool = False) -> None:
     import json
 
     from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
     from raypose.pipeline.plan import plan_job
+    from raypose.pipeline.progress import Progress
     from raypose.pipeline.run import run_job
     from raypose.pipeline.runtime import quiet_ray
 
@@ -137,8 +142,8 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
             f"{len(plan.shards.to_write)} of {plan.shards.num_shards} shards to do",
             err=True,
         )
-    quiet_ray(fmt, quiet)
-    result = run_job(plan)
+    quiet_ray(fmt, quiet, verbose=verbose)
+    result = run_job(plan, progress=Progress.for_cli(plan.tasks.num_rows, fmt, quiet))
     c = result.counts
     if fmt == "json":
         typer.echo(json.dumps({

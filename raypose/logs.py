@@ -66,13 +66,14 @@ def formatter(fmt: LogFormat) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
-def setup_logging(fmt: LogFormat = "text", quiet: bool = False) -> None:
+def setup_logging(fmt: LogFormat = "text", quiet: bool = False, pump_stderr: bool = False) -> None:
     """Configure the root logger for the CLI: INFO (WARNING when quiet) on stderr in `fmt`.
 
     Like `logging.basicConfig`, this adds no handler when the program embedding raypose (or a
-    test runner) already configured the root logger. In JSON mode on the process's real stderr,
-    lines that bypass Python logging (Ray's C++ core, libraries printing to the stream) are
-    wrapped as JSON objects too (see `_JsonStderr`).
+    test runner) already configured the root logger. With `pump_stderr` (a run, on the process's
+    real stderr), lines that bypass Python logging (Ray's C++ core, libraries printing to the
+    stream) go through `_StderrPump`: known-harmless ones are dropped, and in JSON mode the rest
+    are wrapped as JSON objects.
     """
     root = logging.getLogger()
     ours = [h for h in root.handlers if getattr(h, "_raypose", False)]
@@ -88,10 +89,19 @@ def setup_logging(fmt: LogFormat = "text", quiet: bool = False) -> None:
         root.setLevel(level)
     if fmt == "json" and ours:
         logging.captureWarnings(True)
-        if sys.stderr is sys.__stderr__:
-            _JsonStderr.install()
+    if pump_stderr and ours and sys.stderr is sys.__stderr__:
+        _StderrPump.install(json_lines=fmt == "json")
 
 
+
+# Lines Ray prints on every successful run that say nothing is wrong. Ray Data creates each
+# actor with refs to its DataContext and MapTransformer, which the driver holds until the job
+# ends; Ray's core warns that a restarted actor could not get them back if they were lost,
+# which happens only when the driver is gone, and then the job is over anyway.
+HARMLESS_LINES = (
+    re.compile(r"core_worker\.cc:\d+: Actor with class name: '[^']*' and ID: '[0-9a-f]+' has constructor arguments "
+               r"in the object store and max_restarts > 0"),
+)
 
 _CORE_LEVELS = {"D": "DEBUG", "I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 _CORE_LINE = re.compile(r"^\[[^\]]*? ([DIWEF]) \d+ \d+\]")
@@ -110,37 +120,54 @@ def as_json_line(line: str) -> str:
     return json_record(_CORE_LEVELS[core.group(1)] if core else "INFO", "ray.core" if core else "stderr", stripped)
 
 
-class _JsonStderr:
-    """Replace file descriptor 2 with a pipe whose lines are re-emitted as JSON on the real stderr.
+class _StderrPump:
+    """Replace file descriptor 2 with a pipe whose lines are passed on to the real stderr.
 
-    Ray's C++ core and some libraries write to the stream directly, not through Python logging;
-    this keeps `--log-format json` one JSON object per line for whatever collects the log.
+    Ray's C++ core and some libraries write to the stream directly, not through Python
+    logging: here `HARMLESS_LINES` are dropped and, with `json_lines`, every other line is
+    wrapped as a JSON object, so `--log-format json` stays one object per line. In text mode
+    anything that is not a whole line (a progress bar redrawing itself) passes at once.
     """
 
-    _installed: "_JsonStderr | None" = None
+    _installed: "_StderrPump | None" = None
 
     @classmethod
-    def install(cls) -> None:
+    def install(cls, json_lines: bool) -> None:
         if cls._installed is None:
-            cls._installed = cls()
+            cls._installed = cls(json_lines)
 
-    def __init__(self) -> None:
+    def __init__(self, json_lines: bool) -> None:
         sys.stderr.flush()
+        self.json_lines = json_lines
         self._real = os.dup(2)
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
         os.close(write_end)
-        self._out = open(self._real, "w", encoding="utf-8", errors="replace", closefd=False)
-        self._pump = threading.Thread(target=self._copy, args=(read_end,), name="raypose-json-stderr", daemon=True)
+        self._pump = threading.Thread(target=self._copy, args=(read_end,), name="raypose-stderr", daemon=True)
         self._pump.start()
         atexit.register(self.close)
 
     def _copy(self, read_end: int) -> None:
-        with open(read_end, "r", encoding="utf-8", errors="replace") as lines:
+        pending = b""
+        while chunk := os.read(read_end, 1 << 16):
+            *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                if line.strip():
-                    self._out.write(as_json_line(line) + "\n")
-                    self._out.flush()
+                self._emit(line.decode("utf-8", errors="replace"))
+            if pending and not self.json_lines and not pending.startswith(b"["):  # not a core log line
+                os.write(self._real, pending)
+                pending = b""
+        if pending:
+            self._emit(pending.decode("utf-8", errors="replace"))
+        os.close(read_end)
+
+    def _emit(self, line: str) -> None:
+        if any(pattern.search(line) for pattern in HARMLESS_LINES):
+            return
+        if self.json_lines:
+            if line.strip():
+                os.write(self._real, (as_json_line(line) + "\n").encode())
+        else:
+            os.write(self._real, (line + "\n").encode())
 
     def close(self) -> None:
         """Put the real stderr back and let the pump finish what is in the pipe."""
@@ -150,4 +177,4 @@ class _JsonStderr:
             pass
         os.dup2(self._real, 2)  # drops this process's write end; the pump reads to EOF
         self._pump.join(timeout=2)
-        _JsonStderr._installed = None
+        _StderrPump._installed = None

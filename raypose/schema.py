@@ -89,7 +89,10 @@ CROP_SCHEMA = pa.schema(
 )
 
 
-POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS)
+# Which pose actor made a row ("node id:pid"): the writer tallies the layout that ran.
+WORKER_FIELD = pa.field("pose_worker", pa.string())
+
+POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD])
 
 KEYPOINTS_SCHEMA = pa.schema(
     [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2]

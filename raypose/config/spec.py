@@ -58,6 +58,18 @@ Options = Annotated[
     dict[str, Any],
     _expect(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "expected a mapping"),
 ]
+def _is_pool(v: Any) -> bool:
+    if _is_int(v):
+        return v > 0
+    return (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)
+            and v[0] <= v[1])
+
+
+# A fixed actor pool (N) or an autoscaling one ([min, max]).
+PoolSize = Annotated[
+    int | tuple[int, int],
+    _expect(_is_pool, "expected a positive integer, or [min, max] with 0 < min <= max"),
+]
 TextList = Annotated[
     list[str],
     _expect(
@@ -154,11 +166,11 @@ class PoseSpec(_Section):
 class ResourcesSpec(_Section):
     """How much of the cluster each stage takes."""
 
-    pose_actors: PositiveInt | None = None  # auto: pipeline.layout (2 on CPU, 1 on a GPU)
+    pose_actors: PoolSize | None = None  # auto: pipeline.layout (one per GPU; on CPU two per node)
     cpus_per_pose_actor: PositiveFloat = 1.0
     threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; default: pipeline.layout
     gpus_per_pose_actor: NonNegativeFloat | None = None
-    detector_actors: PositiveInt = 1
+    detector_actors: PoolSize = 1
     cpus_per_detector_actor: PositiveFloat = 1.0
     gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16

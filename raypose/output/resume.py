@@ -1,6 +1,7 @@
 """Resume: a job's identity, its shards, and which of them an earlier run already committed.
 
-One owner for what makes reruns idempotent: the job id, the shard each image belongs to,
+One owner for what makes reruns idempotent: the job id, the shard each image belongs to (a
+run of sorted keys, recorded by its first key, so shards complete one after another),
 the fingerprint of a shard's inputs (a committed shard is reused only for the same images)
 and the result key: every setting that decides the output rows, so that a resumed output
 never mixes rows made by different models, settings, dtypes or decoders. A refusal names
@@ -9,6 +10,7 @@ the settings that changed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -42,8 +44,22 @@ def new_job_id(name: str) -> str:
     return f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def shard_of(image_key: str, num_shards: int) -> int:
-    """The shard an image belongs to: stable across runs, machines and worker counts."""
+def shard_starts(keys: list[str], images_per_shard: int) -> list[str]:
+    """The first image key of each shard: sorted keys cut into runs of `images_per_shard`.
+
+    Image tasks go through the pipeline in key order, so shard by shard: each shard is
+    complete (and committed) soon after its last image, not at the end of the job.
+    """
+    return [keys[start] for start in range(0, len(keys), images_per_shard)] or [""]
+
+
+def shard_of(image_key: str, starts: list[str]) -> int:
+    """The shard an image belongs to: the last one starting at or before its key (stable across runs)."""
+    return max(0, bisect.bisect_right(starts, image_key) - 1)
+
+
+def hashed_shard_of(image_key: str, num_shards: int) -> int:
+    """How outputs written before shards were key ranges assigned images (a resume of one keeps it)."""
     return zlib.crc32(image_key.encode("utf-8")) % num_shards
 
 
@@ -98,6 +114,7 @@ class ShardPlan:
 
     job_id: str
     num_shards: int
+    starts: list[str] | None  # each shard's first key (None: an older output's hashed shards)
     shard_of_task: list[int]  # per image task, in task order
     to_write: dict[int, list[str]]  # the shards this run writes, and their image keys
     reused: dict[int, dict]  # commit markers of shards an earlier run finished
@@ -108,13 +125,18 @@ class ShardPlan:
 
 
 def plan_shards(spec: JobSpec, keys: list[str], store: OutputStore, previous: dict[str, Any] | None) -> ShardPlan:
-    """Assign the image tasks to shards; when resuming, reuse the shards an earlier run committed for the same images."""
-    if previous is not None:
-        job_id, num_shards = previous["job_id"], int(previous["num_shards"])
-    else:
+    """Assign the image tasks (sorted by key) to shards; when resuming, the earlier run's shards, and
+    those it committed for the same images are reused."""
+    if previous is None:
         job_id = os.environ.get(JOB_ID_ENV) or new_job_id(spec.name)
-        num_shards = max(1, -(-len(keys) // spec.output.images_per_shard))
-    shards = [shard_of(key, num_shards) for key in keys]
+        starts = shard_starts(sorted(keys), spec.output.images_per_shard)
+        num_shards = len(starts)
+    else:
+        job_id, num_shards, starts = previous["job_id"], int(previous["num_shards"]), previous.get("shard_starts")
+    if starts is not None:
+        shards = [shard_of(key, starts) for key in keys]
+    else:
+        shards = [hashed_shard_of(key, num_shards) for key in keys]
     to_write: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
     for key, shard in zip(keys, shards):
         to_write[shard].append(key)
@@ -124,7 +146,8 @@ def plan_shards(spec: JobSpec, keys: list[str], store: OutputStore, previous: di
             if shard in to_write and marker["inputs"] == keys_fingerprint(to_write[shard]):
                 reused[shard] = marker
                 del to_write[shard]
-    return ShardPlan(job_id=job_id, num_shards=num_shards, shard_of_task=shards, to_write=to_write, reused=reused)
+    return ShardPlan(job_id=job_id, num_shards=num_shards, starts=starts, shard_of_task=shards, to_write=to_write,
+                     reused=reused)
 
 
 def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[str, Any]) -> None:
@@ -134,7 +157,7 @@ def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[st
     for shard in shards.to_write:  # what an interrupted run may have left of unfinished shards
         store.remove_shard(shard)
     store.write_json(JOB_FILE, {
-        "job_id": shards.job_id, "num_shards": shards.num_shards, "result_key": key,
+        "job_id": shards.job_id, "num_shards": shards.num_shards, "shard_starts": shards.starts, "result_key": key,
         "result_fingerprint": fingerprint(key), "spec": spec.redacted(),
     })
 

@@ -10,8 +10,8 @@ Layout of an output path:
     _job.json                      what the output was made from (spec fingerprint, models, shards)
     _shards/00000.json             a shard's commit marker: its inputs' fingerprint and counts
 
-Which images make a shard is `resume.py`'s decision; a shard's content does not depend on
-worker count or order. A shard's files are written under `_tmp/`, moved into place, and
+Which images make a shard is `resume.py`'s decision (a run of sorted keys); a shard's content
+does not depend on worker count or order. A shard's files are written under `_tmp/`, moved into place, and
 then its marker is written: a shard without a marker is not done, and a rerun with
 `output.mode: resume` redoes exactly those (same file names, so no row is written twice).
 """
@@ -22,7 +22,7 @@ import json
 import posixpath
 from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -166,8 +166,11 @@ class ShardWriter:
         models: dict[str, tuple[str, str]],
         schemas: list[KeypointSchema],
         shards: dict[int, ShardInputs],
+        on_commit: Callable[[dict], None] | None = None,
     ):
+        """`on_commit(marker)` is called after each shard's commit (the job's progress reports it)."""
         self.store = store
+        self.on_commit = on_commit
         self.job_id = job_id
         self.models = models  # expert -> (model id, revision)
         self.schemas = {s.name: s.describe() for s in schemas}
@@ -182,6 +185,8 @@ class ShardWriter:
         self.pending_images = {shard: inputs.images for shard, inputs in shards.items()}
         self.fingerprints = {shard: inputs.fingerprint for shard, inputs in shards.items()}
         self.rows_seen: Counter[str] = Counter()
+        self.crops_by_worker: Counter[str] = Counter()  # keypoint rows per pose actor ("node id:pid")
+        self.images_done = self.instances = self.errors = 0  # this run's, so far
         self.buffers: dict[int, list[pa.Table]] = defaultdict(list)
         self.committed: dict[int, dict] = {}
         for shard in [s for s, n in self.pending_images.items() if n == 0]:
@@ -189,6 +194,11 @@ class ShardWriter:
 
     def write(self, batch: pa.Table) -> None:
         """Take a batch of pose-stage rows; commit every shard it completes."""
+        labelled = batch.filter(batch.column("keypoint_x").is_valid())
+        self.instances += labelled.num_rows
+        self.errors += batch.num_rows - batch.column("error_stage").null_count
+        if "pose_worker" in batch.column_names:
+            self.crops_by_worker.update(labelled.column("pose_worker").to_pylist())
         for shard in set(batch.column("shard").to_pylist()):
             rows = batch.filter(pc.equal(batch.column("shard"), shard))
             self.buffers[shard].append(rows)
@@ -197,6 +207,7 @@ class ShardWriter:
                 if self.rows_seen[key] == expected:
                     del self.rows_seen[key]
                     self.pending_images[shard] -= 1
+                    self.images_done += 1
             if self.pending_images[shard] == 0:
                 self._commit(shard)
 
@@ -247,6 +258,8 @@ class ShardWriter:
         }
         self.store.write_json(posixpath.join(SHARDS_DIR, f"{shard:05d}.json"), marker)
         self.committed[shard] = marker
+        if self.on_commit is not None:
+            self.on_commit(marker)
 
     def _instances(self, rows: pa.Table) -> pa.Table:
         experts = rows.column("expert").to_pylist()

@@ -38,18 +38,31 @@ class ClusterShape:
 
     gpus: float = 0.0  # GPUs in the whole cluster
     node_cpus: int = 1  # CPUs of the smallest node that has any: what an actor can count on wherever it lands
+    nodes: int = 1  # nodes with CPUs
     accelerators: tuple[str, ...] = ()  # GPU kinds, as Ray's accelerator_type:NAME resources name them
     bf16: bool | None = None  # whether its GPUs run bfloat16 (None: not known, taken as yes)
 
 
 @dataclass(frozen=True)
 class ActorPool:
-    """An actor pool as Ray reserves it: how many actors, and each one's CPUs, GPUs and concurrent calls."""
+    """An actor pool as Ray reserves it: how many actors (fixed, or autoscaling from min to max), and each
+    one's CPUs, GPUs and concurrent calls."""
 
-    actors: int
+    min_actors: int
+    max_actors: int
     cpus: float
     gpus: float
     calls: int = 1
+
+    @classmethod
+    def sized(cls, size: int | tuple[int, int], cpus: float, gpus: float, calls: int = 1) -> "ActorPool":
+        """A pool of `size` actors, or of [min, max] (Ray Data then adds actors as work queues up)."""
+        low, high = (size, size) if isinstance(size, int) else size
+        return cls(min_actors=low, max_actors=high, cpus=cpus, gpus=gpus, calls=calls)
+
+    @property
+    def autoscales(self) -> bool:
+        return self.min_actors != self.max_actors
 
 
 @dataclass(frozen=True)
@@ -107,26 +120,28 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     gpus, device = accelerator(resources.gpus_per_pose_actor, spec.pose.device, cluster, "pose")
     on_cpu = device == "cpu"
     crop_in = resources.crop_in if resources.crop_in != "auto" else ("pose_actor" if on_cpu else "tasks")
-    actors, threads = pose_actors(resources.pose_actors, resources.threads_per_pose_actor, on_cpu, crop_in,
-                                  cluster.node_cpus, blocks, detecting)
+    detector = (accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, cluster, "boxes.detector")
+                if detecting else None)
+    detector_gpus = detector[0] * _largest(resources.detector_actors) if detector else 0.0
+    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, detecting)
+    threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     settings = PoseSettings(device=device, dtype=resolve_dtype(spec.pose.dtype, device, cluster), batch_size=batch_size,
                             threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
     layout = Layout(
         pose=settings,
-        pose_pool=ActorPool(actors=actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
-                            calls=resources.pose_calls_per_actor),
+        pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
+                                  calls=resources.pose_calls_per_actor),
         crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size),
         images_per_task=resources.images_per_crop_task,
         cluster=cluster,
     )
-    if not detecting:
+    if detector is None:
         return layout
-    detector = spec.boxes.detector
-    gpus, device = accelerator(resources.gpus_per_detector_actor, detector.device, cluster, "boxes.detector")
+    gpus, device = detector
     return replace(
-        layout, detector_device=device, detector_dtype=resolve_dtype(detector.dtype, device, cluster),
-        detector_pool=ActorPool(actors=resources.detector_actors, cpus=resources.cpus_per_detector_actor, gpus=gpus),
+        layout, detector_device=device, detector_dtype=resolve_dtype(spec.boxes.detector.dtype, device, cluster),
+        detector_pool=ActorPool.sized(resources.detector_actors, cpus=resources.cpus_per_detector_actor, gpus=gpus),
         detector_threads=max(1, int(resources.cpus_per_detector_actor)),
     )
 
@@ -169,22 +184,34 @@ def gpus_have_bf16(cluster: ClusterShape) -> bool:
     return not (set(cluster.accelerators) & NO_BF16_GPUS)
 
 
-def pose_actors(asked: int | None, threads: int | None, on_cpu: bool, crop_in: str, node_cpus: int, blocks: int,
-                detecting: bool) -> tuple[int, int | None]:
-    """Pose actors and each one's torch threads (None on a GPU).
+def default_pose_actors(cluster: ClusterShape, gpus: float, detector_gpus: float, crop_in: str, blocks: int,
+                        detecting: bool) -> int:
+    """Pose actors when the job leaves it out: the cluster's, across every node.
 
-    On CPU the forward takes every core it is given. Two actors that crop for themselves crop
-    while the other runs its forwards (no more than there are blocks to give them); crop or
-    read tasks, or a detector, need CPUs of their own, so beside them one actor. Each CPU actor
-    takes its share of the node's cores: Ray's CPU count only paces the tasks.
+    On GPUs, one per GPU (what the detector's actors leave of them). On CPUs the forward takes
+    every core it is given: two actors a node when they crop for themselves (one crops while
+    the other runs forwards), one a node beside crop or read tasks or a detector, which need
+    CPUs of their own; never more than there are blocks to give them.
     """
-    actors = asked
-    if actors is None:
-        two = on_cpu and crop_in == "pose_actor" and not detecting
-        actors = max(1, min(min(2, max(1, node_cpus)), blocks)) if two else 1
+    if gpus > 0:
+        return max(1, int((cluster.gpus - detector_gpus) // gpus))
+    per_node = min(2, max(1, cluster.node_cpus)) if crop_in == "pose_actor" and not detecting else 1
+    return max(1, min(per_node * cluster.nodes, blocks))
+
+
+def pose_threads(asked: int | None, on_cpu: bool, cluster: ClusterShape, actors: int | tuple[int, int]) -> int | None:
+    """Torch threads of a CPU pose actor (None on a GPU): its node's cores shared among the actors a node holds.
+
+    Ray's CPU count only paces the tasks; the forward is nearly all of a CPU job's work.
+    """
     if not on_cpu:
-        return actors, None
-    return actors, threads or max(1, node_cpus // max(1, actors))
+        return None
+    per_node = math.ceil(_largest(actors) / max(1, cluster.nodes))
+    return asked or max(1, cluster.node_cpus // per_node)
+
+
+def _largest(size: int | tuple[int, int]) -> int:
+    return size if isinstance(size, int) else size[1]
 
 
 def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int) -> CropPlacement:

@@ -38,8 +38,18 @@ def job_status(counts: dict[str, Any], max_errored_fraction: float) -> tuple[str
     return "succeeded", None
 
 
+def actors_ran(crops_by_worker: dict[str, int]) -> dict[str, Any]:
+    """The pose actors that made this run's rows, by node: how many, and their crops."""
+    nodes: dict[str, dict[str, int]] = {}
+    for worker, crops in sorted(crops_by_worker.items()):
+        node = nodes.setdefault(worker.rsplit(":", 1)[0], {"actors": 0, "crops": 0})
+        node["actors"] += 1
+        node["crops"] += crops
+    return {"pose_actors": len(crops_by_worker), "nodes": nodes}
+
+
 def job_manifest(plan: JobPlan, layout: Layout, committed: dict[int, dict], key: dict[str, Any],
-                 times: dict[str, float]) -> dict[str, Any]:
+                 times: dict[str, float], crops_by_worker: dict[str, int]) -> dict[str, Any]:
     """manifest.json: `times` has started, ray_ready and finished (epoch seconds)."""
     spec, routing, detector = plan.spec, plan.routing, plan.detector
     counts = job_counts(plan, committed)
@@ -69,7 +79,7 @@ def job_manifest(plan: JobPlan, layout: Layout, committed: dict[int, dict], key:
         },
         "routing": {"rules": routing.rules, "default": routing.default},
         "detector": {"model": detector.model_id, "revision": detector.revision} if detector else None,
-        "layout": layout.describe(),
+        "layout": {**layout.describe(), "ran": actors_ran(crops_by_worker)},
         "files": {"keypoints": [f for f in files if "/keypoints/" in f], "errors": [f for f in files if "/errors/" in f]},
         "spec": spec.redacted(),
         "spec_fingerprint": spec.fingerprint(),

@@ -68,6 +68,7 @@ def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
         check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
     store.check_writable()
     tasks, missing, counts = _image_tasks(spec, detecting)
+    tasks = tasks.sort_by("image_key")  # shard by shard: each commits soon after its last image
     shards = plan_shards(spec, tasks.column("image_key").to_pylist(), store, previous)
     tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
     if shards.reused:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ class PoseStage:
         self.settings = settings
         self.cropper = cropper or CropColumn()
         self.device = torch.device(settings.device)
+        self.worker = f"{_node_id()}:{os.getpid()}"
         self._forwards = threading.Lock()
         self.engines: dict[tuple[str, str], PoseEngine] = {}
         for expert in routing.experts.values():
@@ -67,11 +70,11 @@ class PoseStage:
         # their forwards take turns (two at once would only fight over the cores or the GPU).
         with self._forwards:
             return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
-                                 batch_size=self.settings.batch_size)
+                                 batch_size=self.settings.batch_size, worker=self.worker)
 
 
 def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,
-                  batch_size: int | None = None) -> pa.Table:
+                  batch_size: int | None = None, worker: str | None = None) -> pa.Table:
     """Run each expert on its own rows (homogeneous forward batches of at most `batch_size`); failed rows pass through.
 
     `pixels(rows, input_size)` gives the crops of some rows.
@@ -108,9 +111,17 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
         batch = fail_rows(batch, failed, "pose", reasons)
     box_scores = batch.column("box_score").to_numpy(zero_copy_only=False)
     pose_columns = _keypoint_columns(experts, done, box_scores)
+    pose_columns["pose_worker"] = pa.array([worker] * n, pa.string())
     columns = {name: pose_columns[name] if name in pose_columns else batch.column(name)
                for name in POSE_OUTPUT_SCHEMA.names}
     return pa.table(columns, schema=POSE_OUTPUT_SCHEMA)
+
+
+def _node_id() -> str:
+    """The Ray node this actor runs on (the host's name outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname()
 
 
 def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict[str, pa.Array]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from raypose.errors import JobFailed
+from raypose.errors import JobFailed, RayposeError
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.output.resume import check_resumable, result_key, start_run
 from raypose.output.writer import ShardWriter
@@ -15,6 +16,7 @@ from raypose.pipeline.build import build_dataset
 from raypose.pipeline.layout import Layout, resolve_layout
 from raypose.pipeline.manifest import job_manifest
 from raypose.pipeline.plan import JobPlan
+from raypose.pipeline.progress import Progress
 from raypose.pipeline.runtime import start_ray
 from raypose.pipeline.stages import Stage
 
@@ -36,8 +38,11 @@ class JobResult:
         return self.manifest["throughput"]["crops_per_second"]
 
 
-def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None) -> JobResult:
-    """Run a planned job on the Ray cluster this process uses (an embedded one if none); `wrap` may replace stages."""
+def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None, progress: Progress | None = None) -> JobResult:
+    """Run a planned job on the Ray cluster this process uses (an embedded one if none).
+
+    `wrap` may replace stages (the benchmark traces them); `progress` reports as the rows come in.
+    """
     started = time.time()
     cluster = start_ray(plan.spec.resources)
     layout = resolve_layout(plan.spec, plan.routing, cluster, plan.tasks.num_rows, detecting=plan.detector is not None)
@@ -45,14 +50,25 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None) -> JobR
     if plan.previous is not None and not plan.force:
         check_resumable(plan.previous, key, plan.spec.output.path)
     ray_ready = time.time()
-    writer = _start_writer(plan, key)
+    progress = progress or Progress(plan.tasks.num_rows, "off")
+    writer = _start_writer(plan, key, progress.shard_committed)
     _log_started(plan, layout)
-    if plan.tasks.num_rows:
-        for batch in build_dataset(plan, layout, wrap).iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.write(batch)
+    progress.start()
+    try:
+        if plan.tasks.num_rows:
+            for batch in build_dataset(plan, layout, wrap).iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.write(batch)
+                progress.update(writer.images_done, writer.instances, writer.errors)
+    except RayposeError:
+        raise
+    except Exception as exc:  # the pipeline stopped (workers that died past their retries): one line, kept shards
+        raise pipeline_failure(exc, plan.spec.limits.max_retries) from exc
+    finally:
+        progress.finish()
     committed = writer.close()
     manifest = job_manifest(plan, layout, committed, key,
-                            {"started": started, "ray_ready": ray_ready, "finished": time.time()})
+                            {"started": started, "ray_ready": ray_ready, "finished": time.time()},
+                            writer.crops_by_worker)
     plan.store.finish(manifest)
     _log_finished(plan, manifest)
     if manifest["status"] == "failed":
@@ -63,6 +79,27 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None) -> JobR
                      seconds=manifest["seconds"], manifest=manifest)
 
 
+def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
+    """What stopped the Dataset, as one line: the stage, how often it died, and Ray's reason."""
+    import ray.exceptions
+
+    text = " ".join(str(getattr(exc, "error_msg", None) or exc).split())
+    found = re.search(r"MapWorker\(MapBatches\((\w+)\)\)|MapBatches\((\w+)\)", text)
+    stage = STAGE_NAMES.get(next((g for g in found.groups() if g), ""), "pipeline") if found else "pipeline"
+    because = re.search(r"The actor is dead because (.*?)(?: Some common causes|\s*class_name:|$)", text)
+    cause = (because.group(1) if because else text.split(". ")[0]).strip().rstrip(".")
+    kept = "committed shards are kept: rerun with --resume"
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return JobFailed(f"{stage} stage: actor died {retries + 1} times: {cause}; {kept}")
+    if isinstance(exc, ray.exceptions.WorkerCrashedError):
+        return JobFailed(f"{stage} stage: a task's worker died {retries + 1} times: {cause}; {kept}")
+    return JobFailed(f"{stage} stage: {type(exc).__name__}: {cause[:300]}; {kept}")
+
+
+# Stage callables as Ray names them in its errors -> raypose's stage names.
+STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "read_images": "read"}
+
+
 def resolved_settings(layout: Layout) -> dict[str, Any]:
     """What the layout resolved that changes the rows: the result key's `layout.*` entries."""
     settings = {"pose_device": layout.pose.device, "pose_dtype": layout.pose.dtype, "decoder": layout.crops.decoder}
@@ -71,7 +108,7 @@ def resolved_settings(layout: Layout) -> dict[str, Any]:
     return settings
 
 
-def _start_writer(plan: JobPlan, key: dict[str, Any]) -> ShardWriter:
+def _start_writer(plan: JobPlan, key: dict[str, Any], on_commit: Callable[[dict], None]) -> ShardWriter:
     start_run(plan.store, plan.spec, plan.shards, key)
     experts = plan.routing.experts
     writer = ShardWriter(
@@ -80,6 +117,7 @@ def _start_writer(plan: JobPlan, key: dict[str, Any]) -> ShardWriter:
         models={name: (e.model.model_id, e.model.revision) for name, e in experts.items()},
         schemas=[SCHEMAS[name] for name in sorted({e.keypoint_schema for e in experts.values()})],
         shards=plan.shards.inputs(),
+        on_commit=on_commit,
     )
     writer.write_listing_errors(plan.missing)
     return writer

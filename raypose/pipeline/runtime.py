@@ -13,9 +13,11 @@ import sys
 
 from raypose.config.spec import ResourcesSpec
 from raypose.logs import LogFormat
+from raypose.pipeline import watchdog
 from raypose.pipeline.layout import ClusterShape
 
 ACCELERATOR_PREFIX = "accelerator_type:"
+TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def start_ray(resources: ResourcesSpec) -> ClusterShape:
@@ -23,11 +25,14 @@ def start_ray(resources: ResourcesSpec) -> ClusterShape:
     import ray
 
     if not ray.is_initialized():
+        # ray.init sets the `ray` logger's level: keep the one `quiet_ray` chose.
+        level = logging.getLogger("ray").level or logging.INFO
         if os.environ.get("RAY_ADDRESS", "local") != "local":
             # On a cluster: join it without the embedded Ray's arguments (num_cpus), which ray.init refuses there.
-            ray.init(log_to_driver=False)
+            ray.init(log_to_driver=False, logging_level=level)
         else:
-            ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
+            watchdog.start(os.getpid())  # the embedded Ray's processes end with this one, killed or not
     return cluster_shape()
 
 
@@ -43,6 +48,7 @@ def cluster_shape() -> ClusterShape:
     return ClusterShape(
         gpus=float(ray.cluster_resources().get("GPU", 0.0)),
         node_cpus=min((c for c in cpus if c > 0), default=1),
+        nodes=max(1, sum(c > 0 for c in cpus)),
         accelerators=tuple(accelerators),
         bf16=torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None,
     )
@@ -52,14 +58,15 @@ def cluster_shape() -> ClusterShape:
 RAY_CONSOLE_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 
-def quiet_ray(fmt: LogFormat = "text", quiet: bool = False, data: bool = True) -> None:
-    """Bring Ray's console output in line with the CLI's: same format and level, no progress bars.
+def quiet_ray(fmt: LogFormat = "text", quiet: bool = False, data: bool = True, verbose: bool = False) -> None:
+    """Bring Ray's console output in line with the CLI's: same format and level, raypose's progress, not Ray Data's.
 
     Ray's `ray` and `ray.data` loggers print through their own console handlers, and ray.init
     resets those handlers' format; in JSON or quiet mode they are removed and the loggers
     propagate to the root logger instead; in text mode they are kept, writing to the current
     sys.stderr. With `data` (running a job, not only submitting one) Ray Data is imported, which
-    installs its console handler, and in JSON or quiet mode its progress is turned off.
+    installs its console handler, and its progress bars are turned off (raypose reports its own
+    progress, `progress.py`) unless `verbose`; so is Ray's notice that token auth is on.
     """
     import ray  # installs the `ray` logger's console handler
 
@@ -79,11 +86,21 @@ def quiet_ray(fmt: LogFormat = "text", quiet: bool = False, data: bool = True) -
                 handler.stream = _CURRENT_STDERR
         if console and (fmt == "json" or quiet):
             logger.propagate = True
-    if fmt == "json" or quiet:
-        if data:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            # ...which Ray Data then announces as a WARNING on every run: not a problem, so not shown.
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    if not verbose:
+        # Ray's and Ray Data's INFO lines (the local instance started, execution plans, per-stage
+        # progress) and the notice that token auth is on, printed at every embedded start: raypose's
+        # own lines say what a person needs; --verbose shows them all.
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(TOKEN_AUTH_LOGGER).setLevel(logging.ERROR)
+        # A Dataset that stops logs its traceback twice; raypose says what stopped it in one line
+        # (`run.pipeline_failure`), and --debug shows the traceback.
+        for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    if data and (fmt == "json" or quiet or not verbose):
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # ...which Ray Data then announces as a WARNING on every run: not a problem, so not shown.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 class _CurrentStderr:

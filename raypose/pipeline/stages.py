@@ -86,10 +86,13 @@ def job_stages(plan: JobPlan, layout: Layout) -> list[Stage]:
 
 
 def _actor_pool(pool: ActorPool):
-    """A fixed pool; with calls > 1 each actor runs that many calls in threads (PoseStage lets one forward run at a time)."""
+    """A fixed pool, or one Ray Data scales from min to max actors as work queues up; with calls > 1 each
+    actor runs that many calls in threads (PoseStage lets one forward run at a time)."""
     import ray.data
 
+    size = {"size": pool.min_actors} if not pool.autoscales else {"min_size": pool.min_actors,
+                                                                    "max_size": pool.max_actors}
     if pool.calls == 1:
-        return ray.data.ActorPoolStrategy(size=pool.actors)
-    return ray.data.ActorPoolStrategy(size=pool.actors, max_concurrent_calls_per_actor=pool.calls,
+        return ray.data.ActorPoolStrategy(**size)
+    return ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=pool.calls,
                                       enable_true_multi_threading=True)

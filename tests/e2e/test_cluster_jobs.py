@@ -53,9 +53,45 @@ def _our_pids(marker: str) -> list[int]:
     return pids
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _alive_nodes(address: str, token: str) -> int:
+    """How many nodes the head's state API says are alive (0 while it cannot say)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{address}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            nodes = json.loads(response.read())["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(node.get("state") == "ALIVE" for node in nodes)
+
+
+def _join_worker(ray_bin: str, gcs: str, env: dict, temp_dir: str) -> subprocess.Popen:
+    """A second Ray node of 1 CPU on this machine, joined to the head at `gcs`, with ports and a temp dir of its own."""
+    args = [
+        ray_bin, "start", f"--address={gcs}", "--block", "--disable-usage-stats", "--num-cpus=1", "--num-gpus=0",
+        "--object-store-memory=100000000", f"--temp-dir={temp_dir}", f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+    with open(Path(temp_dir) / "ray-worker.log", "wb") as log:
+        return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real Ray head with the dashboard and Jobs API on 127.0.0.1, token auth on; yields its address."""
+    """A real two-node Ray cluster on 127.0.0.1 (a head and a worker node of 1 CPU each), the dashboard and
+    Jobs API on the head, token auth on; yields the head's address."""
     from ray._private.utils import get_dashboard_dependency_error
 
     missing = get_dashboard_dependency_error()
@@ -67,11 +103,11 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     args = [
         ray_bin, "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true", "--num-cpus=2", "--num-gpus=0", "--object-store-memory=200000000",
+        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=200000000",
         f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
@@ -80,6 +116,7 @@ def ray_head():
     with open(log_path, "wb") as log:
         head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
+    worker = None
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         from ray.job_submission import JobSubmissionClient
@@ -95,15 +132,17 @@ def ray_head():
                     pytest.fail(f"the Jobs API at {address} did not come up in {HEAD_START_TIMEOUT_S} s: {exc}\n"
                                 f"{log_path.read_text()[-3000:]}")
                 time.sleep(0.5)
+        worker = _join_worker(ray_bin, f"127.0.0.1:{gcs_port}", env, temp_dir)
+        while _alive_nodes(address, token) < 2:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the worker node did not join:\n{(Path(temp_dir) / 'ray-worker.log').read_text()[-3000:]}")
+            time.sleep(0.5)
         yield SimpleNamespace(address=address, token=token, temp_dir=temp_dir,
                               client=JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}))
     finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=10)
+        if worker is not None:
+            _stop(worker)
+        _stop(head)
         deadline = time.monotonic() + 15
         while _our_pids(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -132,7 +171,28 @@ def wait_for(client, submission_id: str, timeout_s: float = JOB_TIMEOUT_S) -> st
         time.sleep(1)
 
 
-# --- against the real head ----------------------------------------------------------------
+# --- against the real cluster -------------------------------------------------------------
+
+
+def test_a_job_with_defaults_runs_pose_actors_on_both_nodes_and_writes_the_single_node_rows(
+        head_env, ray_session, tiny_checkpoint, coco_folder, write_job, tmp_path):
+    spec = job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, tmp_path / "cluster",
+                    resources={"images_per_crop_task": 1})
+    job = write_job(spec)
+    # Each pose call takes 8 s more, so that the second node's actor is up before the first has taken every block.
+    slow = json.dumps({"env_vars": {"RAYPOSE_FAULT": "pose:sleep:80"}})
+    result = runner.invoke(app, ["submit", str(job), "--address", head_env.address, "--runtime-env-json", slow])
+    assert result.exit_code == 0, result.output
+    ran = read_json(tmp_path / "cluster" / "manifest.json")["layout"]
+    assert (ran["pose"]["min_actors"], ran["cluster"]["nodes"]) == (2, 2)  # one per node, by their CPUs
+    assert len(ran["ran"]["nodes"]) == 2 and all(n["crops"] > 0 for n in ran["ran"]["nodes"].values()), ran["ran"]
+    # The same job on this machine's one-node Ray: the same rows.
+    local = write_job({**spec, "output": {"path": str(tmp_path / "local")}}, "local.yaml")
+    assert runner.invoke(app, ["submit", str(local)]).exit_code == 0
+    order = [("image_key", "ascending"), ("instance_index", "ascending")]
+    tables = [pq.read_table(tmp_path / name / "keypoints").drop_columns(["job_id"]).sort_by(order)
+              for name in ("cluster", "local")]
+    assert tables[0].replace_schema_metadata(None).equals(tables[1].replace_schema_metadata(None))
 
 
 def test_submit_runs_on_the_head_streams_its_log_and_writes_parquet(head_env, tiny_checkpoint, coco_folder,

@@ -16,6 +16,7 @@ from conftest import job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app
+from raypose.pipeline.watchdog import descendants
 from raypose.testing.synthetic import make_coco_dataset
 
 runner = CliRunner()
@@ -79,6 +80,21 @@ def test_shards_are_committed_with_markers(full_run, many_images):
     assert manifest["shards"] == {"total": 6, "reused": 0, "written": 6}
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def test_kill_the_driver_and_resume(full_run, many_images, tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
@@ -88,16 +104,23 @@ def test_kill_the_driver_and_resume(full_run, many_images, tiny_checkpoint, tmp_
         [sys.executable, "-m", "raypose.cli", "submit", str(job), "--quiet"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    ray_processes: set[int] = set()
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(list((out / "_shards").glob("*.json"))) < 2:
             assert driver.poll() is None, driver.stdout.read().decode()[-2000:]
             time.sleep(0.05)
+        ray_processes = {pid for pid in descendants(driver.pid) if "watchdog" not in _cmdline(pid)}
         os.kill(driver.pid, signal.SIGKILL)  # the driver dies mid-run, as a preempted node would
         driver.wait(30)
+        # ...and the embedded Ray it started goes with it (Ray's own agents would linger ~60 s).
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_alive(pid) for pid in ray_processes):
+            time.sleep(0.1)
+        assert ray_processes and not [pid for pid in ray_processes if _alive(pid)]
     finally:
         try:
-            os.killpg(driver.pid, signal.SIGKILL)  # and the embedded Ray it started
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever is left, if the test failed
         except ProcessLookupError:
             pass
     done = len(list((out / "_shards").glob("*.json")))
@@ -148,6 +171,19 @@ def test_a_dying_worker_is_retried_and_no_row_is_lost(full_run, many_images, tin
     assert (tmp_path / "fired").exists()  # the worker did die
     assert pq.read_table(tmp_path / "out" / "errors").num_rows == 0
     assert_same_rows(tmp_path / "out", full_run)
+
+
+def test_actors_that_die_past_their_retries_end_the_job_with_one_line(many_images, tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("RAYPOSE_FAULT", "pose:exit:1")  # every pose actor dies at its first batch, restarts too
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(spec_for(many_images, tiny_checkpoint, tmp_path / "out", limits={"max_retries": 1})))
+    result = runner.invoke(app, ["submit", str(job)])
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: pose stage: actor died 2 times: its worker process has died"), line
+    assert line.endswith("committed shards are kept: rerun with --resume")
+    assert "Traceback" not in result.output
 
 
 def test_a_model_that_raises_on_one_batch_loses_only_that_batch(full_run, many_images, tiny_checkpoint, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from raypose.logs import JsonFormatter, as_json_line
@@ -44,5 +45,29 @@ def test_rays_console_handlers_follow_sys_stderr(monkeypatch):
     quiet_ray("text", quiet=False)
     now = io.StringIO()
     monkeypatch.setattr(sys, "stderr", now)
-    logging.getLogger("ray.data.test").info("hello from ray data")
+    logging.getLogger("ray.data.test").warning("hello from ray data")
     assert "hello from ray data" in now.getvalue()
+
+
+def test_the_stderr_pump_drops_rays_harmless_line_and_passes_the_rest(monkeypatch):
+    from raypose.logs import _StderrPump
+
+    read_end, write_end = os.pipe()
+    pump = _StderrPump.__new__(_StderrPump)
+    pump.json_lines, pump._real = False, write_end
+    harmless = ("[2026-12-01 21:34:34,065 E 2670 2670] core_worker.cc:2465: Actor with class name: "
+                "'MapWorker(MapBatches(PoseStage))' and ID: '0f55e84237acf9a3268893c501000000' has constructor "
+                "arguments in the object store and max_restarts > 0. If the arguments in the object store go out of "
+                "scope or are lost, the actor restart will fail.")
+    for line in (harmless, "[2026-12-01 21:34:35,000 E 2670 2670] core_worker.cc:99: something else", "plain"):
+        pump._emit(line)
+    os.close(write_end)
+    out = os.read(read_end, 1 << 16).decode()
+    assert out == "[2026-12-01 21:34:35,000 E 2670 2670] core_worker.cc:99: something else\nplain\n"
+    pump.json_lines = True
+    read_end, pump._real = os.pipe()
+    pump._emit(harmless)
+    pump._emit("[2026-12-01 21:34:35,000 E 2670 2670] core_worker.cc:99: something else")
+    os.close(pump._real)
+    [record] = [json.loads(line) for line in os.read(read_end, 1 << 16).decode().splitlines()]
+    assert (record["level"], record["logger"]) == ("ERROR", "ray.core")

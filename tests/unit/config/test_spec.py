@@ -100,7 +100,20 @@ def test_batch_size_must_be_a_positive_integer(value, shown):
 
 def test_bool_is_not_an_int():
     message = problems(with_field("resources", "pose_actors", True))
-    assert "resources.pose_actors: expected a positive integer, got true" in message
+    assert "resources.pose_actors: expected a positive integer, or [min, max] with 0 < min <= max, got true" in message
+    assert "resources.images_per_crop_task: expected a positive integer, got true" in problems(
+        with_field("resources", "images_per_crop_task", True))
+
+
+@pytest.mark.parametrize("pool, problem", [([1, 4], None), (3, None), ([4, 1], "got [4, 1]"), ([0, 2], "got [0, 2]"),
+                                           ([1, 2, 3], "got [1, 2, 3]")])
+def test_actor_pools_are_a_size_or_min_and_max(pool, problem):
+    if problem is None:
+        assert parse_job_spec(with_field("resources", "pose_actors", pool)).resources.pose_actors == (
+            tuple(pool) if isinstance(pool, list) else pool)
+    else:
+        assert f"resources.pose_actors: expected a positive integer, or [min, max] with 0 < min <= max, {problem}" in \
+            problems(with_field("resources", "pose_actors", pool))
 
 
 def test_int_is_not_a_bool():

@@ -30,7 +30,7 @@ def layout(cluster: ClusterShape = CPU, images: int = 128, detecting: bool = Fal
 
 
 def pose_layout(result) -> tuple[str, int, int | None]:
-    return result.crops.name, result.pose_pool.actors, result.pose.threads
+    return result.crops.name, result.pose_pool.max_actors, result.pose.threads
 
 
 def test_cpu_jobs_get_two_actors_that_crop_for_themselves_and_share_the_cores():
@@ -54,14 +54,34 @@ def test_cpu_defaults_device_dtype_and_batch():
     assert result.crops.decoder == "pillow"
 
 
-def test_gpu_jobs_get_a_gpu_per_actor_crop_tasks_and_bfloat16():
+def test_gpu_jobs_get_an_actor_per_gpu_crop_tasks_and_bfloat16():
     result = layout(GPU)
-    assert pose_layout(result) == ("tasks", 1, None)
+    assert pose_layout(result) == ("tasks", 4, None)  # every GPU of the cluster
+    assert layout(GPU, resources={"gpus_per_pose_actor": 0.5}).pose_pool.max_actors == 8
+    # A detector's actors take their GPUs first.
+    assert layout(GPU, detecting=True, resources={"detector_actors": 2}).pose_pool.max_actors == 2
     assert (result.pose.device, result.pose.dtype, result.pose.batch_size, result.pose_pool.gpus) == (
         "cuda", "bfloat16", 256, 1.0)
     older = layout(ClusterShape(gpus=1, node_cpus=8, accelerators=("V100",)))
     assert older.pose.dtype == "float16"  # no bfloat16 before compute capability 8.0
     assert layout(GPU, pose={"device": "cpu"}).pose.device == "cpu"
+
+
+def test_cpu_jobs_use_every_node():
+    two_nodes = ClusterShape(node_cpus=1, nodes=2)
+    assert pose_layout(layout(two_nodes)) == ("pose_actor", 2, 1)
+    assert pose_layout(layout(ClusterShape(node_cpus=8, nodes=3))) == ("pose_actor", 6, 4)
+    assert pose_layout(layout(ClusterShape(node_cpus=8, nodes=3), resources={"crop_in": "tasks"})) == ("tasks", 3, 8)
+
+
+def test_an_autoscaling_pool_is_min_to_max_actors():
+    result = layout(GPU, resources={"pose_actors": [1, 8]})
+    assert (result.pose_pool.min_actors, result.pose_pool.max_actors, result.pose_pool.autoscales) == (1, 8, True)
+    assert not layout(GPU).pose_pool.autoscales
+    pool = layout(CPU, detecting=True, resources={"detector_actors": [1, 3]}).detector_pool
+    assert (pool.min_actors, pool.max_actors) == (1, 3)
+    # CPU threads are shared among the most actors a node may hold.
+    assert layout(ClusterShape(node_cpus=8, nodes=2), resources={"pose_actors": [2, 4]}).pose.threads == 4
 
 
 def test_each_crop_placement_is_a_strategy_object():
@@ -89,8 +109,8 @@ def test_cuda_on_a_cluster_without_gpus_is_a_spec_error_before_any_actor_starts(
 def test_the_detector_is_laid_out_beside_the_pose_actors():
     result = layout(GPU, detecting=True, resources={"detector_actors": 2, "cpus_per_detector_actor": 3})
     assert (result.detector_device, result.detector_dtype, result.detector_threads) == ("cuda", "bfloat16", 3)
-    assert (result.detector_pool.actors, result.detector_pool.gpus) == (2, 1.0)
+    assert (result.detector_pool.max_actors, result.detector_pool.gpus) == (2, 1.0)
     assert layout(CPU).detector_pool is None
     described = result.describe()
-    assert described["detector"]["actors"] == 2 and described["pose"]["device"] == "cuda"
+    assert described["detector"]["max_actors"] == 2 and described["pose"]["device"] == "cuda"
     assert described["crop_in"] == "tasks" and described["decoder"] == "pillow"

@@ -60,3 +60,13 @@ def test_a_stage_can_be_wrapped_without_touching_the_others(plan):
     wrapped = [stage.with_fn(Traced) if stage.name == "pose" else stage for stage in stages]
     assert wrapped[-1].fn_args is stages[-1].fn_args and wrapped[-1].map_args == stages[-1].map_args
     assert run_locally(wrapped, plan.tasks).num_rows == 6 and calls == [3]
+
+
+def test_actor_pools_are_fixed_or_autoscale_from_min_to_max():
+    from raypose.pipeline.layout import ActorPool
+    from raypose.pipeline.stages import _actor_pool
+
+    fixed = _actor_pool(ActorPool.sized(3, cpus=1, gpus=1))
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
+    scaling = _actor_pool(ActorPool.sized((1, 8), cpus=1, gpus=1, calls=2))
+    assert (scaling.min_size, scaling.max_size, scaling.max_concurrent_calls_per_actor) == (1, 8, 2)

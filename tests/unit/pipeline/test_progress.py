@@ -1,0 +1,56 @@
+"""Progress in images: the status line, and what each mode emits."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from raypose.pipeline.progress import Progress
+
+
+def test_the_line_says_loading_until_rows_come_then_images_instances_errors_rate_and_eta():
+    progress = Progress(200, "off")
+    assert progress.line().startswith("loading the model; 0/200 images")
+    progress.update(50, 120, 3)
+    status = progress.status()
+    assert (status["images_done"], status["images"], status["instances"], status["errors"]) == (50, 200, 120, 3)
+    assert not status["loading_model"] and status["crops_per_second"] > 0
+    line = progress.line()
+    assert line.startswith("50/200 images (25%), 120 instances, 3 errors, ") and "crops/s" in line
+
+
+def test_a_terminal_gets_one_line_redrawn_and_ended(monkeypatch):
+    stream = io.StringIO()
+    progress = Progress(10, "terminal", stream=stream)
+    progress.update(10, 20, 0)
+    progress.finish()
+    assert stream.getvalue().startswith("\r\033[K10/10 images (100%), 20 instances, 0 errors")
+    assert stream.getvalue().endswith("\n")
+
+
+def test_json_mode_reports_each_commit_and_progress_records(caplog):
+    progress = Progress(10, "json", interval=0.05)
+    with caplog.at_level(logging.INFO, logger="raypose.pipeline.progress"):
+        progress.start()
+        progress.update(4, 8, 1)
+        progress.shard_committed({"shard": 0, "job_id": "j", "images": 4, "instances": 8, "errors": 1})
+        import time
+
+        time.sleep(0.3)
+        progress.finish()
+    events = [r.__dict__.get("event") for r in caplog.records]
+    assert "shard_committed" in events and "progress" in events
+    [commit] = [r for r in caplog.records if r.__dict__.get("event") == "shard_committed"]
+    assert (commit.shard, commit.images, commit.instances) == (0, 4, 8)
+    record = next(r for r in caplog.records if r.__dict__.get("event") == "progress")
+    json.dumps({k: record.__dict__[k] for k in ("images_done", "images", "eta_seconds", "crops_per_second")})
+
+
+def test_off_and_quiet_emit_nothing(caplog):
+    assert Progress.for_cli(5, "text", quiet=True).mode == "off"
+    assert Progress.for_cli(5, "json", quiet=False).mode == "json"
+    progress = Progress(5, "off").start()
+    progress.update(5, 5, 0)
+    progress.finish()
+    assert not caplog.records
