@@ -45,14 +45,25 @@ def main(
 
 
 @app.command()
-def validate(job: JobArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Check a job without running it: spec, model config, images, boxes, output path."""
+def validate(
+    job: JobArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Check that the job can resume its output (output.mode=resume), without running it.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept changed settings, as submit --force does.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check a job without running it: spec, model config and weights, images, boxes, output path."""
     from raypose.config.spec import load_job_spec
     from raypose.pipeline.plan import plan_job
 
     with _errors_as_exit(debug):
-        plan = plan_job(load_job_spec(job, set_ or []))
+        plan = plan_job(load_job_spec(job, [*(set_ or []), *(["output.mode=resume"] if resume else [])]), force=force)
     c = plan.counts
+    shards = plan.shards
+    resumes = f"; resume: {len(shards.reused)} of {shards.num_shards} shards committed, {len(shards.to_write)} to do" \
+        if plan.previous is not None else ""
     typer.echo(
         f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
         f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
@@ -62,7 +73,7 @@ def validate(job: JobArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
             f"input {e.input_size[0]}x{e.input_size[1]})"
             for name, e in plan.routing.experts.items()
         )
-        + f"; output {plan.spec.output.path}"
+        + f"; output {plan.spec.output.path}{resumes}"
     )
 
 
@@ -126,6 +137,7 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
 
     from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
+    from raypose.logs import flush_stderr
     from raypose.pipeline.plan import plan_job
     from raypose.pipeline.progress import Progress
     from raypose.pipeline.run import run_job
@@ -144,6 +156,7 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
         )
     quiet_ray(fmt, quiet, verbose=verbose)
     result = run_job(plan, progress=Progress.for_cli(plan.tasks.num_rows, fmt, quiet))
+    flush_stderr()  # the summary is the last line
     c = result.counts
     if fmt == "json":
         typer.echo(json.dumps({

@@ -120,6 +120,14 @@ def as_json_line(line: str) -> str:
     return json_record(_CORE_LEVELS[core.group(1)] if core else "INFO", "ray.core" if core else "stderr", stripped)
 
 
+def flush_stderr(timeout: float = 2.0) -> None:
+    """Wait until every line written to stderr so far is out (the pump is asynchronous): call before
+    a line that must come last, such as the job's summary."""
+    sys.stderr.flush()
+    if _StderrPump._installed is not None:
+        _StderrPump._installed.drain(timeout)
+
+
 class _StderrPump:
     """Replace file descriptor 2 with a pipe whose lines are passed on to the real stderr.
 
@@ -130,6 +138,7 @@ class _StderrPump:
     """
 
     _installed: "_StderrPump | None" = None
+    _DRAIN = "\x1eraypose-drain\x1e"
 
     @classmethod
     def install(cls, json_lines: bool) -> None:
@@ -139,6 +148,7 @@ class _StderrPump:
     def __init__(self, json_lines: bool) -> None:
         sys.stderr.flush()
         self.json_lines = json_lines
+        self._drained: list[threading.Event] = []
         self._real = os.dup(2)
         read_end, write_end = os.pipe()
         os.dup2(write_end, 2)
@@ -160,7 +170,18 @@ class _StderrPump:
             self._emit(pending.decode("utf-8", errors="replace"))
         os.close(read_end)
 
+    def drain(self, timeout: float) -> None:
+        """Return once the pump has passed on everything written to fd 2 before this call."""
+        done = threading.Event()
+        self._drained.append(done)
+        os.write(2, (self._DRAIN + "\n").encode())
+        done.wait(timeout)
+
     def _emit(self, line: str) -> None:
+        if line == self._DRAIN:
+            if self._drained:
+                self._drained.pop(0).set()
+            return
         if any(pattern.search(line) for pattern in HARMLESS_LINES):
             return
         if self.json_lines:

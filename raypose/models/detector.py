@@ -9,7 +9,7 @@ import torch
 
 from raypose.config.spec import DetectorSpec
 from raypose.errors import SpecError
-from raypose.models.hub import load_pretrained
+from raypose.models.hub import check_weights, load_pretrained
 
 FIELD = "boxes.detector.model"
 
@@ -24,8 +24,8 @@ class DetectorInfo:
 
 
 def inspect_detector(detector: DetectorSpec, categories: list[str] | None) -> DetectorInfo:
-    """Read the detector's config (no weights); check the wanted categories are among its labels."""
-    from transformers import AutoConfig
+    """Read the detector's config and its weights' header (no tensor); check the wanted categories are among its labels."""
+    from transformers import AutoConfig, AutoModelForObjectDetection
 
     config = load_pretrained(AutoConfig.from_pretrained, detector.model, detector.revision, FIELD)
     if getattr(config, "model_type", None) not in ("rt_detr", "rt_detr_v2"):
@@ -33,6 +33,7 @@ def inspect_detector(detector: DetectorSpec, categories: list[str] | None) -> De
             f"{FIELD}: {detector.model!r} is a {getattr(config, 'model_type', 'unknown')!r} model, "
             "expected an RT-DETR checkpoint (model_type 'rt_detr' or 'rt_detr_v2')"
         )
+    check_weights(detector.model, detector.revision, FIELD, config, AutoModelForObjectDetection.from_config)
     labels = {int(k): v for k, v in config.id2label.items()}
     unknown = sorted(set(categories or ()) - set(labels.values()))
     if unknown:

@@ -13,7 +13,12 @@ import torch
 
 from raypose.errors import SpecError
 from raypose.imaging.heatmaps import decode_heatmaps, flip_back
-from raypose.models.hub import hub_revision, load_pretrained, local_fingerprint
+from raypose.models.hub import (
+    check_weights,
+    hub_revision,
+    load_pretrained,
+    local_fingerprint,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,8 +50,8 @@ class ModelInfo:
 
 
 def inspect_model(model: str, revision: str | None = None, field: str = "pose.model") -> ModelInfo:
-    """Read a checkpoint's config (no weights) and check it is a ViTPose."""
-    from transformers import AutoConfig
+    """Read a checkpoint's config and its weights' header (no tensor) and check it is a ViTPose they fit."""
+    from transformers import AutoConfig, VitPoseForPoseEstimation
 
     config = load_pretrained(AutoConfig.from_pretrained, model, revision, field)
     if getattr(config, "model_type", None) != "vitpose":
@@ -54,6 +59,7 @@ def inspect_model(model: str, revision: str | None = None, field: str = "pose.mo
             f"{field}: {model!r} is a {getattr(config, 'model_type', 'unknown')!r} model, "
             "expected a ViTPose checkpoint (model_type 'vitpose')"
         )
+    check_weights(model, revision, field, config, VitPoseForPoseEstimation)
     backbone = config.backbone_config
     height, width = backbone.image_size
     mean, std = _normalization(model, revision, field)

@@ -116,7 +116,7 @@ def ray_head():
     with open(log_path, "wb") as log:
         head = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
-    worker = None
+    worker, worker_dir = None, None
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
         from ray.job_submission import JobSubmissionClient
@@ -132,10 +132,12 @@ def ray_head():
                     pytest.fail(f"the Jobs API at {address} did not come up in {HEAD_START_TIMEOUT_S} s: {exc}\n"
                                 f"{log_path.read_text()[-3000:]}")
                 time.sleep(0.5)
-        worker = _join_worker(ray_bin, f"127.0.0.1:{gcs_port}", env, temp_dir)
+        # Its own temp dir: nodes that shared one would clean up each other's runtime_env packages.
+        worker_dir = tempfile.mkdtemp(prefix="rp-node-", dir="/tmp")
+        worker = _join_worker(ray_bin, f"127.0.0.1:{gcs_port}", env, worker_dir)
         while _alive_nodes(address, token) < 2:
             if worker.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the worker node did not join:\n{(Path(temp_dir) / 'ray-worker.log').read_text()[-3000:]}")
+                pytest.fail(f"the worker node did not join:\n{(Path(worker_dir) / 'ray-worker.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield SimpleNamespace(address=address, token=token, temp_dir=temp_dir,
                               client=JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}))
@@ -143,15 +145,16 @@ def ray_head():
         if worker is not None:
             _stop(worker)
         _stop(head)
-        deadline = time.monotonic() + 15
-        while _our_pids(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _our_pids(temp_dir):  # stragglers of this head only
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for folder in filter(None, (temp_dir, worker_dir)):
+            deadline = time.monotonic() + 15
+            while _our_pids(folder) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            for pid in _our_pids(folder):  # stragglers of this cluster only
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -238,3 +238,20 @@ def test_submit_fails_before_starting_ray(breakage, good_job, write_job, tmp_pat
     assert starts == []
     if not was_running:
         assert not ray.is_initialized()
+
+
+def test_validate_resume_checks_a_resume_without_running_it(good_job, write_job, tmp_path):
+    from raypose.config.spec import load_job_spec
+    from raypose.output.resume import result_key, start_run
+    from raypose.pipeline.plan import plan_job
+
+    job = write_job(good_job)
+    plan = plan_job(load_job_spec(job))
+    start_run(plan.store, plan.spec, plan.shards, result_key(plan.spec, plan.models()))  # as a run that was killed
+    ok = invoke("validate", str(job), "--resume")
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip().endswith("resume: 0 of 1 shards committed, 1 to do")
+    changed = invoke("validate", str(job), "--resume", "--set", "pose.flip_test=true")
+    assert changed.exit_code == 2
+    assert "error: output.mode: resume:" in changed.output and "pose.flip_test: false -> true" in changed.output
+    assert invoke("validate", str(job), "--resume", "--force", "--set", "pose.flip_test=true").exit_code == 0
