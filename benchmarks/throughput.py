@@ -867,7 +867,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch_size = pose.batch_size
     ceiling_processes, ceiling_threads = 1, threads
     if not gpu and not args.ceiling_threads:
-        ceiling_processes, ceiling_threads = layout.pose_pool.actors, pose.threads
+        ceiling_processes, ceiling_threads = layout.pose_pool.max_actors, pose.threads
     result: dict[str, Any] = {
         "config": {
             "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
