@@ -34,6 +34,19 @@ IMAGE_TASK_SCHEMA = pa.schema(
     ]
 )
 
+# The job's boxes before they meet the images: one row per box, in the boxes file's order.
+BOX_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("bbox", pa.list_(pa.float64(), 4)),  # COCO xywh; a malformed box is NaN, reported per box later
+        ("annotation_id", pa.int64()),
+        ("category", pa.string()),
+        ("score", pa.float32()),
+        ("expected_width", pa.int32()),  # the size the boxes file says the image has
+        ("expected_height", pa.int32()),
+    ]
+)
+
 # What every instance row carries, from the crop stage to the output.
 INSTANCE_FIELDS = [
     pa.field("image_key", pa.string(), nullable=False),

@@ -1,4 +1,9 @@
-"""The boxes: load them (COCO JSON or a box table), attach them to images, clip them to the image."""
+"""The boxes: load them (COCO JSON, a box table, or inline with the images) and join them to the listed images.
+
+Everything is columnar: the boxes are one Arrow table (`schema.BOX_SCHEMA`, one row per box, in
+file order), filtered with Arrow compute and grouped per image, and the join with the listing is
+an Arrow join, so a plan of millions of images holds no Python object per image or box.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ import json
 import math
 import posixpath
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -17,28 +24,28 @@ from fsspec.core import url_to_fs
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
 from raypose.inputs.storage import with_retries
-from raypose.schema import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
-
-
-@dataclass
-class ImageBoxes:
-    """The boxes of one image, in file order, COCO xywh in image pixels."""
-
-    xywh: list[list[float]] = field(default_factory=list)
-    annotation_id: list[int | None] = field(default_factory=list)
-    category: list[str | None] = field(default_factory=list)
-    score: list[float | None] = field(default_factory=list)
-    width: int | None = None  # the size the boxes file says the image has
-    height: int | None = None
+from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
 
 @dataclass
 class BoxSet:
-    """Boxes keyed by image key, and how many the filters dropped."""
+    """The job's boxes, one row per box in file order (`schema.BOX_SCHEMA`), and how many the filters dropped."""
 
-    by_image: dict[str, ImageBoxes]
-    source: str  # gt | table
+    table: pa.Table
+    source: str  # gt | table | inline | detector
     dropped: int = 0
+
+    @classmethod
+    def empty(cls, source: str) -> "BoxSet":
+        return cls(BOX_SCHEMA.empty_table(), source)
+
+    def image(self, key: str) -> dict[str, Any]:
+        """One image's boxes: lists of bbox, annotation_id, category, score; the expected_width/height the file gives."""
+        rows = self.table.filter(pc.equal(self.table.column("image_key"), key)).to_pydict()
+        rows.pop("image_key")
+        for name in ("expected_width", "expected_height"):
+            rows[name] = rows[name][0] if rows[name] else None
+        return rows
 
 
 def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
@@ -54,7 +61,10 @@ def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
         raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
     if boxes.source == "coco":
         return coco_boxes(_json(raw, boxes.path), boxes)
-    return table_boxes(_box_table(raw, boxes.path), boxes)
+    # A table a chunk at a time: what filtering one costs is bounded by the chunk, not the file.
+    parts = [table_boxes(chunk, boxes) for chunk in _box_table_chunks(raw, boxes.path, boxes)]
+    kept = pa.concat_tables([part.table for part in parts]).combine_chunks() if parts else BOX_SCHEMA.empty_table()
+    return BoxSet(kept, source="table", dropped=sum(part.dropped for part in parts))
 
 
 def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
@@ -72,7 +82,7 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
         if key is None:
             raise SpecError(f"boxes.path: image id {image.get('id')} has no file_name")
         images[image["id"]] = (key, image.get("width"), image.get("height"))
-    by_image: dict[str, ImageBoxes] = {}
+    columns: dict[str, list] = {name: [] for name in BOX_SCHEMA.names}
     dropped = 0
     for ann in coco["annotations"]:
         bbox = ann.get("bbox")
@@ -87,48 +97,38 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
             dropped += 1
             continue
         key, width, height = images[ann["image_id"]]
-        entry = by_image.setdefault(key, ImageBoxes(width=width, height=height))
-        entry.xywh.append(_xywh(bbox))
-        entry.annotation_id.append(ann.get("id"))
-        entry.category.append(names.get(ann.get("category_id")))
-        entry.score.append(None)
-    return BoxSet(by_image=by_image, source="gt", dropped=dropped)
+        for name, value in (("image_key", key), ("bbox", _xywh(bbox)), ("annotation_id", ann.get("id")),
+                            ("category", names.get(ann.get("category_id"))), ("score", None),
+                            ("expected_width", width), ("expected_height", height)):
+            columns[name].append(value)
+    return BoxSet(pa.table(columns, schema=BOX_SCHEMA), source="gt", dropped=dropped)
 
 
-def table_boxes(table: pa.Table, boxes: BoxesSpec) -> BoxSet:
+def table_boxes(table: pa.Table, boxes: BoxesSpec, source: str = "table") -> BoxSet:
     """Boxes from a table with one row per box: image key, COCO xywh [, score, category, annotation_id]."""
-    for column in (boxes.image_key_column, boxes.bbox_column):
-        if column not in table.column_names:
-            field = "boxes.image_key_column" if column == boxes.image_key_column else "boxes.bbox_column"
-            raise SpecError(
-                f"{field}: column {column!r} is not in {boxes.path} (columns: {', '.join(table.column_names)})"
-            )
-    keys = table.column(boxes.image_key_column).to_pylist()
-    bboxes = table.column(boxes.bbox_column).to_pylist()
+    _check_columns(table.column_names, boxes)
     n = table.num_rows
-    scores = _optional_column(table, boxes.score_column, n)
-    categories = _optional_column(table, boxes.category_column, n)
-    ann_ids = _optional_column(table, "annotation_id", n)
+    keys = _normalised_keys(table.column(boxes.image_key_column))
+    bbox, bbox_valid = _xywh_column(table.column(boxes.bbox_column), boxes)
+    score = _optional(table, boxes.score_column, pa.float32(), n)
+    category = _optional(table, boxes.category_column, pa.string(), n)
+    keep = np.asarray(keys.is_valid()) & bbox_valid
     wanted = set(boxes.categories) if boxes.categories is not None else None
-    by_image: dict[str, ImageBoxes] = {}
-    dropped = 0
-    for key, bbox, score, category, ann_id in zip(keys, bboxes, scores, categories, ann_ids):
-        keep = (
-            key is not None
-            and bbox is not None
-            and (wanted is None or category is None or category in wanted)
-            and (score is None or score >= boxes.min_score)
-            and not (_usable(bbox) and _box_area(bbox) < boxes.min_area)  # broken boxes go on, to be reported
-        )
-        if not keep:
-            dropped += 1
-            continue
-        entry = by_image.setdefault(posixpath.normpath(str(key)), ImageBoxes())
-        entry.xywh.append(_xywh(bbox))
-        entry.annotation_id.append(ann_id)
-        entry.category.append(category if category is not None else (boxes.categories or [None])[0])
-        entry.score.append(score)
-    return BoxSet(by_image=by_image, source="table", dropped=dropped)
+    if wanted is not None:
+        keep &= np.asarray(pc.or_(pc.is_null(category), pc.is_in(category, pa.array(sorted(wanted)))))
+    keep &= np.asarray(pc.fill_null(pc.greater_equal(score, pc.cast(boxes.min_score, pa.float32())), True))
+    xywh = bbox.values.to_numpy(zero_copy_only=False).reshape(-1, 4)
+    usable = np.isfinite(xywh).all(axis=1) & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+    with np.errstate(invalid="ignore"):
+        keep &= ~(usable & (xywh[:, 2] * xywh[:, 3] < boxes.min_area))  # broken boxes go on, to be reported
+    default = (boxes.categories or [None])[0]
+    result = pa.table({
+        "image_key": keys, "bbox": bbox,
+        "annotation_id": _optional(table, "annotation_id", pa.int64(), n),
+        "category": pc.fill_null(category, default) if default is not None else category,
+        "score": score, "expected_width": pa.nulls(n, pa.int32()), "expected_height": pa.nulls(n, pa.int32()),
+    }, schema=BOX_SCHEMA).filter(pa.array(keep))
+    return BoxSet(result, source=source, dropped=n - result.num_rows)
 
 
 def attach_boxes(
@@ -137,54 +137,99 @@ def attach_boxes(
     """Join listed images with their boxes.
 
     Returns the image tasks (images that have boxes, and with `detect_missing` the others
-    too, marked for the detector), an errors table for boxes whose image is not in
-    storage, and counts.
+    too, marked for the detector), sorted by key, an errors table for boxes whose image is not
+    in storage, and counts.
     """
-    keys = images.column("image_key").to_pylist()
-    uris = images.column("image_uri").to_pylist()
-    where = {name: images.column(name).to_pylist() if name in images.column_names else [None] * len(keys)
-             for name in ("container", "offset", "length")}
-    place = {k: {name: values[i] for name, values in where.items()} for i, k in enumerate(keys)}
-    listed = set(keys)
-    matched = [(k, u) for k, u in zip(keys, uris) if k in box_set.by_image]
-    if box_set.by_image and not matched:
-        example_key, example_box = keys[0], next(iter(box_set.by_image))
+    per_image = _per_image(box_set.table)
+    listed = images.select([c for c in ("image_key", "image_uri", "container", "offset", "length")
+                            if c in images.column_names])
+    # The join, by index: Arrow's own join takes no nested columns such as the boxes' lists.
+    where = pc.index_in(listed.column("image_key"), per_image.column("image_key"))
+    has_boxes = where.is_valid()
+    picked = where.filter(has_boxes)
+    in_order = len(picked) == per_image.num_rows and pc.all(pc.equal(picked, pa.array(
+        np.arange(len(picked), dtype=np.int32)))).as_py() is not False
+    # Every image with boxes listed (the usual case): its boxes are per_image as it is, no copy.
+    matched = _joined(listed.filter(has_boxes), per_image if in_order else per_image.take(picked))
+    without = listed.filter(pc.invert(has_boxes))
+    missing = per_image.filter(pc.invert(pc.is_in(per_image.column("image_key"), listed.column("image_key"))))
+    if per_image.num_rows and not matched.num_rows:
         raise SpecError(
-            f"boxes.path: no box belongs to a listed image: image keys look like {example_key!r}, "
-            f"the boxes file names {example_box!r}; point images.path at the folder the boxes' "
-            "file names are relative to"
+            f"boxes.path: no box belongs to a listed image: image keys look like "
+            f"{images.column('image_key')[0].as_py()!r}, the boxes file names {box_set.table.column('image_key')[0].as_py()!r}; "
+            "point images.path at the folder the boxes' file names are relative to"
         )
-    tasks = [(k, u, box_set.by_image[k], False) for k, u in matched]
+    tasks = _tasks(matched, box_set.source, detect=False)  # in listing order: sorted by key
     if detect_missing:
-        tasks += [(k, u, ImageBoxes(), True) for k, u in zip(keys, uris) if k not in box_set.by_image]
-        tasks.sort(key=lambda task: task[0])
-    rows: dict[str, list] = {name: [] for name in IMAGE_TASK_SCHEMA.names}
-    for key, uri, entry, detect in tasks:
-        values = {
-            "image_key": key, "image_uri": uri, "expected_width": entry.width, "expected_height": entry.height,
-            "box_xywh": entry.xywh, "annotation_id": entry.annotation_id, "category": entry.category,
-            "box_score": entry.score, "box_source": None if detect else box_set.source,
-            "needs_detection": detect,
-            **place[key],
-        }
-        for name in rows:
-            rows[name].append(values.get(name))
-    missing = sorted(k for k in box_set.by_image if k not in listed)
-    errors = _listing_errors(missing)
+        tasks = pa.concat_tables([tasks, _tasks(without, None, detect=True)]).sort_by("image_key")
+    boxes_in = (lambda t: int(pc.sum(pc.list_value_length(t.column("bbox"))).as_py() or 0) if t.num_rows else 0)
     counts = {
-        "images_listed": len(keys),
-        "images": len(tasks),  # sent to the pipeline
-        "images_with_boxes": len(matched),
-        "images_without_boxes": len(keys) - len(matched),
-        "images_to_detect": sum(task[3] for task in tasks),
-        "boxes": sum(len(box_set.by_image[k].xywh) for k, _ in matched),
+        "images_listed": images.num_rows,
+        "images": tasks.num_rows,  # sent to the pipeline
+        "images_with_boxes": matched.num_rows,
+        "images_without_boxes": without.num_rows,
+        "images_to_detect": without.num_rows if detect_missing else 0,
+        "boxes": boxes_in(matched),
         "boxes_dropped_by_filters": box_set.dropped,
-        "boxes_without_image": sum(len(box_set.by_image[k].xywh) for k in missing),
+        "boxes_without_image": boxes_in(missing),
     }
-    return pa.table(rows, schema=IMAGE_TASK_SCHEMA), errors, counts
+    return tasks, _listing_errors(missing.column("image_key")), counts
 
 
-def _listing_errors(missing: list[str]) -> pa.Table:
+def _joined(listed: pa.Table, boxes: pa.Table) -> pa.Table:
+    """Listed images and their per-image boxes, row for row."""
+    for name in boxes.column_names:
+        if name != "image_key":
+            listed = listed.append_column(name, boxes.column(name))
+    return listed
+
+
+def _per_image(boxes: pa.Table) -> pa.Table:
+    """One row per image: its boxes' columns as lists (file order kept), and the size the file gives it."""
+    keys = boxes.column("image_key").combine_chunks()
+    if len(keys) > 1 and not pc.all(pc.less_equal(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+        boxes = boxes.take(pc.sort_indices(boxes, [("image_key", "ascending")]))  # a stable sort
+        keys = boxes.column("image_key").combine_chunks()
+    ordered = boxes
+    if not len(keys):
+        empty = {name: pa.array([], pa.list_(BOX_SCHEMA.field(name).type)) for name in PER_IMAGE_LISTS}
+        return pa.table({"image_key": pa.array([], pa.string()), **empty,
+                         "expected_width": pa.array([], pa.int32()), "expected_height": pa.array([], pa.int32())})
+    runs = pc.run_end_encode(keys)
+    ends = np.asarray(runs.run_ends)
+    offsets = pa.array(np.concatenate([[0], ends]).astype(np.int32))
+    columns = {"image_key": runs.values}
+    for name in PER_IMAGE_LISTS:
+        columns[name] = pa.ListArray.from_arrays(offsets, ordered.column(name).combine_chunks())
+    for name in ("expected_width", "expected_height"):
+        sizes = np.asarray(pc.fill_null(ordered.column(name), -1).combine_chunks(), np.int64)
+        largest = np.maximum.reduceat(sizes, np.concatenate([[0], ends[:-1]]))
+        columns[name] = pa.array(largest, pa.int32(), mask=largest < 0)
+    return pa.table(columns)
+
+
+PER_IMAGE_LISTS = ("bbox", "annotation_id", "category", "score")
+
+
+def _tasks(rows: pa.Table, source: str | None, detect: bool) -> pa.Table:
+    """Image tasks (`schema.IMAGE_TASK_SCHEMA`) for joined rows; `detect`: rows without boxes, for the detector."""
+    n = rows.num_rows
+    empty = {name: pa.array([[]] * n, IMAGE_TASK_SCHEMA.field(name).type)
+             for name in ("box_xywh", "annotation_id", "category", "box_score")}
+    columns = {name: (rows.column(name) if name in rows.column_names else pa.nulls(n, IMAGE_TASK_SCHEMA.field(name).type))
+               for name in ("image_key", "image_uri", "container", "offset", "length")}
+    if not detect:
+        columns.update(box_xywh=rows.column("bbox"), annotation_id=rows.column("annotation_id"),
+                       category=rows.column("category"), box_score=rows.column("score"),
+                       expected_width=rows.column("expected_width"), expected_height=rows.column("expected_height"))
+    columns = {**empty, **columns}
+    columns["box_source"] = pa.array([source] * n, pa.string())
+    columns["needs_detection"] = pa.array([detect] * n, pa.bool_())
+    return pa.table({name: columns.get(name, pa.nulls(n, IMAGE_TASK_SCHEMA.field(name).type))
+                     for name in IMAGE_TASK_SCHEMA.names}).cast(IMAGE_TASK_SCHEMA)
+
+
+def _listing_errors(missing) -> pa.Table:
     """Errors-table rows for images the boxes file names but the listing does not have."""
     n = len(missing)
     return pa.table({
@@ -196,19 +241,68 @@ def _listing_errors(missing: list[str]) -> pa.Table:
 
 def inline_boxes(images: pa.Table, boxes: BoxesSpec) -> BoxSet:
     """Boxes that came with the images (WebDataset .json members, Parquet columns), filtered like a table's."""
-    rows = []
-    for key, bboxes, categories, scores in zip(
-        images.column("image_key").to_pylist(), images.column("bbox").to_pylist(),
-        images.column("category").to_pylist(), images.column("score").to_pylist(),
-    ):
-        rows += [{"image_key": key, "bbox": b, "category": c, "score": s} for b, c, s in zip(bboxes, categories, scores)]
-    table = pa.Table.from_pylist(rows, schema=pa.schema(
-        [("image_key", pa.string()), ("bbox", pa.list_(pa.float64())), ("category", pa.string()), ("score", pa.float64())]
-    ))
+    parents = pc.list_parent_indices(images.column("bbox"))
+    exploded = pa.table({
+        "image_key": images.column("image_key").take(parents),
+        "bbox": pc.list_flatten(images.column("bbox")),
+        "category": pc.list_flatten(images.column("category")),
+        "score": pc.list_flatten(images.column("score")),
+    })
     spec = boxes.model_copy(update={"image_key_column": "image_key", "bbox_column": "bbox",
                                     "category_column": "category", "score_column": "score"})
-    box_set = table_boxes(table, spec)
-    return BoxSet(by_image=box_set.by_image, source="inline", dropped=box_set.dropped)
+    return table_boxes(exploded, spec, source="inline")
+
+
+def _check_columns(names: list[str], boxes: BoxesSpec) -> None:
+    for column, field in ((boxes.image_key_column, "boxes.image_key_column"), (boxes.bbox_column, "boxes.bbox_column")):
+        if column not in names:
+            raise SpecError(f"{field}: column {column!r} is not in {boxes.path} (columns: {', '.join(names)})")
+
+
+def _normalised_keys(column) -> pa.Array:
+    """Image keys as strings with `posixpath.normpath` applied (in Python only to the keys it changes)."""
+    keys = pc.cast(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, pa.string())
+    changes = np.asarray(pc.fill_null(pc.match_substring_regex(keys, NORMPATH_CHANGES), False))
+    if not changes.any():
+        return keys
+    at = np.flatnonzero(changes)
+    fixed = [posixpath.normpath(k) for k in keys.take(pa.array(at)).to_pylist()]
+    return pc.replace_with_mask(keys, pa.array(changes), pa.array(fixed, pa.string()))
+
+
+# What posixpath.normpath would change: "." or ".." parts, doubled or trailing slashes, an empty key.
+NORMPATH_CHANGES = r"(^|/)\.\.?(/|$)|//|/$|^$"
+
+
+def _xywh_column(column, boxes: BoxesSpec) -> tuple[pa.FixedSizeListArray, np.ndarray]:
+    """Always four float64 numbers a box: a short or malformed bbox becomes NaN, reported per box by
+    geometry.clip_boxes, instead of a ragged list that fails the whole image-task table; and which rows had one."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(column)
+    out = np.full((n, 4), np.nan)
+    valid = np.asarray(column.is_valid()) if n else np.zeros(0, bool)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        lists = column.cast(pa.list_(column.type.value_type)) if pa.types.is_fixed_size_list(column.type) else column
+        try:
+            values = pc.cast(lists.values, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            values = np.array([_number(v) for v in lists.values.to_pylist()], np.float64)
+        offsets = np.asarray(lists.offsets)
+        lengths = np.where(valid, np.minimum(np.diff(offsets), 4), 0)
+        for k in range(4):
+            has = lengths > k
+            out[has, k] = values[offsets[:-1][has] + k]
+    elif n:
+        raise SpecError(f"{'boxes.bbox_column'}: {boxes.bbox_column!r} in {boxes.path} is not a list of numbers "
+                        f"(it holds {column.type})")
+    return pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1), pa.float64()), 4), valid
+
+
+def _optional(table: pa.Table, name: str, kind: pa.DataType, n: int) -> pa.Array:
+    if name not in table.column_names:
+        return pa.nulls(n, kind)
+    column = table.column(name)
+    return pc.cast(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column, kind)
 
 
 def _category_ids(names: dict[int, str], boxes: BoxesSpec) -> set[int] | None:
@@ -262,10 +356,6 @@ def _xywh(bbox: Any) -> list[float]:
     return values + [math.nan] * (4 - len(values))
 
 
-def _optional_column(table: pa.Table, name: str, n: int) -> list:
-    return table.column(name).to_pylist() if name in table.column_names else [None] * n
-
-
 def _json(raw: bytes, path: str) -> Any:
     try:
         return json.loads(raw)
@@ -273,10 +363,18 @@ def _json(raw: bytes, path: str) -> Any:
         raise SpecError(f"boxes.path: {path} is not valid JSON: {exc}") from exc
 
 
-def _box_table(raw: bytes, path: str) -> pa.Table:
+def _box_table_chunks(raw: bytes, path: str, boxes: BoxesSpec, rows: int = 1 << 20):
+    """The box table's bytes as Arrow tables of at most `rows` rows; of a Parquet file only the columns
+    the boxes use are read."""
     try:
         if path.lower().endswith((".jsonl", ".ndjson", ".json")):
-            return pa_json.read_json(pa.BufferReader(raw))
-        return pq.read_table(pa.BufferReader(raw))
+            yield pa_json.read_json(pa.BufferReader(raw))
+            return
+        parquet = pq.ParquetFile(pa.BufferReader(raw))
+        names = parquet.schema_arrow.names
+        _check_columns(names, boxes)
+        used = (boxes.image_key_column, boxes.bbox_column, boxes.score_column, boxes.category_column, "annotation_id")
+        for batch in parquet.iter_batches(batch_size=rows, columns=[n for n in names if n in used]):
+            yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError) as exc:
         raise SpecError(f"boxes.path: {path} is not a readable Parquet or JSON-lines box table: {exc}") from exc

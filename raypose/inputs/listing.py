@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import posixpath
+import re
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
@@ -20,41 +23,47 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
     Keys are stable across runs: the path relative to the directory (or to the glob's
     fixed prefix, or to the manifest's folder); for WebDataset tars and Parquet files, the
     image's name inside them (see `containers`), with where its bytes are, and its inline
-    boxes when `boxes.source` is `inline`.
+    boxes when `boxes.source` is `inline`. Columnar throughout: no Python object per image.
     """
     if images.format != "files":
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 
         files = _list_files(images, CONTAINER_SUFFIXES[images.format], f"{images.format} files")
-        table = list_container_images(images, boxes, [uri for _, uri in files])
+        table = list_container_images(images, boxes, files.column("image_uri").to_pylist())
         if not table.num_rows:
             raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
-        keys = table.column("image_key").to_pylist()
-        if len(set(keys)) != len(keys):
-            duplicate = next(k for k in keys if keys.count(k) > 1)
+        table = table.sort_by("image_key")
+        keys = table.column("image_key")
+        repeated = pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1)) if len(keys) > 1 else pa.array([], pa.bool_())
+        if pc.any(repeated).as_py():
+            duplicate = keys[pc.index(repeated, True).as_py()].as_py()
             raise SpecError(f"images.path: image key {duplicate!r} appears more than once in the {images.format} files")
-        return table.sort_by("image_key")
-    pairs = _list_files(images, tuple(s.lower() for s in images.extensions), "images")
-    return pa.table({"image_key": [k for k, _ in pairs], "image_uri": [uri for _, uri in pairs]})
+        return table
+    return _list_files(images, tuple(s.lower() for s in images.extensions), "images")
 
 
-def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> list[tuple[str, str]]:
-    """(key, uri) of the files under a directory, glob or manifest that end with a suffix."""
+def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
+    """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
     if root.lower().endswith(MANIFEST_SUFFIXES):
-        pairs = _list_manifest(fs, root)
-    elif any(c in images.path for c in GLOB_CHARS):
-        prefix = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
-        pairs = [(posixpath.relpath(p, prefix), p) for p in _call(fs.glob, root, url=images.path)]
+        keys, paths = _list_manifest(fs, root)
     else:
-        if not _call(fs.isdir, root, url=images.path):
-            raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
-        pairs = [(posixpath.relpath(p, root), p) for p in _call(fs.find, root, url=images.path)]
-    # One task per key: a manifest that lists an image twice must not label it twice.
-    pairs = sorted(dict((k, p) for k, p in pairs if k.lower().endswith(suffixes) and not _hidden(k)).items())
-    if not pairs:
+        if any(c in images.path for c in GLOB_CHARS):
+            base = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
+            found = _call(fs.glob, root, url=images.path)
+        else:
+            if not _call(fs.isdir, root, url=images.path):
+                raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
+            base, found = root, _call(fs.find, root, url=images.path)
+        keys = pa.array([posixpath.relpath(p, base) for p in found], pa.string())
+        paths = pa.array(found, pa.string())
+    table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
+    wanted = pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
+                     pc.invert(pc.match_substring_regex(keys, HIDDEN)))
+    table = _last_of_each_key(table.filter(wanted))  # a manifest that lists an image twice must not label it twice
+    if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
-    return [(k, uri_of(fs, p)) for k, p in pairs]
+    return table
 
 
 def _call(fn, *args, url: str):
@@ -68,27 +77,70 @@ def _call(fn, *args, url: str):
         raise SpecError(f"images.path: cannot list {url}: {exc}") from exc
 
 
-def _list_manifest(fs, manifest: str) -> list[tuple[str, str]]:
+def _list_manifest(fs, manifest: str) -> tuple[pa.Array, pa.Array]:
+    """A manifest's (keys, paths): URLs keyed by what follows `://`, absolute paths by themselves without
+    the leading `/`, relative ones by their normalised path and read from the manifest's folder."""
     try:
-        lines = fs.cat_file(manifest).decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        with fs.open(manifest, "rb") as f:
+            lines = _manifest_lines(f)
+    except (OSError, pa.ArrowInvalid) as exc:
         raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
-    base = posixpath.dirname(manifest)
-    pairs = []
-    for line in lines:
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        if "://" in entry:
-            pairs.append((entry.split("://", 1)[1], entry))
-        elif entry.startswith("/"):
-            pairs.append((entry.lstrip("/"), entry))
-        else:
-            # Object stores take "a/../b" literally, so "../images/x.jpg" must be resolved here.
-            pairs.append((posixpath.normpath(entry), posixpath.normpath(posixpath.join(base, entry))))
-    return pairs
+    lines = pc.utf8_trim_whitespace(lines)
+    lines = lines.filter(pc.and_(pc.not_equal(lines, ""), pc.invert(pc.starts_with(lines, "#"))))
+    url = pc.match_substring(lines, "://")
+    absolute = pc.and_(pc.invert(url), pc.starts_with(lines, "/"))
+    relative = np.asarray(pc.invert(pc.or_(url, absolute)))
+    keys = pc.if_else(url, pc.replace_substring_regex(lines, r"^[^:]*://", ""), pc.utf8_ltrim(lines, "/"))
+    paths = lines
+    if relative.any():
+        # Object stores take "a/../b" literally, so "../images/x.jpg" must be resolved here.
+        base = posixpath.dirname(manifest)
+        entries = lines.filter(pa.array(relative)).to_pylist()
+        at = np.flatnonzero(relative)
+        keys = _put(keys, at, [posixpath.normpath(e) for e in entries])
+        paths = _put(paths, at, [posixpath.normpath(posixpath.join(base, e)) for e in entries])
+    return keys, paths
 
 
-def _hidden(key: str) -> bool:
-    # ".." is a manifest entry's way up from the manifest's folder, not a dotfile.
-    return any(part.startswith(".") and part not in (".", "..") for part in key.split("/"))
+def _manifest_lines(f) -> pa.Array:
+    """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting)."""
+    from pyarrow import csv
+
+    table = csv.read_csv(
+        f, read_options=csv.ReadOptions(column_names=["line"]),
+        parse_options=csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+        convert_options=csv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+    )
+    return table.column("line").combine_chunks()
+
+
+def _put(values: pa.Array, at: np.ndarray, new: list[str]) -> pa.Array:
+    mask = np.zeros(len(values), bool)
+    mask[at] = True
+    return pc.replace_with_mask(values, pa.array(mask), pa.array(new, pa.string()))
+
+
+def _uris(fs, paths: pa.Array) -> pa.Array:
+    """Paths on `fs` as the URIs raypose records (`storage.uri_of`), whole columns at a time."""
+    prefix = uri_of(fs, "/x")[: -len("/x")]  # what the filesystem puts before a path: file://, memory://, ...
+    with_protocol = pc.match_substring(paths, "://")
+    return pc.if_else(with_protocol, paths, pc.binary_join_element_wise(prefix, paths, ""))
+
+
+def _suffix_pattern(suffixes: tuple[str, ...]) -> str:
+    return "(" + "|".join(re.escape(s) for s in suffixes) + ")$"
+
+
+def _last_of_each_key(table: pa.Table) -> pa.Table:
+    """The table sorted by key, one row a key: the last of the rows that share it."""
+    table = table.take(pc.sort_indices(table, [("image_key", "ascending")]))  # stable: equal keys keep their order
+    keys = table.column("image_key").combine_chunks()
+    if len(keys) < 2:
+        return table
+    last = np.ones(len(keys), bool)
+    last[:-1] = np.asarray(pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1)))
+    return table.filter(pa.array(last))
+
+
+# A hidden part of a key: ".name" or "..name", but not "." or "..", which are a manifest entry's way up.
+HIDDEN = r"(^|/)\.([^./][^/]*|\.[^/]+)(/|$)"

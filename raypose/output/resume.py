@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
 from raypose.output.writer import JOB_FILE, OutputStore, ShardInputs
@@ -44,15 +47,6 @@ def new_job_id(name: str) -> str:
     return f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
 
 
-def shard_starts(keys: list[str], images_per_shard: int) -> list[str]:
-    """The first image key of each shard: sorted keys cut into runs of `images_per_shard`.
-
-    Image tasks go through the pipeline in key order, so shard by shard: each shard is
-    complete (and committed) soon after its last image, not at the end of the job.
-    """
-    return [keys[start] for start in range(0, len(keys), images_per_shard)] or [""]
-
-
 def shard_of(image_key: str, starts: list[str]) -> int:
     """The shard an image belongs to: the last one starting at or before its key (stable across runs)."""
     return max(0, bisect.bisect_right(starts, image_key) - 1)
@@ -63,8 +57,9 @@ def hashed_shard_of(image_key: str, num_shards: int) -> int:
     return zlib.crc32(image_key.encode("utf-8")) % num_shards
 
 
-def keys_fingerprint(keys: list[str]) -> str:
+def keys_fingerprint(keys: list[str] | pa.Array) -> str:
     """A short hash of a shard's image keys: a committed shard is reused only for the same inputs."""
+    keys = keys.to_pylist() if isinstance(keys, (pa.Array, pa.ChunkedArray)) else keys
     return hashlib.sha256("\n".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
 
 
@@ -115,8 +110,8 @@ class ShardPlan:
     job_id: str
     num_shards: int
     starts: list[str] | None  # each shard's first key (None: an older output's hashed shards)
-    shard_of_task: list[int]  # per image task, in task order
-    to_write: dict[int, list[str]]  # the shards this run writes, and their image keys
+    shard_of_task: np.ndarray  # per image task (sorted by key), int32
+    to_write: dict[int, pa.Array]  # the shards this run writes, and their image keys
     reused: dict[int, dict]  # commit markers of shards an earlier run finished
 
     def inputs(self) -> dict[int, ShardInputs]:
@@ -124,22 +119,29 @@ class ShardPlan:
         return {shard: ShardInputs(len(keys), keys_fingerprint(keys)) for shard, keys in self.to_write.items()}
 
 
-def plan_shards(spec: JobSpec, keys: list[str], store: OutputStore, previous: dict[str, Any] | None) -> ShardPlan:
-    """Assign the image tasks (sorted by key) to shards; when resuming, the earlier run's shards, and
-    those it committed for the same images are reused."""
+def plan_shards(spec: JobSpec, keys: pa.Array, store: OutputStore, previous: dict[str, Any] | None) -> ShardPlan:
+    """Assign the image tasks (`keys`, sorted) to shards; when resuming, the earlier run's shards, and those
+    it committed for the same images are reused. Columnar: nothing per image in Python."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    n = len(keys)
     if previous is None:
         job_id = os.environ.get(JOB_ID_ENV) or new_job_id(spec.name)
-        starts = shard_starts(sorted(keys), spec.output.images_per_shard)
+        per = spec.output.images_per_shard
+        starts = keys.take(pa.array(np.arange(0, n, per))).to_pylist() or [""]
         num_shards = len(starts)
     else:
         job_id, num_shards, starts = previous["job_id"], int(previous["num_shards"]), previous.get("shard_starts")
     if starts is not None:
-        shards = [shard_of(key, starts) for key in keys]
+        # Where each shard's first key falls among the sorted keys: its tasks are the run up to the next.
+        first = [0] + [bisect.bisect_left(_Keys(keys), start) for start in starts[1:]]
+        shards = np.zeros(n, np.int32)
+        for shard, begin in enumerate(first[1:], start=1):
+            shards[begin:] = shard
+        ends = first[1:] + [n]
+        to_write = {shard: keys.slice(first[shard], ends[shard] - first[shard]) for shard in range(num_shards)}
     else:
-        shards = [hashed_shard_of(key, num_shards) for key in keys]
-    to_write: dict[int, list[str]] = {shard: [] for shard in range(num_shards)}
-    for key, shard in zip(keys, shards):
-        to_write[shard].append(key)
+        shards = np.array([hashed_shard_of(key, num_shards) for key in keys.to_pylist()], np.int32)
+        to_write = {shard: keys.filter(pa.array(shards == shard)) for shard in range(num_shards)}
     reused = {}
     if previous is not None:
         for shard, marker in store.committed_shards().items():
@@ -148,6 +150,19 @@ def plan_shards(spec: JobSpec, keys: list[str], store: OutputStore, previous: di
                 del to_write[shard]
     return ShardPlan(job_id=job_id, num_shards=num_shards, starts=starts, shard_of_task=shards, to_write=to_write,
                      reused=reused)
+
+
+class _Keys:
+    """A sorted Arrow string array as a sequence `bisect` can search without turning it into Python strings."""
+
+    def __init__(self, keys: pa.Array):
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> str:
+        return self.keys[index].as_py()
 
 
 def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from raypose.config.spec import JobSpec
@@ -67,12 +68,11 @@ def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
     if previous is not None and not force:
         check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
     store.check_writable()
-    tasks, missing, counts = _image_tasks(spec, detecting)
-    tasks = tasks.sort_by("image_key")  # shard by shard: each commits soon after its last image
-    shards = plan_shards(spec, tasks.column("image_key").to_pylist(), store, previous)
+    tasks, missing, counts = _image_tasks(spec, detecting)  # sorted by key: shard by shard, each commits soon
+    shards = plan_shards(spec, tasks.column("image_key"), store, previous)
     tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
     if shards.reused:
-        tasks = tasks.filter(pa.array([shard not in shards.reused for shard in shards.shard_of_task]))
+        tasks = tasks.filter(pa.array(~np.isin(shards.shard_of_task, list(shards.reused))))
     return JobPlan(spec=spec, routing=routing, detector=detector, tasks=tasks, missing=missing, counts=counts,
                    store=store, shards=shards, previous=previous, force=force)
 
@@ -91,12 +91,14 @@ def _previous_run(spec: JobSpec, store: OutputStore) -> dict[str, Any] | None:
 def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """The listed images joined with their boxes: image tasks, listing errors and counts."""
     images = list_images(spec.images, spec.boxes)
+    _release_unused()
     if spec.boxes.source == "detector":
-        box_set = BoxSet(by_image={}, source="detector")
+        box_set = BoxSet.empty("detector")
     elif spec.boxes.source == "inline":
         box_set = inline_boxes(images, spec.boxes)
     else:
         box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
+    _release_unused()
     tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
     if not counts["boxes"] and not counts["boxes_without_image"] and not counts["images_to_detect"]:
         raise SpecError(
@@ -105,3 +107,9 @@ def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, di
             f"min_score {spec.boxes.min_score}, include_crowd {spec.boxes.include_crowd})"
         )
     return tasks, missing, counts
+
+
+def _release_unused() -> None:
+    # Arrow's allocator keeps freed memory for reuse; a plan's steps each leave gigabytes' worth
+    # of freed intermediates at millions of images, which would add up to its peak RSS.
+    pa.default_memory_pool().release_unused()

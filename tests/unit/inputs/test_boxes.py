@@ -58,44 +58,48 @@ def listed(*keys: str) -> pa.Table:
 # --- coco_boxes -----------------------------------------------------------------------------
 
 
+def image_keys(boxes) -> list[str]:
+    return sorted(set(boxes.table.column("image_key").to_pylist()))
+
+
 def test_coco_person_boxes_in_file_order():
     boxes = coco_boxes(coco_dict(), spec())
     assert boxes.source == "gt"
-    assert sorted(boxes.by_image) == ["a.jpg", "sub/b.jpg"]  # file_name normalised; c.jpg has none
-    a = boxes.by_image["a.jpg"]
-    assert a.annotation_id == [10, 50, 5]  # file order, not id order; dog and crowd left out
-    assert a.xywh == [[5.5, 5, 100, 200], [10, 10, 4, 4], [7, 8, 9, 10]]
-    assert all(isinstance(v, float) for box in a.xywh for v in box)
-    assert a.category == ["person"] * 3
-    assert a.score == [None] * 3
-    assert (a.width, a.height) == (640, 480)
-    b = boxes.by_image["sub/b.jpg"]
-    assert (b.annotation_id, b.xywh, b.width, b.height) == ([30], [[1, 2, 30, 40]], 320, 240)
+    assert image_keys(boxes) == ["a.jpg", "sub/b.jpg"]  # file_name normalised; c.jpg has none
+    a = boxes.image("a.jpg")
+    assert a["annotation_id"] == [10, 50, 5]  # file order, not id order; dog and crowd left out
+    assert a["bbox"] == [[5.5, 5, 100, 200], [10, 10, 4, 4], [7, 8, 9, 10]]
+    assert all(isinstance(v, float) for box in a["bbox"] for v in box)
+    assert a["category"] == ["person"] * 3
+    assert a["score"] == [None] * 3
+    assert (a["expected_width"], a["expected_height"]) == (640, 480)
+    b = boxes.image("sub/b.jpg")
+    assert (b["annotation_id"], b["bbox"], b["expected_width"], b["expected_height"]) == ([30], [[1, 2, 30, 40]], 320, 240)
     assert boxes.dropped == 3  # the dog, the crowd, the annotation of an unknown image
 
 
 def test_coco_include_crowd():
     boxes = coco_boxes(coco_dict(), spec(include_crowd=True))
-    assert boxes.by_image["a.jpg"].annotation_id == [10, 40, 50, 5]
+    assert boxes.image("a.jpg")["annotation_id"] == [10, 40, 50, 5]
     assert boxes.dropped == 2
 
 
 def test_coco_min_area():
     boxes = coco_boxes(coco_dict(), spec(min_area=100))
-    assert boxes.by_image["a.jpg"].annotation_id == [10]  # area 16 and 90 are below
-    assert boxes.by_image["sub/b.jpg"].annotation_id == [30]
+    assert boxes.image("a.jpg")["annotation_id"] == [10]  # area 16 and 90 are below
+    assert boxes.image("sub/b.jpg")["annotation_id"] == [30]
     assert boxes.dropped == 5
 
 
 def test_coco_category_filter_by_name():
     dogs = coco_boxes(coco_dict(), spec(categories=["dog"]))
-    assert list(dogs.by_image) == ["a.jpg"]
-    assert dogs.by_image["a.jpg"].annotation_id == [20]
-    assert dogs.by_image["a.jpg"].category == ["dog"]
+    assert image_keys(dogs) == ["a.jpg"]
+    assert dogs.image("a.jpg")["annotation_id"] == [20]
+    assert dogs.image("a.jpg")["category"] == ["dog"]
 
     everything = coco_boxes(coco_dict(), spec(categories=None))
-    assert everything.by_image["a.jpg"].annotation_id == [10, 20, 50, 5]
-    assert everything.by_image["a.jpg"].category == ["person", "dog", "person", "person"]
+    assert everything.image("a.jpg")["annotation_id"] == [10, 20, 50, 5]
+    assert everything.image("a.jpg")["category"] == ["person", "dog", "person", "person"]
 
 
 def test_coco_unknown_category_is_spec_error():
@@ -107,7 +111,7 @@ def test_coco_short_bbox_is_padded_with_nan():
     coco = coco_dict()
     coco["annotations"] = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}]
     boxes = coco_boxes(coco, spec())
-    [box] = boxes.by_image["a.jpg"].xywh
+    [box] = boxes.image("a.jpg")["bbox"]
     assert box[:3] == [1, 2, 3] and math.isnan(box[3])
     # It reaches the crop stage as one box to report, instead of failing the whole table.
     tasks, _, _ = attach_boxes(listed("a.jpg"), boxes)
@@ -128,8 +132,8 @@ def test_load_coco_local(tmp_path):
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco_dict()))
     boxes = load_boxes(BoxesSpec(path=str(path)), {})
-    assert boxes.by_image["a.jpg"].annotation_id == [10, 50, 5]
-    assert boxes.by_image["sub/b.jpg"].annotation_id == [30]
+    assert boxes.image("a.jpg")["annotation_id"] == [10, 50, 5]
+    assert boxes.image("sub/b.jpg")["annotation_id"] == [30]
 
 
 @pytest.fixture
@@ -144,7 +148,7 @@ def memory_root():
 def test_load_coco_memory(memory_root):
     fsspec.filesystem("memory").pipe(f"{memory_root}/ann.json", json.dumps(coco_dict()).encode())
     boxes = load_boxes(BoxesSpec(path=f"memory://{memory_root}/ann.json", min_area=100), {})
-    assert boxes.by_image["a.jpg"].annotation_id == [10]
+    assert boxes.image("a.jpg")["annotation_id"] == [10]
     assert boxes.dropped == 5
 
 
@@ -185,15 +189,15 @@ def test_load_table(tmp_path, name):
     path = write_table(tmp_path / name, TABLE_ROWS)
     boxes = load_boxes(BoxesSpec(source="table", path=str(path)), {})
     assert boxes.source == "table"
-    assert sorted(boxes.by_image) == ["a.jpg", "b.jpg", "c.jpg"]
-    a = boxes.by_image["a.jpg"]
-    assert a.xywh == [[1, 2, 30, 40], [5, 6, 7, 8]]  # "./a.jpg" is the same image
-    assert a.score == pytest.approx([0.9, 0.2])
-    assert a.category == ["person", "person"]
-    assert a.annotation_id == [None, None]
-    assert (a.width, a.height) == (None, None)
-    assert boxes.by_image["b.jpg"].xywh == [[3, 4, 5, 6]]  # the dog row is filtered out
-    assert boxes.by_image["c.jpg"].category == ["person"]  # no category: the wanted one
+    assert image_keys(boxes) == ["a.jpg", "b.jpg", "c.jpg"]
+    a = boxes.image("a.jpg")
+    assert a["bbox"] == [[1, 2, 30, 40], [5, 6, 7, 8]]  # "./a.jpg" is the same image
+    assert a["score"] == pytest.approx([0.9, 0.2])
+    assert a["category"] == ["person", "person"]
+    assert a["annotation_id"] == [None, None]
+    assert (a["expected_width"], a["expected_height"]) == (None, None)
+    assert boxes.image("b.jpg")["bbox"] == [[3, 4, 5, 6]]  # the dog row is filtered out
+    assert boxes.image("c.jpg")["category"] == ["person"]  # no category: the wanted one
     assert boxes.dropped == 1
 
 
@@ -201,10 +205,10 @@ def test_load_table(tmp_path, name):
 def test_load_table_min_score(tmp_path, name):
     path = write_table(tmp_path / name, TABLE_ROWS)
     boxes = load_boxes(BoxesSpec(source="table", path=str(path), min_score=0.5, categories=None), {})
-    assert boxes.by_image["a.jpg"].score == pytest.approx([0.9])
-    assert boxes.by_image["b.jpg"].score == pytest.approx([0.95, 0.5])  # >= min_score is kept
-    assert boxes.by_image["b.jpg"].category == ["dog", "person"]
-    assert boxes.by_image["c.jpg"].category == [None]
+    assert boxes.image("a.jpg")["score"] == pytest.approx([0.9])
+    assert boxes.image("b.jpg")["score"] == pytest.approx([0.95, 0.5])  # >= min_score is kept
+    assert boxes.image("b.jpg")["category"] == ["dog", "person"]
+    assert boxes.image("c.jpg")["category"] == [None]
     assert boxes.dropped == 1
 
 
@@ -220,11 +224,10 @@ def test_load_table_custom_columns(tmp_path, name):
         score_column="conf", category_column="label", min_score=0.5,
     )
     boxes = load_boxes(custom, {})
-    [key] = boxes.by_image
-    assert key == "x/y.png"
-    entry = boxes.by_image[key]
-    assert (entry.xywh, entry.annotation_id, entry.category) == ([[1, 2, 3, 4]], [7], ["person"])
-    assert entry.score == pytest.approx([0.7])
+    assert image_keys(boxes) == ["x/y.png"]
+    entry = boxes.image("x/y.png")
+    assert (entry["bbox"], entry["annotation_id"], entry["category"]) == ([[1, 2, 3, 4]], [7], ["person"])
+    assert entry["score"] == pytest.approx([0.7])
     assert boxes.dropped == 1
 
 
@@ -243,7 +246,7 @@ def test_table_missing_column_is_spec_error(tmp_path, values, field, column):
 
 def test_table_short_bbox_padded():
     table = pa.table({"image_key": ["a.jpg"], "bbox": [[1.0, 2.0]]})
-    [box] = table_boxes(table, BoxesSpec(source="table", path="t.parquet")).by_image["a.jpg"].xywh
+    [box] = table_boxes(table, BoxesSpec(source="table", path="t.parquet")).image("a.jpg")["bbox"]
     assert box[:2] == [1, 2] and math.isnan(box[2]) and math.isnan(box[3])
 
 
@@ -410,4 +413,4 @@ def test_broken_boxes_are_reported_not_filtered_by_min_area():
         ],
     }
     box_set = coco_boxes(coco, BoxesSpec(source="coco", path="x.json", min_area=100))
-    assert box_set.by_image["a.jpg"].annotation_id == [1, 3, 4, 5, 6] and box_set.dropped == 2
+    assert box_set.image("a.jpg")["annotation_id"] == [1, 3, 4, 5, 6] and box_set.dropped == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
 import pytest
 
 from raypose.config.spec import load_job_spec, parse_job_spec
@@ -79,28 +80,34 @@ def test_shards_are_stable_and_committed_ones_are_reused_only_for_the_same_image
     spec = spec_with(output__images_per_shard=2, output__path=str(tmp_path / "out"))
     store = OutputStore(spec.output, {})
     keys = [f"img_{i}.jpg" for i in range(5)]
-    fresh = plan_shards(spec, keys, store, previous=None)
-    assert fresh.num_shards == 3 and fresh.shard_of_task == [0, 0, 1, 1, 2]  # runs of sorted keys
+
+    def plan(keys, previous):
+        return plan_shards(spec, pa.array(sorted(keys)), store, previous)
+
+    fresh = plan(keys, previous=None)
+    assert fresh.num_shards == 3 and fresh.shard_of_task.tolist() == [0, 0, 1, 1, 2]  # runs of sorted keys
     assert fresh.starts == ["img_0.jpg", "img_2.jpg", "img_4.jpg"]
     assert [shard_of(k, fresh.starts) for k in ("a.jpg", "img_1.jpg", "img_3.jpg", "z.jpg")] == [0, 0, 1, 2]
-    assert sorted(k for ks in fresh.to_write.values() for k in ks) == keys and not fresh.reused
+    assert sorted(k for ks in fresh.to_write.values() for k in ks.to_pylist()) == keys and not fresh.reused
     assert re.fullmatch(r"raypose-job-\d{8}T\d{6}Z-[0-9a-f]{6}", fresh.job_id)
-    done = next(s for s, ks in fresh.to_write.items() if ks)
+    done = next(s for s, ks in fresh.to_write.items() if len(ks))
     store.write_json(f"_shards/{done:05d}.json", {"shard": done, "inputs": keys_fingerprint(fresh.to_write[done])})
     previous = {"job_id": fresh.job_id, "num_shards": 3, "shard_starts": fresh.starts}
-    resumed = plan_shards(spec, keys, store, previous)
+    resumed = plan(keys, previous)
     assert resumed.job_id == fresh.job_id and set(resumed.reused) == {done} and done not in resumed.to_write
-    changed = keys[:-1] + ["new.jpg"]
-    other = plan_shards(spec, changed, store, previous)
-    same_images = sorted(k for k, s in zip(changed, other.shard_of_task) if s == done) == sorted(fresh.to_write[done])
+    changed = sorted(keys[:-1] + ["new.jpg"])
+    other = plan(changed, previous)
+    same_images = [k for k, s in zip(changed, other.shard_of_task) if s == done] == fresh.to_write[done].to_pylist()
     assert (done in other.reused) == same_images
     # An output from before key-range shards keeps its hashed shards when resumed.
-    older = plan_shards(spec, keys, store, {"job_id": "old", "num_shards": 3})
-    assert older.starts is None and older.shard_of_task == [hashed_shard_of(k, 3) for k in keys]
+    older = plan(keys, {"job_id": "old", "num_shards": 3})
+    assert older.starts is None and older.shard_of_task.tolist() == [hashed_shard_of(k, 3) for k in keys]
+    # Keys before the first shard's start (new images since) belong to the first shard.
+    assert plan(["a.jpg", *keys], previous).shard_of_task.tolist() == [0, 0, 0, 1, 1, 2]
 
 
 def test_a_run_on_a_cluster_takes_the_submission_id(monkeypatch, tmp_path):
     monkeypatch.setenv(JOB_ID_ENV, "nightly-20261201T000000Z-abcdef")
     spec = spec_with(output__path=str(tmp_path / "out"))
-    assert plan_shards(spec, ["a"], OutputStore(spec.output, {}), None).job_id == "nightly-20261201T000000Z-abcdef"
+    assert plan_shards(spec, pa.array(["a"]), OutputStore(spec.output, {}), None).job_id == "nightly-20261201T000000Z-abcdef"
     assert new_job_id("x").startswith("x-")
