@@ -242,26 +242,36 @@ def export_coco_command(
 @app.command("render")
 def render_command(
     output: OutputArg,
-    out: Annotated[str, typer.Option("--out", help="Folder for the pictures and index.html.")],
+    out: Annotated[str, typer.Option("--out", help="Folder for the QA page (index.html), its pictures and pages.")],
     images: Annotated[Optional[str], typer.Option("--images", help="Read images from here + image_key instead of image_uri.")] = None,
     sample: Annotated[int, typer.Option("--sample", help="How many images to draw.")] = 50,
-    min_score: Annotated[float, typer.Option("--min-score", help="Draw keypoints and limbs scored above this.")] = 0.3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the image sample.")] = 0,
+    order: Annotated[str, typer.Option("--order", help="worst (lowest instance score first), best, name or random.")] = "worst",
+    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Only images with an instance scored at least this.")] = None,
+    max_score: Annotated[Optional[float], typer.Option("--max-score", help="Only images with an instance scored at most this.")] = None,
+    expert: Annotated[Optional[str], typer.Option("--expert", help="Only images with an instance of this expert.")] = None,
+    category: Annotated[Optional[str], typer.Option("--category", help="Only images with an instance of this category.")] = None,
+    keypoint_threshold: Annotated[
+        float, typer.Option("--keypoint-threshold", help="Draw keypoints and limbs scored above this.")
+    ] = 0.3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --order random.")] = 0,
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Draw skeletons on a sample of a job's images, with an index.html grid to review them."""
+    """Draw a job's images for review, worst first, with a QA page (index.html) and a page per image."""
     from raypose.output.reading import parse_storage_options
-    from raypose.output.render import render_output
+    from raypose.output.render import Selection, render_output
 
+    selection = Selection(sample=sample, order=order, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
     with _errors_as_exit(debug):
-        rendered = render_output(output, out, images=images, sample=sample, min_score=min_score, seed=seed,
+        rendered = render_output(output, out, images=images, selection=selection,
+                                 keypoint_threshold=keypoint_threshold,
                                  storage_options=parse_storage_options(storage_option))
     problems = [r for r in rendered if r.problem]
     for r in problems:
         typer.echo(f"warning: {r.image_key}: {r.problem}", err=True)
     drawn = sum(1 for r in rendered if r.file)
-    typer.echo(f"rendered: {drawn} of {len(rendered)} sampled images -> {out.rstrip('/')}/index.html")
+    typer.echo(f"rendered: {drawn} of {len(rendered)} chosen images -> {out.rstrip('/')}/index.html")
 
 
 @app.command("inspect")
