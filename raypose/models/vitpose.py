@@ -126,9 +126,8 @@ class PoseEngine:
             model = fold_moe_model(model, fold_expert)
         self.model = channels_last_upsampling(model).to(self.device).eval()
         if compile:
-            # Inductor fuses the elementwise ops between the matmuls: ViTPose-B bf16 on an H100,
-            # 7,940 -> 10,226 crops/s at batch 256 (benchmarks/README.md). Batch sizes vary at
-            # block ends, so shapes are left dynamic (one recompile, not one per size).
+            # Inductor fuses the elementwise ops between the matmuls (the gain: benchmarks/README.md).
+            # Batch sizes vary at block ends, so shapes are left dynamic (one recompile, not one per size).
             self.model = torch.compile(self.model)
         # (x / 255 - mean) / std as one multiply-add.
         std = torch.tensor(info.image_std, device=self.device).view(1, 3, 1, 1)
@@ -161,8 +160,7 @@ class PoseEngine:
         if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory()
         pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32, copy=True)
-        # In place on that copy: the same values with one float copy of the batch, not three
-        # (0.81 -> 0.36 ms per crop on one CPU thread).
+        # In place on that copy: the same values with one float copy of the batch, not three.
         pixels = pixels.mul_(self._scale).add_(self._shift).to(self.dtype)
         n = pixels.shape[0]
         if flip_pairs is not None:
@@ -192,9 +190,9 @@ class PoseEngine:
 class ChannelsLastUpsample(torch.nn.Module):
     """A bilinear `nn.Upsample` computed on channels-last memory: the same values, much faster.
 
-    PyTorch's NCHW bilinear kernel took 73% of a ViTPose-B forward on an H100 in bf16 (75 of
-    102 ms per 256 crops, benchmarks/profile_pose.py) and is ~3x slower on CPU too; the
-    channels-last kernel gives bit-identical output, and the 3x3 conv after it runs on NHWC.
+    PyTorch's NCHW bilinear kernel took most of a ViTPose-B forward on an H100 in bf16, and is
+    slower on CPU too (benchmarks/README.md); the channels-last kernel gives bit-identical
+    output, and the 3x3 conv after it runs on NHWC.
     """
 
     def __init__(self, upsample: torch.nn.Upsample):

@@ -186,7 +186,7 @@ def _fail_images(rows: pa.Table, images: list[EncodedImage], errors: dict[int, I
 def column_pixels(batch: pa.Table) -> Pixels:
     """The pixels of crop rows whose crops are their `crop` column."""
     crops = batch.column("crop")
-    # combine_chunks copies even a single chunk (38 MB for 256 crops).
+    # combine_chunks copies even a single chunk.
     crops = crops.chunk(0) if crops.num_chunks == 1 else crops.combine_chunks()
     return functools.partial(crop_array, crops)
 
@@ -195,8 +195,8 @@ def crop_array(column: pa.BinaryArray, rows: list[int], input_size: tuple[int, i
     """The crops of some rows of a binary column as one (N, H, W, 3) uint8 array.
 
     Consecutive rows (one expert's forward batch, no failed row among them) are a read-only
-    view of the column's buffer: a 256-crop batch is 38 MB, and copying it took 10.5 of the
-    63.9 ms the H200 machine's host spent on such a batch (benchmarks/profile_pose.py).
+    view of the column's buffer: on a GPU host the copy of a large batch was a sixth of the
+    actor's host time per batch (benchmarks/README.md).
     """
     width, height = input_size
     offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset :]
@@ -418,8 +418,8 @@ class _CropRows:
 def binary_column(values: list[np.ndarray | None], chunk_bytes: int = 2**31 - 1) -> pa.ChunkedArray:
     """uint8 arrays (None for a null) -> a binary column, each copied once into one buffer per chunk.
 
-    `pa.array` of `tobytes()` copies each crop twice (~1 ms per 256x192 crop, as much as cutting
-    it). A chunk holds at most `chunk_bytes` (binary's offsets are int32).
+    `pa.array` of `tobytes()` copies each crop twice, which costs as much as cutting it
+    (benchmarks/README.md). A chunk holds at most `chunk_bytes` (binary's offsets are int32).
     """
     chunks, start, size = [], 0, 0
     for end, value in enumerate(values + [None]):
@@ -446,8 +446,8 @@ SINGLE_BLOCK_BYTES = 256 << 20
 def pixel_view(image: Image.Image) -> np.ndarray | Image.Image:
     """An RGB image's pixels as a zero-copy (h, w, 4) RGBX view of Pillow's own buffer.
 
-    `np.asarray(image)` repacks every pixel (~70 ms for 12 Mpx, as much as decoding it);
-    Pillow's Arrow export does not. An image held in several blocks is returned as is.
+    `np.asarray(image)` repacks every pixel, which costs as much as decoding a large photo
+    (benchmarks/README.md); Pillow's Arrow export does not. An image held in several blocks is returned as is.
     """
     if image.mode != "RGB":
         return image
