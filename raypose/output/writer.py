@@ -2,8 +2,8 @@
 
 Layout of an output path:
 
-    keypoints/shard-00000.parquet  one row per instance (table.KEYPOINTS_SCHEMA)
-    errors/shard-00000.parquet     one row per failed image or box (table.ERRORS_SCHEMA)
+    keypoints/shard-00000-<part>.parquet  one row per instance (schema.KEYPOINTS_SCHEMA), parts of shard 0
+    errors/shard-00000-<part>.parquet     one row per failed image or box (schema.ERRORS_SCHEMA)
     errors/listing.parquet         boxes whose image is not in storage
     keypoint_schemas.json          keypoint names, skeleton, flip pairs per schema used
     manifest.json                  counts, durations, throughput, versions, spec (written last)
@@ -11,13 +11,17 @@ Layout of an output path:
     _shards/00000.json             a shard's commit marker: its inputs' fingerprint and counts
 
 Which images make a shard is `resume.py`'s decision (a run of sorted keys); a shard's content
-does not depend on worker count or order. A shard's files are written under `_tmp/`, moved into place, and
-then its marker is written: a shard without a marker is not done, and a rerun with
-`output.mode: resume` redoes exactly those (same file names, so no row is written twice).
+does not depend on worker count or order. The workers write a shard's rows as part files
+(`write_parts`, a Ray task after the pose stage) under `_tmp/parts/`; the driver only counts
+(`ShardWriter.take`), and once all of a shard's images are in it moves the parts into place and
+writes the marker: a shard without a marker is not done, and a rerun with `output.mode: resume`
+redoes exactly those (their leftovers removed first; a part's name is a hash of its rows, so a
+retried task writes the same file and no row is written twice).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from collections import Counter, defaultdict
@@ -30,7 +34,6 @@ import pyarrow.parquet as pq
 
 from raypose.config.spec import OutputSpec
 from raypose.errors import JobFailed, SpecError
-from raypose.imaging.keypoint_schemas import KeypointSchema
 from raypose.inputs.storage import open_url
 from raypose.schema import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
 
@@ -126,13 +129,36 @@ class OutputStore:
         return markers
 
     def remove_shard(self, shard: int) -> None:
-        """Remove what an unfinished run may have left of a shard."""
-        for path in (self.path(SHARDS_DIR, f"{shard:05d}.json"), *self.shard_files(shard)):
-            if self.fs.exists(path):
-                self.fs.rm(path)
+        """Remove what an unfinished run may have left of a shard: its marker, files and parts."""
+        marker = self.path(SHARDS_DIR, f"{shard:05d}.json")
+        found = [marker] if self.fs.exists(marker) else []
+        for folder in (self.path(KEYPOINTS_DIR), self.path(ERRORS_DIR), self.path(TMP_DIR, PARTS_DIR, KEYPOINTS_DIR),
+                       self.path(TMP_DIR, PARTS_DIR, ERRORS_DIR)):
+            found += self.fs.glob(posixpath.join(folder, f"shard-{shard:05d}*.parquet"))
+        for path in found:
+            self.fs.rm(path)
 
-    def shard_files(self, shard: int) -> tuple[str, str]:
-        return (self.path(KEYPOINTS_DIR, f"shard-{shard:05d}.parquet"), self.path(ERRORS_DIR, f"shard-{shard:05d}.parquet"))
+    def write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
+        """Write one Parquet file whole: into `_tmp/` first, then moved to `path`."""
+        output = self.output
+        tmp = self.path(TMP_DIR, hashlib.sha1(path.encode()).hexdigest()[:16] + ".parquet.part")
+        compression = None if output.compression == "none" else output.compression
+        try:
+            self.makedirs(self.path(TMP_DIR))
+            self.makedirs(posixpath.dirname(path))
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table.cast(schema), f, row_group_size=output.row_group_size, compression=compression)
+            self.fs.mv(tmp, path)
+        except Exception as exc:
+            raise self.write_failed(posixpath.relpath(path, self.root), exc) from exc
+
+    def move(self, source: str, target: str) -> None:
+        """Move a finished file into place (a part into its table's folder when its shard commits)."""
+        try:
+            self.makedirs(posixpath.dirname(target))
+            self.fs.mv(source, target)
+        except Exception as exc:
+            raise self.write_failed(posixpath.relpath(target, self.root), exc) from exc
 
     def clear(self) -> None:
         """Remove a previous job's output (output.mode: overwrite); other files are left alone."""
@@ -155,56 +181,112 @@ class ShardInputs:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class PartTarget:
+    """Where the workers write parts, and what every row and file carries: all a write task needs."""
+
+    output: OutputSpec
+    storage_options: dict[str, Any]
+    job_id: str
+    models: dict[str, tuple[str, str]]  # expert -> (model id, revision)
+    schemas: dict[str, dict]  # keypoint schema name -> its description
+
+    def metadata(self) -> dict[str, str]:
+        """The Parquet schema metadata of every file: the job, the models, the keypoint schemas."""
+        return {"raypose": json.dumps({
+            "job_id": self.job_id, "models": {e: {"id": m, "revision": r} for e, (m, r) in self.models.items()},
+            "keypoint_schemas": self.schemas})}
+
+
+def write_parts(batch: pa.Table, *, target: PartTarget) -> pa.Table:
+    """Worker side: a batch of pose rows -> its keypoints and errors as part files of their shards
+    (under `_tmp/parts/`, moved into place when the shard commits), and one summary row per shard
+    (`PART_SUMMARY_SCHEMA`), which is all that reaches the driver.
+
+    A part's name is a hash of its rows' keys, so a retried task writes the same file again.
+    """
+    store = OutputStore(target.output, target.storage_options)
+    keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(target.metadata())
+    errors_schema = ERRORS_SCHEMA.with_metadata(target.metadata())
+    summaries = []
+    shards = batch.column("shard")
+    for shard in pc.unique(shards).to_pylist():
+        rows = batch.filter(pc.equal(shards, shard))
+        labelled = rows.filter(rows.column("keypoint_x").is_valid())
+        failed = rows.filter(rows.column("error_stage").is_valid())
+        name = f"shard-{shard:05d}-{_digest(rows)}.parquet"
+        files = []
+        for folder, table, schema in ((KEYPOINTS_DIR, _instances(labelled, target), keypoints_schema),
+                                      (ERRORS_DIR, _errors_of(failed, target.job_id), errors_schema)):
+            if table.num_rows:
+                store.write_parquet(table, store.path(TMP_DIR, PARTS_DIR, folder, name), schema)
+                files.append(posixpath.join(folder, name))
+        per_image = rows.group_by("image_key", use_threads=False).aggregate([("image_rows", "max"), ("image_rows", "count")])
+        workers = Counter(labelled.column("pose_worker").to_pylist()) if "pose_worker" in rows.column_names else {}
+        summaries.append({
+            "shard": shard, "files": files, "images": per_image.column("image_key").to_pylist(),
+            "image_rows": per_image.column("image_rows_max").to_pylist(),
+            "rows": per_image.column("image_rows_count").to_pylist(), "instances": labelled.num_rows,
+            "errors": failed.num_rows, "errors_by_stage": json.dumps(Counter(failed.column("error_stage").to_pylist())),
+            "empty": _count_empty(rows), "workers": json.dumps(workers),
+        })
+    return pa.Table.from_pylist(summaries, schema=PART_SUMMARY_SCHEMA)
+
+
+# What a write task tells the driver, per shard of its batch: its part files (relative to the
+# output), the images it saw with their row counts (an image is done when all its rows are in),
+# and the counts the commit marker adds up.
+PART_SUMMARY_SCHEMA = pa.schema([
+    ("shard", pa.int32()), ("files", pa.list_(pa.string())), ("images", pa.list_(pa.string())),
+    ("image_rows", pa.list_(pa.int32())), ("rows", pa.list_(pa.int64())), ("instances", pa.int64()),
+    ("errors", pa.int64()), ("errors_by_stage", pa.string()), ("empty", pa.int64()), ("workers", pa.string()),
+])
+PARTS_DIR = "parts"
+
+
 class ShardWriter:
-    """Buffers pose rows per shard and commits a shard as soon as all of its images are in."""
+    """The driver's side: takes the write tasks' summaries and commits a shard as soon as all of its
+    images are in (its parts moved into place, then its marker written)."""
 
     def __init__(
         self,
         store: OutputStore,
+        target: PartTarget,
         *,
-        job_id: str,
-        models: dict[str, tuple[str, str]],
-        schemas: list[KeypointSchema],
         shards: dict[int, ShardInputs],
         on_commit: Callable[[dict], None] | None = None,
     ):
         """`on_commit(marker)` is called after each shard's commit (the job's progress reports it)."""
         self.store = store
+        self.target = target
         self.on_commit = on_commit
-        self.job_id = job_id
-        self.models = models  # expert -> (model id, revision)
-        self.schemas = {s.name: s.describe() for s in schemas}
-        metadata = {
-            "raypose": json.dumps(
-                {"job_id": job_id, "models": {e: {"id": m, "revision": r} for e, (m, r) in models.items()},
-                 "keypoint_schemas": self.schemas}
-            )
-        }
-        self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(metadata)
-        self.errors_schema = ERRORS_SCHEMA.with_metadata(metadata)
+        self.errors_schema = ERRORS_SCHEMA.with_metadata(target.metadata())
+        self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(target.metadata())
         self.pending_images = {shard: inputs.images for shard, inputs in shards.items()}
         self.fingerprints = {shard: inputs.fingerprint for shard, inputs in shards.items()}
         self.rows_seen: Counter[str] = Counter()
         self.crops_by_worker: Counter[str] = Counter()  # keypoint rows per pose actor ("node id:pid")
         self.images_done = self.instances = self.errors = 0  # this run's, so far
-        self.buffers: dict[int, list[pa.Table]] = defaultdict(list)
+        self.parts: dict[int, list[dict]] = defaultdict(list)
         self.committed: dict[int, dict] = {}
         for shard in [s for s, n in self.pending_images.items() if n == 0]:
             self._commit(shard)
 
     def write(self, batch: pa.Table) -> None:
-        """Take a batch of pose-stage rows; commit every shard it completes."""
-        labelled = batch.filter(batch.column("keypoint_x").is_valid())
-        self.instances += labelled.num_rows
-        self.errors += batch.num_rows - batch.column("error_stage").null_count
-        if "pose_worker" in batch.column_names:
-            self.crops_by_worker.update(labelled.column("pose_worker").to_pylist())
-        for shard in set(batch.column("shard").to_pylist()):
-            rows = batch.filter(pc.equal(batch.column("shard"), shard))
-            self.buffers[shard].append(rows)
-            for key, expected in zip(rows.column("image_key").to_pylist(), rows.column("image_rows").to_pylist()):
-                self.rows_seen[key] += 1
-                if self.rows_seen[key] == expected:
+        """Write a batch of pose rows here, in this process (as a write task would), and take its summary."""
+        self.take(write_parts(batch, target=self.target))
+
+    def take(self, summaries: pa.Table) -> None:
+        """Take write tasks' summaries; commit every shard they complete."""
+        for summary in summaries.to_pylist():
+            shard = summary["shard"]
+            self.parts[shard].append(summary)
+            self.instances += summary["instances"]
+            self.errors += summary["errors"]
+            self.crops_by_worker.update(json.loads(summary["workers"]))
+            for key, expected, rows in zip(summary["images"], summary["image_rows"], summary["rows"]):
+                self.rows_seen[key] += rows
+                if self.rows_seen[key] >= expected:
                     del self.rows_seen[key]
                     self.pending_images[shard] -= 1
                     self.images_done += 1
@@ -214,46 +296,39 @@ class ShardWriter:
     def write_listing_errors(self, errors: pa.Table) -> None:
         """Errors found while listing (boxes for images not in storage): one file, rewritten each run."""
         # Written even when empty, so errors/ always holds a file with the schema for readers.
-        self._write_parquet(self._errors(errors), self.store.path(ERRORS_DIR, "listing.parquet"), self.errors_schema)
+        errors = errors.set_column(0, "job_id", pa.array([self.target.job_id] * errors.num_rows, pa.string()))
+        self.store.write_parquet(errors, self.store.path(ERRORS_DIR, "listing.parquet"), self.errors_schema)
 
     def close(self) -> dict[str, Any]:
-        """Check every shard was committed; write the schema sidecar; return this run's counts."""
+        """Check every shard was committed; write the schema sidecar; return this run's commit markers."""
         unfinished = sorted(s for s, n in self.pending_images.items() if n > 0)
         if unfinished:
             raise RuntimeError(f"the pipeline ended with shards not complete: {unfinished[:10]}")
-        self.store.write_json(SCHEMAS_FILE, self.schemas)
+        self.store.write_json(SCHEMAS_FILE, self.target.schemas)
         return self.committed
 
     def _commit(self, shard: int) -> None:
-        rows = pa.concat_tables(self.buffers.pop(shard, [])) if shard in self.buffers else None
-        instances = errors = None
-        if rows is not None and rows.num_rows:
-            failed = rows.column("error_stage").is_valid()
-            has_pose = rows.column("keypoint_x").is_valid()
-            instances = self._instances(rows.filter(has_pose))
-            errors = self._errors(
-                rows.filter(failed)
-                .select(["image_key", "image_uri", "instance_index", "error_stage", "error_reason"])
-                .rename_columns(["image_key", "image_uri", "instance_index", "stage", "reason"])
-            )
-        keypoints_path, errors_path = self.store.shard_files(shard)
-        # Every shard has a keypoints file (maybe empty: readers always find the schema); an
-        # errors file only when it has errors.
-        self._write_parquet(instances if instances is not None else self.keypoints_schema.empty_table(),
-                            keypoints_path, self.keypoints_schema)
-        files = [keypoints_path]
-        if errors is not None and errors.num_rows:
-            self._write_parquet(errors, errors_path, self.errors_schema)
-            files.append(errors_path)
+        parts = self.parts.pop(shard, [])
+        files = []
+        for relative in sorted({f for part in parts for f in part["files"]}):
+            self.store.move(self.store.path(TMP_DIR, PARTS_DIR, relative), self.store.path(relative))
+            files.append(self.store.path(relative))
+        if not any(f"/{KEYPOINTS_DIR}/" in f for f in files):  # every shard has a keypoints file: readers find the schema
+            empty = self.store.path(KEYPOINTS_DIR, f"shard-{shard:05d}.parquet")
+            self.store.write_parquet(self.keypoints_schema.empty_table(), empty, self.keypoints_schema)
+            files.insert(0, empty)
+        errors_by_stage: Counter[str] = Counter()
+        for part in parts:
+            errors_by_stage.update(json.loads(part["errors_by_stage"]))
         marker = {
             "shard": shard,
-            "job_id": self.job_id,
+            "job_id": self.target.job_id,
             "inputs": self.fingerprints[shard],
-            "images": 0 if rows is None else len(set(rows.column("image_key").to_pylist())),
-            "instances": 0 if instances is None else instances.num_rows,
-            "errors": 0 if errors is None else errors.num_rows,
-            "errors_by_stage": dict(Counter(errors.column("stage").to_pylist())) if errors is not None else {},
-            "images_without_boxes": 0 if rows is None else _count_empty(rows),
+            "images": len({key for part in parts for key in part["images"]}),
+            "instances": sum(part["instances"] for part in parts),
+            "errors": sum(part["errors"] for part in parts),
+            "errors_by_stage": dict(errors_by_stage),
+            "images_without_boxes": sum(part["empty"] for part in parts),
             "files": files,
         }
         self.store.write_json(posixpath.join(SHARDS_DIR, f"{shard:05d}.json"), marker)
@@ -261,38 +336,33 @@ class ShardWriter:
         if self.on_commit is not None:
             self.on_commit(marker)
 
-    def _instances(self, rows: pa.Table) -> pa.Table:
-        experts = rows.column("expert").to_pylist()
-        run = {
-            "job_id": [self.job_id] * len(experts),
-            "model_id": [self.models[e][0] for e in experts],
-            "model_revision": [self.models[e][1] for e in experts],
-        }
-        columns = {
-            name: pa.array(run[name], pa.string()) if name in run else rows.column(name)
-            for name in KEYPOINTS_SCHEMA.names
-        }
-        return pa.table(columns, schema=self.keypoints_schema)
 
-    def _errors(self, errors: pa.Table) -> pa.Table:
-        columns = {
-            name: pa.array([self.job_id] * errors.num_rows, pa.string()) if name == "job_id" else errors.column(name)
-            for name in ERRORS_SCHEMA.names
-        }
-        return pa.table(columns, schema=self.errors_schema)
+def _instances(rows: pa.Table, target: PartTarget) -> pa.Table:
+    experts = rows.column("expert").to_pylist()
+    run = {
+        "job_id": [target.job_id] * len(experts),
+        "model_id": [target.models[e][0] for e in experts],
+        "model_revision": [target.models[e][1] for e in experts],
+    }
+    return pa.table({name: pa.array(run[name], pa.string()) if name in run else rows.column(name)
+                     for name in KEYPOINTS_SCHEMA.names}, schema=KEYPOINTS_SCHEMA)
 
-    def _write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
-        output = self.store.output
-        tmp = self.store.path(TMP_DIR, posixpath.basename(posixpath.dirname(path)) + "-" + posixpath.basename(path))
-        compression = None if output.compression == "none" else output.compression
-        try:
-            self.store.makedirs(self.store.path(TMP_DIR))
-            self.store.makedirs(posixpath.dirname(path))
-            with self.store.fs.open(tmp, "wb") as f:
-                pq.write_table(table.cast(schema), f, row_group_size=output.row_group_size, compression=compression)
-            self.store.fs.mv(tmp, path)
-        except Exception as exc:
-            raise self.store.write_failed(posixpath.relpath(path, self.store.root), exc) from exc
+
+def _errors_of(rows: pa.Table, job_id: str) -> pa.Table:
+    """Failure rows (with error_stage and error_reason) as errors-table rows."""
+    n = rows.num_rows
+    return pa.table({
+        "job_id": pa.array([job_id] * n, pa.string()), "image_key": rows.column("image_key"),
+        "image_uri": rows.column("image_uri"), "instance_index": rows.column("instance_index"),
+        "stage": rows.column("error_stage"), "reason": rows.column("error_reason"),
+    }, schema=ERRORS_SCHEMA)
+
+
+def _digest(rows: pa.Table) -> str:
+    """A stable name for a part: a hash of its rows' image keys and instance indexes, in order."""
+    keys = rows.column("image_key").to_pylist()
+    indexes = rows.column("instance_index").to_pylist()
+    return hashlib.sha1("\n".join(f"{k}\t{i}" for k, i in zip(keys, indexes)).encode()).hexdigest()[:12]
 
 
 def _count_empty(rows: pa.Table) -> int:

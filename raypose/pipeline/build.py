@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Callable
 
+from raypose.output.writer import PartTarget
 from raypose.pipeline.layout import Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.stages import Stage, job_stages
 
 
-def build_dataset(plan: JobPlan, layout: Layout, wrap: Callable[[Stage], Stage] | None = None):
-    """The job's Dataset: its image tasks in blocks of `layout.images_per_task`, through each stage in turn.
+def build_dataset(plan: JobPlan, layout: Layout, target: PartTarget, wrap: Callable[[Stage], Stage] | None = None):
+    """The job's Dataset: its image tasks in blocks of `layout.images_per_task`, through each stage in turn,
+    ending in the write tasks' summaries (`writer.PART_SUMMARY_SCHEMA`) of the parts written to `target`.
 
     `wrap` may replace any stage (the benchmark traces them so, with `Stage.with_fn`).
     """
@@ -21,6 +23,6 @@ def build_dataset(plan: JobPlan, layout: Layout, wrap: Callable[[Stage], Stage] 
     # from_arrow runs a Ray task per block for its metadata, on the workers the pose actor could
     # start in: from_blocks reads it here and keeps the blocks as they are.
     dataset = ray.data.from_blocks(blocks)
-    for stage in job_stages(plan, layout):
+    for stage in job_stages(plan, layout, target):
         dataset = (wrap(stage) if wrap is not None else stage).apply(dataset)
     return dataset

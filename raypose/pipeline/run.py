@@ -11,7 +11,7 @@ from typing import Any, Callable
 from raypose.errors import JobFailed, RayposeError
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.output.resume import check_resumable, result_key, start_run
-from raypose.output.writer import ShardWriter
+from raypose.output.writer import PartTarget, ShardWriter
 from raypose.pipeline.build import build_dataset
 from raypose.pipeline.layout import Layout, resolve_layout
 from raypose.pipeline.manifest import job_manifest
@@ -56,8 +56,9 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None, progres
     progress.start()
     try:
         if plan.tasks.num_rows:
-            for batch in build_dataset(plan, layout, wrap).iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.write(batch)
+            for summaries in build_dataset(plan, layout, writer.target, wrap).iter_batches(batch_size=None,
+                                                                                         batch_format="pyarrow"):
+                writer.take(summaries)
                 progress.update(writer.images_done, writer.instances, writer.errors)
     except RayposeError:
         raise
@@ -111,14 +112,12 @@ def resolved_settings(layout: Layout) -> dict[str, Any]:
 def _start_writer(plan: JobPlan, key: dict[str, Any], on_commit: Callable[[dict], None]) -> ShardWriter:
     start_run(plan.store, plan.spec, plan.shards, key)
     experts = plan.routing.experts
-    writer = ShardWriter(
-        plan.store,
-        job_id=plan.job_id,
+    target = PartTarget(
+        output=plan.spec.output, storage_options=plan.spec.output_storage_options(), job_id=plan.job_id,
         models={name: (e.model.model_id, e.model.revision) for name, e in experts.items()},
-        schemas=[SCHEMAS[name] for name in sorted({e.keypoint_schema for e in experts.values()})],
-        shards=plan.shards.inputs(),
-        on_commit=on_commit,
+        schemas={name: SCHEMAS[name].describe() for name in sorted({e.keypoint_schema for e in experts.values()})},
     )
+    writer = ShardWriter(plan.store, target, shards=plan.shards.inputs(), on_commit=on_commit)
     writer.write_listing_errors(plan.missing)
     return writer
 

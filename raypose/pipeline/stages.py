@@ -2,7 +2,8 @@
 
 Stage order lives here and only here:
 
-    image tasks -> [detect (actors)] -> [crop or read tasks (CPU)] -> pose (actors) -> the writer (driver)
+    image tasks -> [detect (actors)] -> [crop or read tasks (CPU)] -> pose (actors) -> write (tasks)
+                -> the writer's commits (driver)
 
 Resources come from the layout, never from the stage code; a stage's callable runs on a plain
 pyarrow batch without Ray (the tests call them so).
@@ -14,11 +15,19 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from raypose.output.writer import PartTarget, write_parts
 from raypose.pipeline.detect_stage import DetectStage
 from raypose.pipeline.faults import fault_env
 from raypose.pipeline.layout import ActorPool, Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.pose_stage import PoseStage
+
+
+def rows_per_part(images_per_shard: int, boxes_per_image: float) -> int:
+    """Rows a write task takes at a time: about a quarter of a shard's rows (at most 8192), so that a
+    shard has a few files, not one per pose batch, and still commits soon after its last image
+    (a write task waits until it has its rows)."""
+    return max(1, min(8192, round(images_per_shard * max(1.0, boxes_per_image) / 4)))
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,8 @@ class Stage:
             return dataset.map_batches(self.fn, batch_format="pyarrow", **kwargs)
 
 
-def job_stages(plan: JobPlan, layout: Layout) -> list[Stage]:
-    """The job's stages in order, each with its arguments and resources."""
+def job_stages(plan: JobPlan, layout: Layout, target: PartTarget | None = None) -> list[Stage]:
+    """The job's stages in order, each with its arguments and resources; with `target`, the write tasks last."""
     spec = plan.spec
     retries = spec.limits.max_retries
     env = fault_env()
@@ -82,6 +91,13 @@ def job_stages(plan: JobPlan, layout: Layout) -> list[Stage]:
         {"batch_size": layout.crops.rows_per_call, "num_cpus": pool.cpus, "num_gpus": pool.gpus, **actor_args},
         pool=pool,
     ))
+    if target is not None:
+        boxes_per_image = plan.counts["boxes"] / max(1, plan.counts["images_with_boxes"])
+        # The rows are written where they are made; only each part's summary reaches the driver.
+        # No CPU reserved: they mostly wait on storage, and must never wait for a pose actor's CPU.
+        stages.append(Stage("write", write_parts, {"target": target},
+                            {"batch_size": rows_per_part(spec.output.images_per_shard, boxes_per_image),
+                             "num_cpus": 0, **task_args}))
     return stages
 
 

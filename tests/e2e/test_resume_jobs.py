@@ -75,7 +75,9 @@ def test_shards_are_committed_with_markers(full_run, many_images):
     assert len(markers) == job["num_shards"] == 6
     coco = read_json(many_images / "boxes.json")
     assert sum(read_json(m)["instances"] for m in markers) == len(coco["annotations"])
-    assert len(list((full_run / "keypoints").glob("shard-*.parquet"))) == 6
+    files = sorted((full_run / "keypoints").glob("shard-*.parquet"))
+    assert {f.name[:11] for f in files} == {f"shard-{i:05d}" for i in range(6)}  # each shard's parts, all committed
+    assert sorted(str(f) for m in markers for f in read_json(m)["files"] if "/keypoints/" in f) == [str(f) for f in files]
     manifest = read_json(full_run / "manifest.json")
     assert manifest["shards"] == {"total": 6, "reused": 0, "written": 6}
 

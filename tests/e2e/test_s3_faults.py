@@ -271,7 +271,8 @@ def test_transient_s3_errors_are_retried_and_the_job_loses_nothing(
         proxy.fail(500, "InternalError", r"^/retry-ok/coco/annotations/boxes\.json$", times=1),
         proxy.fail(503, "SlowDown", r"^/retry-ok/coco/val/läufer 1\.jpg$", times=2),
         proxy.fail(500, "InternalError", r"^/retry-ok/coco/val/img_0002\.jpg$", times=2),
-        proxy.fail(503, "ServiceUnavailable", r"^/retry-ok/labels/run/_tmp/keypoints-shard-", methods=("PUT",), times=1),
+        proxy.fail(503, "ServiceUnavailable", r"^/retry-ok/labels/run/_tmp/[0-9a-f]{16}\.parquet\.part$", methods=("PUT",),
+                   times=1),
     ]
     job = write_job(s3_job("retry-ok", tiny_checkpoint, proxy.endpoint))
     result = submit(job)
@@ -434,15 +435,15 @@ def test_an_output_bucket_that_vanishes_mid_job_fails_the_job_clearly(
     spec["output"]["images_per_shard"] = 1
     spec["resources"] = {"images_per_crop_task": 1}
     fs = s3fs_for(s3_server)
-    original = ShardWriter.write
+    original = ShardWriter.take
 
-    def write_after_the_bucket_went(self, batch):
-        if fs.exists("vanishing-output"):  # the first pose rows reach the writer: the bucket goes away
+    def take_after_the_bucket_went(self, summaries):
+        if fs.exists("vanishing-output"):  # the first parts are reported to the driver: the bucket goes away
             fs.rm("vanishing-output", recursive=True)
             fs.invalidate_cache()
-        return original(self, batch)
+        return original(self, summaries)
 
-    monkeypatch.setattr(ShardWriter, "write", write_after_the_bucket_went)
+    monkeypatch.setattr(ShardWriter, "take", take_after_the_bucket_went)
     started = time.monotonic()
     result = submit(write_job(spec))
     assert time.monotonic() - started < 120  # it does not hang

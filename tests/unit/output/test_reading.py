@@ -10,15 +10,16 @@ from test_writer import pose_rows
 from raypose.config.spec import OutputSpec
 from raypose.imaging.keypoint_schemas import COCO17
 from raypose.output.reading import JobOutput, OutputError, parse_storage_options
-from raypose.output.writer import OutputStore, ShardInputs, ShardWriter
+from raypose.output.writer import OutputStore, PartTarget, ShardInputs, ShardWriter
 
 
 @pytest.fixture
 def output(tmp_path):
     """An unfinished output: one committed shard, no manifest yet."""
     store = OutputStore(OutputSpec(path=str(tmp_path / "out")), {})
-    writer = ShardWriter(store, job_id="job-1", models={"coco": ("m", "r")}, schemas=[COCO17],
-                         shards={0: ShardInputs(2, "fp")})
+    target = PartTarget(output=store.output, storage_options={}, job_id="job-1", models={"coco": ("m", "r")},
+                        schemas={"coco17": COCO17.describe()})
+    writer = ShardWriter(store, target, shards={0: ShardInputs(2, "fp")})
     writer.write(pose_rows({"image_key": "a", "instance_index": 0},
                            {"image_key": "b", "instance_index": None, "error_stage": "read", "error_reason": "gone"}))
     return tmp_path / "out"
