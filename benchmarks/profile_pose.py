@@ -11,6 +11,10 @@ crop stage makes it (uint8 crops in a binary Arrow column), then times, median o
   forward           the model forward alone on ready device tensors (the ceiling's unit)
   estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
   rows, no model    `estimate_rows` with an engine that answers at once: its own work alone
+  host work         `estimate_rows` with the real engine but a stand-in model (zero heatmaps at once,
+                    `synthetic.instant_heatmaps`): all the actor's work per batch but the forward
+                    (crop array, copy to the device, normalise, decode the heatmaps, output rows);
+                    printed as a fraction of the forward's time too
 
 On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
 --compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
@@ -45,7 +49,7 @@ from raypose.models.vitpose import PoseEngine, inspect_model
 from raypose.pipeline.crop_stage import CropOptions, column_pixels, crop_array
 from raypose.pipeline.pose_stage import estimate_rows
 from raypose.schema import CROP_SCHEMA
-from raypose.testing.synthetic import make_checkpoint
+from raypose.testing.synthetic import instant_heatmaps, make_checkpoint
 
 
 def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
@@ -74,6 +78,15 @@ class NoModel:
     def estimate(self, crops, centers, scales, **_) -> tuple[np.ndarray, np.ndarray]:
         n = len(crops)
         return np.zeros((n, self.num_keypoints, 2), np.float32), np.zeros((n, self.num_keypoints), np.float32)
+
+
+def with_model(engine: PoseEngine, model, fn):
+    """fn() with `engine.model` swapped for `model`."""
+    real, engine.model = engine.model, model
+    try:
+        return fn()
+    finally:
+        engine.model = real
 
 
 def timed(fn, repeat: int, device: torch.device) -> float:
@@ -133,12 +146,15 @@ def main(argv: list[str] | None = None) -> None:
                                    device),
             "rows, no model": timed(lambda: estimate_rows({key: NoModel(engine.info.num_keypoints) for key in engines},
                                                           routing, batch, column_pixels(batch)), args.repeat, device),
+            "host work": timed(lambda: with_model(engine, instant_heatmaps(engine.info), lambda: estimate_rows(
+                engines, routing, batch, column_pixels(batch))), args.repeat, device),
         }
         print(f"{args.preset} on {device} {str(engine.dtype).replace('torch.', '')}, batch {n}, "
               f"attention {engine.model.backbone.config._attn_implementation}, torch threads {torch.get_num_threads()}, "
               f"engine load {load_seconds:.1f} s (first in this process: CUDA context included)")
         for name, seconds in rows.items():
             print(f"  {name:16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s")
+        print(f"  host work / forward: {rows['host work'] / rows['forward']:.2f}")
         if device.type == "cuda":
             from torch.profiler import ProfilerActivity, profile
 

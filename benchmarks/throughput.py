@@ -42,7 +42,9 @@ import numpy as np
 import yaml
 
 DEFAULT_SIZES = "640x480,1280x720,4000x3000"
-ROWS = ("reference", "ceiling", "raypose")
+# --workload: named image mixes. mixed: the three sizes in turn (the default); coco: COCO-like 640x480 photos.
+WORKLOADS = {"mixed": DEFAULT_SIZES, "coco": "640x480"}
+ROWS = ("reference", "ceiling", "raypose", "host")
 
 
 # --------------------------------------------------------------------------------------- args
@@ -56,7 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--preset", default="vitpose-small", help="raypose.testing.synthetic.PRESETS shape (random weights)")
     p.add_argument("--images", type=int, default=64, help="number of images (N)")
-    p.add_argument("--sizes", default=DEFAULT_SIZES, help="image sizes WxH, cycled over the images")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed",
+                   help="image sizes by name: mixed (640x480, 1280x720, 4000x3000 in turn) or coco (640x480)")
+    p.add_argument("--sizes", default=None, help="image sizes WxH, cycled over the images (overrides --workload)")
     p.add_argument("--persons", default="1-8", help="people per image, MIN-MAX")
     p.add_argument("--box-heights", default="0.3-0.8", help="person height as a fraction of image height, MIN-MAX")
     p.add_argument("--seed", type=int, default=0)
@@ -85,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trace", action="store_true",
                    help="do not wrap the pipeline's stages to time them (no first-crop / actor-busy figures)")
     args = p.parse_args(argv)
+    args.sizes = args.sizes or WORKLOADS[args.workload]
     args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
     args.person_range = tuple(int(v) for v in args.persons.split("-"))
     args.height_range = tuple(float(v) for v in args.box_heights.split("-"))
@@ -535,12 +540,14 @@ def load_spec(job: Path, overrides: list[str]):
     return load_job_spec(job, overrides)
 
 
-def stage_tracer(trace_path: Path):
+def stage_tracer(trace_path: Path, instant_forward: bool = False):
     """A `build_dataset` stage wrapper that times the job's tasks and pose-actor calls from inside the workers.
 
     Each call appends one JSON line (wall-clock start/end, rows) to `trace_path`. The workers
     share this machine's clock, so the first crop task's start can be set against the
-    driver's end time. Costs a file append per block/batch.
+    driver's end time. Costs a file append per block/batch. `instant_forward`: each pose
+    engine's model is replaced by a stand-in that returns zero heatmaps of the model's shape
+    at once (the host row: everything but the forward, i.e. the host's own limit).
     """
     trace = str(trace_path)
 
@@ -598,6 +605,11 @@ def stage_tracer(trace_path: Path):
 
                 start = _time.time()
                 super().__init__(*a, **k)
+                if instant_forward:
+                    from raypose.testing.synthetic import instant_heatmaps
+
+                    for engine in self.engines.values():
+                        engine.model = instant_heatmaps(engine.info)
                 if not isinstance(self.cropper, CropColumn):  # crops made here: timed as the crop stage
                     self.cropper = timed_cropper(self.cropper)
                 append({"stage": "pose_init", "start": start, "end": _time.time(), "pid": _os.getpid()})
@@ -625,8 +637,10 @@ def stage_tracer(trace_path: Path):
     return wrap
 
 
-def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str) -> dict[str, Any]:
-    """One `raypose submit` in this process: plan_job + run_job (Ray reused if already up)."""
+def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str,
+                instant_forward: bool = False) -> dict[str, Any]:
+    """One `raypose submit` in this process: plan_job + run_job (Ray reused if already up); with
+    `instant_forward` the pose forward is a stand-in (the host-capacity row, always traced)."""
     import ray
 
     from raypose.pipeline.plan import plan_job
@@ -642,8 +656,8 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     spec = load_spec(job, args.overrides)
     plan = plan_job(spec)
     planned = time.time()
-    tracing = not args.no_trace
-    result = run_job(plan, wrap=stage_tracer(trace) if tracing else None)
+    tracing = not args.no_trace or instant_forward
+    result = run_job(plan, wrap=stage_tracer(trace, instant_forward) if tracing else None)
     ended = time.time()
     seconds = dict(result.seconds)
     instances = result.counts.get("instances_this_run", result.counts["instances"])
@@ -892,6 +906,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["raypose"] = {**main_run, **Sampler.summary(stats)}
                 if args.scale:
                     result["scale"] = run_scale(args, inputs, checkpoint, sampler, n)
+            if "host" in args.row_set:
+                with sampler.phase("host") as stats:
+                    host_run = run_raypose(args, data, checkpoint, f"host-n{n}", instant_forward=True)
+                result["host"] = {**host_run, **Sampler.summary(stats)}
             # The reference and the ceiling run without Ray's processes beside them, as they
             # would for their users: on 2 cores a Ray left up after a job slowed the ceiling by 13%.
             if not ray_was_up and ray.is_initialized():
@@ -932,6 +950,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ordered["raypose first crop -> end"] = {
                 "crops": main_run["crops"], "seconds": main_run["trace"]["seconds_first_crop_to_end"],
                 "crops_per_second": main_run["crops_per_second_from_first_crop"], **mem}
+    host_run = result.get("host")
+    if host_run:
+        cpu = host_run.get("cpu_seconds_tree")
+        ordered["host (forward a stand-in)"] = {
+            "crops": host_run["crops"], "seconds": host_run["seconds"]["pipeline"],
+            "crops_per_second": host_run["crops_per_second"],
+            "cpu_seconds_per_crop": cpu / max(1, host_run["crops"]) if cpu is not None else None,
+            "peak_rss_tree_mib": host_run.get("peak_rss_tree_mib"), "peak_pss_tree_mib": host_run.get("peak_pss_tree_mib")}
     result["rows"] = ordered
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = os.getloadavg()

@@ -160,12 +160,16 @@ def write_job(tmp_path):
 
 
 def job_dict(images: Path | str, boxes: Path | str, model: Path | str, output: Path | str, **sections) -> dict:
-    """A minimal valid job spec as a dict; keyword sections are merged in."""
+    """A minimal valid job spec as a dict; keyword sections are merged in.
+
+    float32, as the reference runs: `auto` is bfloat16 on CPUs that have it natively
+    (tests/unit/pipeline/test_layout.py), which moves keypoints by more than the parity tolerance.
+    """
     spec = {
         "name": "test-job",
         "images": {"path": str(images)},
         "boxes": {"source": "coco", "path": str(boxes)},
-        "pose": {"model": str(model), "batch_size": 4},
+        "pose": {"model": str(model), "batch_size": 4, "dtype": "float32"},
         "output": {"path": str(output)},
     }
     for section, values in sections.items():

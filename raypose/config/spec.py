@@ -94,6 +94,7 @@ class ImagesSpec(_Section):
     extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
     max_pixels: PositiveInt = 100_000_000
     jpeg_draft: Flag = False  # decode a JPEG at 1/2-1/8 size when its crops need no more pixels (geometry.jpeg_reduction)
+    region_decode: Flag = True  # decode only the part of a JPEG its crops read (imaging/jpeg_region.py): same pixels
 
 
 class DetectorSpec(_Section):

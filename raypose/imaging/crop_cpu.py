@@ -16,6 +16,7 @@ def crop_image(
     *,
     reduction: int = 1,
     full_size: tuple[int, int] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
     """One bilinear UDP crop (H, W, 3) uint8 of an RGB image (h, w, 3); samples outside the image are 0.
 
@@ -29,6 +30,8 @@ def crop_image(
     computed in full-size pixels as always, are mapped onto the reduced pixel centres
     (x -> (x - (reduction - 1) / 2) / reduction). The geometry and the zero border are the
     full-size ones; the pixel values are block means, so they differ from the reference's.
+    `origin` (x, y) says `image` holds only the region of a `full_size` image from there on
+    (`geometry.crops_source_region`): the taps are those of the full image, shifted (same result).
     """
     xs, ys = crop_sampling_grid(center, scale, input_size)
     if isinstance(image, Image.Image):
@@ -38,11 +41,15 @@ def crop_image(
     full_w, full_h = full_size or (w, h)
     outside_x = (xs < 0) | (xs > full_w - 1)
     outside_y = (ys < 0) | (ys > full_h - 1)
+    span_w, span_h = full_w, full_h
     if reduction != 1:
         xs = (xs - (reduction - 1) / 2) / reduction
         ys = (ys - (reduction - 1) / 2) / reduction
-    x0, x1, wx = bilinear_taps(xs, w)
-    y0, y1, wy = bilinear_taps(ys, h)
+        span_w, span_h = w, h
+    x0, x1, wx = bilinear_taps(xs, span_w)
+    y0, y1, wy = bilinear_taps(ys, span_h)
+    if origin != (0, 0):
+        x0, x1, y0, y1 = x0 - origin[0], x1 - origin[0], y0 - origin[1], y1 - origin[1]
     wx, wy = wx[None, :, None], wy[:, None, None]
     # Bilinear is separable here (the warp has no rotation): blend across the columns on the
     # 2H source rows the crop reads, then down. Only those rows, and within them only the

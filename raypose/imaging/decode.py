@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from raypose.errors import ImageError
 
@@ -24,45 +24,51 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     return decode_image_reduced(data, max_pixels)[0]
 
 
-def decode_image_reduced(
-    data: bytes, max_pixels: int, reduction: Callable[[tuple[int, int]], int] | None = None
-) -> tuple[Image.Image, int, tuple[int, int]]:
-    """`decode_image`, optionally decoding a JPEG at 1/2, 1/4 or 1/8 of its size (Pillow's draft mode).
+def decode_image_reduced(data: bytes | memoryview, max_pixels: int, reduction: int = 1) -> tuple[Image.Image, int, tuple[int, int]]:
+    """`decode_image`, a JPEG decoded at 1/2, 1/4 or 1/8 of its size when `reduction` asks (Pillow's draft mode).
 
-    `reduction(size)` gets the full (width, height) and returns the wanted factor (1, 2, 4
-    or 8); libjpeg then decodes straight to the smaller size (a DCT-domain downscale, so
-    each pixel is roughly the mean of a factor x factor block) and skips the full-size
-    image. Only JPEGs without an EXIF rotation are reduced. Returns the RGB image, the
-    factor it was reduced by (1 when not), and the full size (after EXIF orientation).
+    libjpeg then decodes straight to the smaller size (a DCT-domain downscale, so each pixel
+    is roughly the mean of a factor x factor block) and skips the full-size image. Only JPEGs
+    without an EXIF rotation are reduced. Returns the RGB image, the factor it was reduced by
+    (1 when not), and the full size (after EXIF orientation).
     """
     with _image_errors():
         image = _open_image(data, max_pixels)
         width, height = image.size
         factor = 1
-        if reduction is not None and image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) == 1:
-            wanted = int(reduction((width, height)))
-            if wanted > 1:
-                drafted = image.draft("RGB", (max(1, width // wanted), max(1, height // wanted)))
-                if drafted is not None:
-                    factor = max(1, round(width / drafted[1][2]))
+        if reduction > 1 and image.format == "JPEG" and image.getexif().get(_ORIENTATION, 1) == 1:
+            drafted = image.draft("RGB", (max(1, width // reduction), max(1, height // reduction)))
+            if drafted is not None:
+                factor = max(1, round(width / drafted[1][2]))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         full_size = image.size if factor == 1 else (width, height)
         return _to_rgb(image), factor, full_size
 
 
-def probe_image(data: bytes | memoryview, max_pixels: int) -> tuple[tuple[int, int], bool]:
-    """An image's (width, height) after EXIF orientation, from its header alone, and whether it
-    is a plain JPEG (RGB or grey, no EXIF rotation) that a GPU JPEG decoder can take as it is.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header says, before any pixel is decoded."""
 
-    Fails as `decode_image` does on what the header already shows; the pixels are not read.
-    """
+    size: tuple[int, int]  # (width, height) after EXIF orientation
+    plain_jpeg: bool  # a JPEG (RGB or grey, no EXIF rotation) a GPU JPEG decoder takes as it is
+    region_decodable: bool  # a JPEG kind `jpeg_region` decodes bit-identically to Pillow
+
+
+def probe_image(data: bytes | memoryview, max_pixels: int) -> ImageHeader:
+    """An image's header: fails as `decode_image` does on what the header already shows; no pixel is read."""
     with _image_errors():
         image = _open_image(data, max_pixels)
         orientation = image.getexif().get(_ORIENTATION, 1)
         width, height = image.size
         plain_jpeg = image.format == "JPEG" and orientation == 1 and image.mode in ("RGB", "L")
-        return ((height, width) if orientation in (5, 6, 7, 8) else (width, height)), plain_jpeg
+        # Proven identical in tests/unit/imaging/test_jpeg_region.py: YCbCr at 4:4:4, 4:2:2 or
+        # 4:2:0 (baseline, progressive, restart markers, ICC profile) and grey. Adobe-marked
+        # files (CMYK, RGB without the colour transform) and other subsamplings stay with Pillow.
+        region_decodable = plain_jpeg and "adobe" not in image.info and (
+            image.mode == "L" or JpegImagePlugin.get_sampling(image) in (0, 1, 2))
+        size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        return ImageHeader(size, plain_jpeg, region_decodable)
 
 
 def _open_image(data: bytes | memoryview, max_pixels: int) -> Image.Image:

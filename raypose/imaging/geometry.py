@@ -71,6 +71,24 @@ def bilinear_taps(points: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return lower, np.minimum(lower + 1, size - 1), (clipped - lower).astype(np.float32)
 
 
+def crops_source_region(
+    crops: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]], image_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """The smallest rectangle (x0, y0, x1, y1) of an image holding every pixel its crops' bilinear taps read.
+
+    `crops` are (center, scale, input size) triples; `image_size` is (width, height).
+    """
+    width, height = image_size
+    x0, y0, x1, y1 = width, height, 0, 0
+    for center, scale, input_size in crops:
+        xs, ys = crop_sampling_grid(center, scale, input_size)
+        left, right, _ = bilinear_taps(xs, width)
+        top, bottom, _ = bilinear_taps(ys, height)
+        x0, x1 = min(x0, int(left.min())), max(x1, int(right.max()) + 1)
+        y0, y1 = min(y0, int(top.min())), max(y1, int(bottom.max()) + 1)
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else (0, 0, width, height)
+
+
 def clip_boxes(xywh: np.ndarray, width: int, height: int) -> tuple[np.ndarray, list[str | None]]:
     """Clip COCO xywh boxes to the image; return the clipped boxes and, per box, why it is unusable (or None)."""
     xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)

@@ -28,8 +28,9 @@ from PIL import Image
 from raypose.errors import ImageError
 from raypose.imaging.crop_cpu import crop_image
 from raypose.imaging.crop_torch import EncodedImage, ImagesOnDevice, decode_on_device
-from raypose.imaging.decode import decode_image_reduced, probe_image
-from raypose.imaging.geometry import box_geometry, clip_boxes, jpeg_reduction
+from raypose.imaging.decode import ImageHeader, decode_image_reduced, probe_image
+from raypose.imaging.geometry import box_geometry, clip_boxes, crops_source_region, jpeg_reduction
+from raypose.imaging.jpeg_region import decode_jpeg_region
 from raypose.inputs.fetch import read_cropped_image
 from raypose.models.routing import Routing
 from raypose.pipeline.faults import inject
@@ -50,18 +51,21 @@ class CropOptions:
     max_pixels: int = 100_000_000
     image_column: str = "image"
     jpeg_draft: bool = False
+    region_decode: bool = True
 
     @classmethod
     def from_spec(cls, spec, routing: Routing) -> "CropOptions":
         images = spec.images
         return cls(routing=routing, storage_options=dict(images.storage_options), max_pixels=images.max_pixels,
-                   image_column=images.image_column, jpeg_draft=images.jpeg_draft)
+                   image_column=images.image_column, jpeg_draft=images.jpeg_draft,
+                   region_decode=images.region_decode)
 
 
 def make_crops(batch: pa.Table, *, options: CropOptions, threads: int = 1) -> pa.Table:
     """CPU stage: image rows with boxes -> one row per crop (or per failure), with the crops' pixels.
 
-    `options.jpeg_draft`: decode each JPEG at the largest DCT reduction (1/2, 1/4, 1/8) that
+    A JPEG whose kind allows it is decoded only where its crops read (`jpeg_region`): the same
+    pixels as Pillow's full decode, for less work. `options.jpeg_draft`: decode each JPEG at the largest DCT reduction (1/2, 1/4, 1/8) that
     every crop of the image still samples at no more than one point per decoded pixel
     (`geometry.jpeg_reduction`). Much less decoding and copying for large photos with large
     people; the crops' geometry is unchanged but their pixels are block means, not the
@@ -74,7 +78,7 @@ def make_crops(batch: pa.Table, *, options: CropOptions, threads: int = 1) -> pa
 
 
 def crop_rows(batch: pa.Table, options: CropOptions, open_image, threads: int = 1) -> tuple[pa.Table, list[EncodedImage]]:
-    """The batch's crop rows, each image opened by `open_image(task, data, experts)` (a source that cuts
+    """The batch's crop rows, each image opened by `open_image(data, header, crops)` (a source that cuts
     its crops here, or leaves them to the device); returns the rows and the images left to the device."""
     inject("crop")
     _single_block_images()
@@ -82,7 +86,7 @@ def crop_rows(batch: pa.Table, options: CropOptions, open_image, threads: int = 
 
     def image_rows(task: dict, data) -> _CropRows:
         rows = _CropRows()
-        _crop_task(task, data, rows, options.routing, open_image)
+        _crop_task(task, data, rows, options, open_image)
         rows.finish_image(task)
         return rows
 
@@ -220,14 +224,16 @@ def pairs(column: pa.ChunkedArray) -> np.ndarray:
 
 @dataclass
 class _CpuImage:
-    """An image decoded here: each crop is cut from its pixels on this CPU."""
+    """An image decoded here (whole, or the region its crops read): each crop is cut from its pixels on this CPU."""
 
     pixels: np.ndarray | Image.Image
-    factor: int  # the JPEG draft reduction it was decoded at
     size: tuple[int, int]  # (width, height), full size, after EXIF orientation
+    factor: int = 1  # the JPEG draft reduction it was decoded at
+    origin: tuple[int, int] = (0, 0)  # where `pixels` start in the image (a region decode)
 
     def cut(self, row: int, center, scale, input_size) -> np.ndarray:
-        return crop_image(self.pixels, center, scale, input_size, reduction=self.factor, full_size=self.size)
+        return crop_image(self.pixels, center, scale, input_size, reduction=self.factor, full_size=self.size,
+                          origin=self.origin)
 
 
 @dataclass
@@ -236,24 +242,31 @@ class _DeviceImage:
 
     image: EncodedImage
 
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.image.size
-
     def cut(self, row: int, center, scale, input_size) -> None:
         self.image.rows.append(row)
 
 
-def _decode_here(options: CropOptions, task: dict, data, experts: list[str]) -> _CpuImage:
-    sizes = [options.routing.input_size(e) for e in experts]
-    reduction = _reduction_for(task["box_xywh"], sizes) if options.jpeg_draft else None
-    decoded, factor, size = decode_image_reduced(data, options.max_pixels, reduction)
-    return _CpuImage(pixel_view(decoded), factor, size)
+# (center, scale, input size) of each crop an image will give
+Crops = list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]
 
 
-def _leave_to_device(options: CropOptions, task: dict, data, experts: list[str]) -> _DeviceImage:
-    size, plain_jpeg = probe_image(data, options.max_pixels)
-    return _DeviceImage(EncodedImage(data, size, plain_jpeg))
+def _decode_here(options: CropOptions, data, header: ImageHeader, crops: Crops) -> _CpuImage:
+    if options.jpeg_draft:
+        reduction = jpeg_reduction(np.array([scale for _, scale, _ in crops]).reshape(-1, 2),
+                                   [input_size for *_, input_size in crops])
+        decoded, factor, size = decode_image_reduced(data, options.max_pixels, reduction)
+        return _CpuImage(pixel_view(decoded), size, factor)
+    if options.region_decode and header.region_decodable and crops:
+        region = crops_source_region(crops, header.size)
+        pixels = decode_jpeg_region(data, region)
+        if pixels is not None:
+            return _CpuImage(pixels, header.size, origin=region[:2])
+    decoded, _, size = decode_image_reduced(data, options.max_pixels)
+    return _CpuImage(pixel_view(decoded), size)
+
+
+def _leave_to_device(options: CropOptions, data, header: ImageHeader, crops: Crops) -> _DeviceImage:
+    return _DeviceImage(EncodedImage(data, header.size, header.plain_jpeg))
 
 
 def _in_order(work, items, threads: int):
@@ -287,66 +300,53 @@ def _tasks(batch: pa.Table) -> list[dict]:
     return tasks
 
 
-def _crop_task(task: dict, data, out: "_CropRows", routing: Routing, open_image) -> None:
+def _crop_task(task: dict, data, out: "_CropRows", options: CropOptions, open_image) -> None:
     """One image's rows: a crop or a failure per box, or one failure for the whole image.
 
-    `data` is the image's bytes, or the ImageError reading them raised.
+    `data` is the image's bytes, or the ImageError reading them raised. The header comes first,
+    then the boxes' geometry, then the pixels (`open_image`), which may be only those the crops read.
     """
     if task.get("error_stage"):
         out.failure(task, None, task["error_stage"], task["error_reason"])
         return
     if not task["box_xywh"]:
         return  # nothing to label (e.g. nothing detected): finish_image records the image
+    routing = options.routing
     experts = [routing.expert_for(category) for category in task["category"]]
     try:
         if isinstance(data, ImageError):
             raise data
-        image = open_image(task, data, experts)
+        header = probe_image(data, options.max_pixels)
     except ImageError as exc:
         out.failure(task, None, exc.stage, str(exc))
         return
-    try:
-        _crop_boxes(task, image, experts, routing, out)
-    except Exception as exc:  # an unforeseen failure costs this image, never the batch
-        out.clear()
-        out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
-        return
-    if isinstance(image, _DeviceImage) and image.image.rows:
-        out.device_images.append(image.image)
-
-
-def _reduction_for(boxes: list, sizes: list[tuple[int, int] | None]):
-    """The `decode_image_reduced` callback: the image's size -> its crops' JPEG reduction."""
-
-    def reduction(image_size: tuple[int, int]) -> int:
-        clipped, reasons = clip_boxes(np.asarray(boxes, dtype=np.float64), *image_size)
-        if any(size is None for size in sizes):
-            return 1  # a box routed to an unknown expert fails later, in the crop stage's own way
-        geometry = box_geometry(clipped, {i: sizes[i] for i, reason in enumerate(reasons) if reason is None})
-        usable = sorted(geometry)
-        scales = [geometry[i][1] for i in usable]
-        return jpeg_reduction(np.array(scales).reshape(-1, 2), [sizes[i] for i in usable])
-
-    return reduction
-
-
-def _crop_boxes(task: dict, image, experts: list[str], routing: Routing, out: "_CropRows") -> None:
-    """The image's box rows; each crop is cut by the opened image (here, or left to the device)."""
-    size = image.size
+    size = header.size
     expected = (task["expected_width"], task["expected_height"])
     if None not in expected and expected != size:
         out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
         return
     clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
     sizes = {i: routing.input_size(e) for i, (r, e) in enumerate(zip(reasons, experts)) if r is None}
-    geometry = box_geometry(clipped, sizes)
-    for index, (reason, expert) in enumerate(zip(reasons, experts)):
-        if reason is not None:
-            out.failure(task, index, "boxes", reason, size)
-            continue
-        center, scale = geometry[index]
-        crop = image.cut(out.count(), center, scale, sizes[index])
-        out.crop(task, index, size, clipped[index], expert, center, scale, crop)
+    try:
+        geometry = box_geometry(clipped, sizes)
+        image = open_image(data, header, [(*geometry[i], sizes[i]) for i in sorted(geometry)])
+        for index, (reason, expert) in enumerate(zip(reasons, experts)):
+            if reason is not None:
+                out.failure(task, index, "boxes", reason, size)
+                continue
+            center, scale = geometry[index]
+            crop = image.cut(out.count(), center, scale, sizes[index])
+            out.crop(task, index, size, clipped[index], expert, center, scale, crop)
+    except ImageError as exc:
+        out.clear()
+        out.failure(task, None, exc.stage, str(exc))
+        return
+    except Exception as exc:  # an unforeseen failure costs this image, never the batch
+        out.clear()
+        out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
+        return
+    if isinstance(image, _DeviceImage) and image.image.rows:
+        out.device_images.append(image.image)
 
 
 class _CropRows:

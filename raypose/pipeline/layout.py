@@ -23,6 +23,7 @@ from raypose.pipeline.crop_stage import (
     DeviceCropper,
     make_crops,
 )
+from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.pipeline.pose_stage import PoseSettings
 
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
@@ -41,6 +42,7 @@ class ClusterShape:
     nodes: int = 1  # nodes with CPUs
     accelerators: tuple[str, ...] = ()  # GPU kinds, as Ray's accelerator_type:NAME resources name them
     bf16: bool | None = None  # whether its GPUs run bfloat16 (None: not known, taken as yes)
+    cpu_bf16: bool = False  # whether its CPUs have native bfloat16 (AVX512-BF16 or AMX); False when not known
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class CropPlacement:
     cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
     rows_per_call  rows a pose call takes: crop rows, images, or a whole block (None)
     decoder  pillow | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
+    jpeg_regions  whether JPEGs are decoded only where their crops read (`jpeg_region`; Pillow's pixels)
     """
 
     name: str
@@ -81,6 +84,7 @@ class CropPlacement:
     cropper: Any
     rows_per_call: int | None
     decoder: str = "pillow"
+    jpeg_regions: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Layout:
             "pose": {**asdict(self.pose), **asdict(self.pose_pool)},
             "crop_in": self.crops.name,
             "decoder": self.crops.decoder,
+            "jpeg_regions": self.crops.jpeg_regions,
             "images_per_task": self.images_per_task,
             "cluster": asdict(self.cluster),
         }
@@ -126,7 +131,7 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, detecting)
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
-    settings = PoseSettings(device=device, dtype=resolve_dtype(spec.pose.dtype, device, cluster), batch_size=batch_size,
+    settings = PoseSettings(device=device, dtype=resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=True), batch_size=batch_size,
                             threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
     layout = Layout(
         pose=settings,
@@ -140,7 +145,7 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
         return layout
     gpus, device = detector
     return replace(
-        layout, detector_device=device, detector_dtype=resolve_dtype(spec.boxes.detector.dtype, device, cluster),
+        layout, detector_device=device, detector_dtype=resolve_dtype(spec.boxes.detector.dtype, device, cluster),  # CPU bf16: measured for ViTPose only
         detector_pool=ActorPool.sized(resources.detector_actors, cpus=resources.cpus_per_detector_actor, gpus=gpus),
         detector_threads=max(1, int(resources.cpus_per_detector_actor)),
     )
@@ -168,12 +173,13 @@ def accelerator(gpus: float | None, device: str, cluster: ClusterShape, field: s
     return gpus, device
 
 
-def resolve_dtype(dtype: str, device: str, cluster: ClusterShape) -> str:
-    """`auto` -> float32 on a CPU; bfloat16 on GPUs that have it, else float16."""
+def resolve_dtype(dtype: str, device: str, cluster: ClusterShape, cpu_bf16: bool = False) -> str:
+    """`auto` -> bfloat16 on GPUs that have it, else float16; on a CPU float32, or bfloat16 where `cpu_bf16`
+    allows it and the CPUs run it natively."""
     if dtype != "auto":
         return dtype
     if device == "cpu":
-        return "float32"
+        return "bfloat16" if cpu_bf16 and cluster.cpu_bf16 else "float32"
     return "bfloat16" if gpus_have_bf16(cluster) else "float16"
 
 
@@ -216,11 +222,14 @@ def _largest(size: int | tuple[int, int]) -> int:
 
 def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int) -> CropPlacement:
     """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
+    regions = options.region_decode and not options.jpeg_draft and region_decoder_available()
     if crop_in == "tasks":
-        return CropPlacement("tasks", (make_crops, {"options": options}), CropColumn(), rows_per_call=batch_size)
+        return CropPlacement("tasks", (make_crops, {"options": options}), CropColumn(), rows_per_call=batch_size,
+                             jpeg_regions=regions)
     if crop_in == "pose_actor":
         # An actor that crops for itself takes a crop task's block at a time.
-        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None)
+        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None,
+                             jpeg_regions=regions)
     nvjpeg = device == "cuda" and _has_torchvision()
     read = (read_images, {"storage_options": options.storage_options, "image_column": options.image_column})
     # An actor that crops on its device takes pose.batch_size images, so that its forwards are full.

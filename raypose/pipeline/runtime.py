@@ -37,11 +37,15 @@ def start_ray(resources: ResourcesSpec) -> ClusterShape:
 
 
 def cluster_shape() -> ClusterShape:
-    """The connected cluster's GPUs, its smallest CPU node, its GPU kinds and whether they run bfloat16."""
+    """The connected cluster's GPUs, its smallest CPU node, its GPU kinds and whether they (and its CPUs) run bfloat16."""
     import ray
     import torch
 
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = [node["Resources"] for node in alive]
+    # Only this machine's CPU flags can be read here: a cluster with other machines is taken as without.
+    here = ray.util.get_node_ip_address()
+    local = bool(alive) and all(node.get("NodeManagerAddress") == here for node in alive)
     cpus = [int(resources.get("CPU", 0)) for resources in nodes]
     accelerators = sorted({name[len(ACCELERATOR_PREFIX):] for resources in nodes for name in resources
                            if name.startswith(ACCELERATOR_PREFIX)})
@@ -51,7 +55,18 @@ def cluster_shape() -> ClusterShape:
         nodes=max(1, sum(c > 0 for c in cpus)),
         accelerators=tuple(accelerators),
         bf16=torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None,
+        cpu_bf16=local and cpu_has_native_bf16(),
     )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this machine's CPU computes bfloat16 natively (AVX512-BF16 or AMX), as Linux reports it."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # Loggers that Ray configures with their own console handler (propagate=False).

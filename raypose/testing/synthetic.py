@@ -270,3 +270,21 @@ def make_detector_checkpoint(path: str | Path, labels: list[str], image_size: in
     RTDetrForObjectDetection(config).eval().save_pretrained(path, safe_serialization=True)
     RTDetrImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
+
+
+def instant_heatmaps(info):
+    """A stand-in for a ViTPose model (`PoseEngine.model`): zero heatmaps of its output shape, at once.
+
+    With it a pose actor does all its own work but the forward: the host's limit, measurable on any CPU.
+    """
+    import types
+
+    import torch
+
+    shape = (info.num_keypoints, info.input_size[1] // 4, info.input_size[0] // 4)
+
+    class InstantHeatmaps(torch.nn.Module):
+        def forward(self, pixel_values, **_):
+            return types.SimpleNamespace(heatmaps=pixel_values.new_zeros((pixel_values.shape[0], *shape)))
+
+    return InstantHeatmaps()

@@ -4,6 +4,7 @@ the package (versions, image tag, CLI commands, job specs), and each has the fie
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -78,6 +79,42 @@ def rayjob_specs() -> list[tuple[str, dict]]:
     return found
 
 
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    """Every Ray cluster spec in infra/: the RayJob specs' rayClusterSpec, and RayCluster objects."""
+    found = [(where, spec["rayClusterSpec"]) for where, spec in rayjob_specs()]
+    found += [(f"{path.name}:RayCluster", obj["spec"]) for path, obj in k8s_objects() if obj["kind"] == "RayCluster"]
+    return found
+
+
+def deletes_its_cluster(spec: dict) -> bool:
+    """Whether a RayJob spec deletes its Ray cluster once the job succeeds and once it fails: with
+    shutdownAfterJobFinishes, or with deletionStrategy rules (KubeRay >= 1.5) that do it."""
+    if spec.get("shutdownAfterJobFinishes") is True:
+        return True
+    rules = (spec.get("deletionStrategy") or {}).get("deletionRules", [])
+    done = {r["condition"].get("jobStatus") for r in rules if r["policy"] in ("DeleteCluster", "DeleteSelf")}
+    return {"SUCCEEDED", "FAILED"} <= done
+
+
+def walk(value, path=""):
+    """Every (key path, value) in a parsed document, descending into YAML held in strings (ConfigMaps)."""
+    if isinstance(value, str) and "\n" in value:
+        try:
+            inner = yaml.safe_load(value)
+        except yaml.YAMLError:
+            inner = None
+        if isinstance(inner, (dict, list)):
+            yield from walk(inner, path + "|")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield f"{path}.{key}", key
+            yield from walk(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from walk(item, f"{path}[{i}]")
+
+
 def job_spec_configmaps() -> dict[str, dict]:
     return {obj["metadata"]["name"]: obj for _, obj in k8s_objects()
             if obj["kind"] == "ConfigMap" and "job.yaml" in obj.get("data", {})}
@@ -130,7 +167,7 @@ def test_rayjobs_run_raypose_on_a_gpu_worker_group():
     ray_version = constraints()["ray"]
     for where, spec in specs:
         assert spec["entrypoint"].strip(), where
-        assert spec.get("shutdownAfterJobFinishes") is True, where  # the cluster exists for the job only
+        assert deletes_its_cluster(spec), where  # the cluster exists for the job only
         cluster = spec["rayClusterSpec"]
         assert cluster["rayVersion"] == ray_version, where
         head = cluster["headGroupSpec"]
@@ -196,7 +233,9 @@ def test_the_job_spec_each_entrypoint_runs_is_mounted_and_valid():
         for section in (job.images.path, job.boxes.path, job.output.path):
             assert section is None or "://" in section, f"{where}: a cluster job needs URLs, got {section}"
         gpus = max(g["maxReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
-        assert job.resources.pose_actors <= gpus, f"{where}: more pose actors than GPUs the cluster may have"
+        pool = job.resources.pose_actors
+        largest = pool[1] if isinstance(pool, tuple) else pool
+        assert largest is None or largest <= gpus, f"{where}: more pose actors than GPUs the cluster may have"
 
 
 def test_scheduled_variants():
@@ -223,6 +262,90 @@ def test_scheduled_variants():
         obj for _, obj in k8s_objects() if obj["kind"] == "RoleBinding")["subjects"][0]["name"]
     # Both schedulers run the same nightly command.
     assert rayjob["spec"]["entrypoint"] == cron["jobTemplate"]["entrypoint"]
+
+
+def test_every_ray_cluster_autoscales_its_worker_groups():
+    specs = ray_cluster_specs()
+    assert len(specs) == 3
+    for where, cluster in specs:
+        assert cluster.get("enableInTreeAutoscaling") is True, where
+        for group in cluster["workerGroupSpecs"]:
+            low, high = group["minReplicas"], group["maxReplicas"]
+            assert 0 <= low < high, f"{where}: group {group['groupName']} cannot scale ({low}..{high})"
+            assert low <= group.get("replicas", low) <= high, where
+
+
+def test_job_specs_ask_for_an_autoscaling_pose_pool():
+    """A job spec in a ConfigMap that sizes its pose pool gives [min, max], and every cluster that runs
+    it may grow to max GPU workers (one GPU per pose actor)."""
+    config_maps = job_spec_configmaps()
+    assert config_maps
+    runs_on: dict[str, list[int]] = {}
+    for where, spec in rayjob_specs():
+        name = _mounted_job_spec(spec, shlex.split(spec["entrypoint"])[2])
+        gpus = sum(g["maxReplicas"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+        runs_on.setdefault(name, []).append(gpus)
+    for name, obj in config_maps.items():
+        resources = yaml.safe_load(obj["data"]["job.yaml"]).get("resources", {})
+        if "pose_actors" not in resources:
+            continue
+        pool = resources["pose_actors"]
+        assert isinstance(pool, list) and len(pool) == 2, f"{name}: pose_actors {pool!r} is not [min, max]"
+        low, high = pool
+        assert 0 < low < high, f"{name}: pose_actors {pool}"
+        assert resources.get("gpus_per_pose_actor", 1) == 1
+        assert all(high <= gpus for gpus in runs_on.get(name, [])), f"{name}: max {high} > the GPU workers {runs_on[name]}"
+
+
+def _exposes_dashboard(cluster: dict) -> bool:
+    head = cluster["headGroupSpec"]
+    ports = [p for c in head["template"]["spec"]["containers"] for p in c.get("ports", [])]
+    return (head.get("rayStartParams", {}).get("dashboard-host") == "0.0.0.0"
+            or any(p.get("containerPort") == 8265 or p.get("name") == "dashboard" for p in ports)
+            or head.get("enableIngress") is True or "serviceType" in head)
+
+
+def test_exposed_dashboards_take_a_ray_token():
+    """Where the head serves the dashboard / Jobs API beyond itself, KubeRay's authOptions turns on Ray's
+    token auth (KubeRay >= 1.5.1, Ray >= 2.52)."""
+    exposed = [(where, cluster) for where, cluster in ray_cluster_specs() if _exposes_dashboard(cluster)]
+    assert exposed
+    for where, cluster in exposed:
+        assert cluster.get("authOptions", {}).get("mode") == "token", f"{where}: the dashboard has no token auth"
+        major, minor = (int(n) for n in cluster["rayVersion"].split(".")[:2])
+        assert (major, minor) >= (2, 52), f"{where}: Ray token auth needs Ray >= 2.52"
+
+
+def test_deletion_uses_deletion_strategy_not_deletion_policy():
+    for path in YAML_FILES:
+        assert "deletionPolicy" not in path.read_text(), f"{path.name}: KubeRay >= 1.5 calls it deletionStrategy"
+        for doc in documents(path):
+            keys = {key for _, key in walk(doc)}
+            assert "deletionPolicy" not in keys, path.name
+    assert "deletionPolicy" not in (INFRA / "README.md").read_text()
+    used = 0
+    for where, spec in rayjob_specs():
+        strategy = spec.get("deletionStrategy")
+        if strategy is None:
+            continue
+        used += 1
+        rules = strategy["deletionRules"]  # the rules form; onSuccess/onFailure are deprecated in 1.5
+        assert rules and set(strategy) == {"deletionRules"}, where
+        # KubeRay refuses deletionRules next to shutdownAfterJobFinishes (and a TTL without it).
+        assert "shutdownAfterJobFinishes" not in spec and "ttlSecondsAfterFinished" not in spec, where
+        ttls: dict[tuple[str, str], dict[str, int]] = {}
+        for rule in rules:
+            assert rule["policy"] in ("DeleteCluster", "DeleteSelf", "DeleteNone"), where  # DeleteWorkers: not with autoscaling
+            condition = rule["condition"]
+            [(kind, status)] = [(k, v) for k, v in condition.items() if k in ("jobStatus", "jobDeploymentStatus")]
+            assert status in {"jobStatus": ("SUCCEEDED", "FAILED"), "jobDeploymentStatus": ("Failed",)}[kind], where
+            per = ttls.setdefault((kind, status), {})
+            assert rule["policy"] not in per, f"{where}: two {rule['policy']} rules for {status}"
+            per[rule["policy"]] = condition.get("ttlSeconds", 0)
+        for per in ttls.values():  # KubeRay: the cluster goes no later than the RayJob
+            if "DeleteCluster" in per and "DeleteSelf" in per:
+                assert per["DeleteCluster"] <= per["DeleteSelf"], where
+    assert used >= 1  # the RayCronJob's RayJobs delete themselves (KubeRay >= 1.6 there)
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -302,6 +425,17 @@ def test_aws_cluster_config_is_valid_for_ray_up():
     assert gpu and all(t["min_workers"] == 0 < t["max_workers"] <= config["max_workers"] for t in gpu)
 
 
+def test_aws_nodes_have_instance_profiles_and_the_head_its_own():
+    config = yaml.safe_load((INFRA / "aws" / "cluster.yaml").read_text())
+    types = config["available_node_types"]
+    profiles = {name: t["node_config"].get("IamInstanceProfile") for name, t in types.items()}
+    for name, profile in profiles.items():
+        assert profile and (profile.get("Name") or profile.get("Arn")), f"{name}: no IamInstanceProfile"
+    head = profiles.pop(config["head_node_type"])
+    assert head["Name"] == "raypose-head"
+    assert {p["Name"] for p in profiles.values()} == {"raypose-worker"}
+
+
 # --- the README --------------------------------------------------------------------------------
 
 
@@ -312,3 +446,19 @@ def test_readme_covers_every_file_and_the_1m_image_sizing():
             assert path.relative_to(INFRA).as_posix() in text, f"infra/README.md does not mention {path.name}"
     for fragment in ("1M", "crops/s", "object store", "bytes per row", "assum"):
         assert fragment in text, fragment
+
+
+def test_readme_documents_the_head_policy_and_the_image_extras():
+    text = (INFRA / "README.md").read_text()
+    assert "rows_per_file" not in text  # the output is shard files written by the workers now
+    for fragment in ("raypose-head", "raypose-worker", "boto3", "torchvision", "nvJPEG", "authOptions",
+                     "enableInTreeAutoscaling", "deletionStrategy", "1.5.1"):
+        assert fragment in text, fragment
+    [block] = re.findall(r"```json\n(\{\n  \"Version\".*?)```", text, re.S)
+    statements = json.loads(block)["Statement"]
+    actions = {a for st in statements for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:DescribeInstances", "ec2:CreateTags",
+            "iam:PassRole", "s3:ListBucket", "s3:GetObject", "s3:PutObject"} <= actions
+    [pass_role] = [st for st in statements if st["Action"] == "iam:PassRole"]
+    assert pass_role["Resource"].endswith(":role/raypose-worker")
+    assert all(st["Effect"] == "Allow" for st in statements)

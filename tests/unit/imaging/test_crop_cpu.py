@@ -71,7 +71,7 @@ def test_jpeg_draft_crop_keeps_the_geometry():
 
     from raypose.imaging.crop_cpu import crop_image
     from raypose.imaging.decode import decode_image_reduced
-    from raypose.pipeline.crop_stage import _reduction_for
+    from raypose.imaging.geometry import clip_boxes, crop_sampling_grid, jpeg_reduction
 
     # A smooth picture: block means and point samples agree closely, so any misplacement shows.
     yy, xx = np.mgrid[0:1200, 0:1600]
@@ -79,14 +79,12 @@ def test_jpeg_draft_crop_keeps_the_geometry():
     data = io.BytesIO()
     Image.fromarray(image).save(data, format="JPEG", quality=95)
     boxes = [[100, 50, 700, 1000], [-200, 300, 900, 1200]]  # the second is clipped to the image
-    decoded, factor, size = decode_image_reduced(data.getvalue(), 10**9, _reduction_for(boxes, [(192, 256)] * 2))
-    assert factor == 4 and size == (1600, 1200) and decoded.size == (400, 300)
-    full = np.asarray(Image.open(data).convert("RGB"))
-    from raypose.imaging.geometry import clip_boxes
-
     clipped, _ = clip_boxes(np.array(boxes, np.float64), 1600, 1200)
     centers, scales = center_scale_from_boxes(clipped, (192, 256))
-    from raypose.imaging.geometry import crop_sampling_grid
+    reduction = jpeg_reduction(scales, [(192, 256)] * 2)
+    decoded, factor, size = decode_image_reduced(data.getvalue(), 10**9, reduction)
+    assert factor == reduction == 4 and size == (1600, 1200) and decoded.size == (400, 300)
+    full = np.asarray(Image.open(data).convert("RGB"))
 
     for center, scale in zip(centers, scales):
         ours = crop_image(decoded, center, scale, (192, 256), reduction=factor, full_size=size).astype(int)

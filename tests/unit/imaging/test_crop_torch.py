@@ -27,8 +27,8 @@ def jpeg(pixels: np.ndarray) -> bytes:
 
 
 def encoded(data: bytes) -> EncodedImage:
-    size, plain = probe_image(data, 10**8)
-    return EncodedImage(data, size, plain)
+    header = probe_image(data, 10**8)
+    return EncodedImage(data, header.size, header.plain_jpeg)
 
 
 def test_crops_cut_in_torch_equal_the_cpu_crops():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from raypose.errors import ImageError
-from raypose.imaging.decode import decode_image, probe_image
+from raypose.imaging.decode import ImageHeader, decode_image, probe_image
 
 MAX_PIXELS = 1_000_000
 
@@ -192,11 +192,11 @@ def test_probe_reads_the_shown_size_from_the_header_and_tells_plain_jpegs():
     rotated = Image.new("RGB", (40, 20))
     exif = rotated.getexif()
     exif[0x0112] = 6
-    assert probe_image(encode(rotated, "JPEG", exif=exif.tobytes()), MAX_PIXELS) == ((20, 40), False)
-    assert probe_image(encode(Image.new("RGB", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), True)
-    assert probe_image(encode(Image.new("L", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), True)
-    assert probe_image(encode(Image.new("CMYK", (7, 5)), "JPEG"), MAX_PIXELS) == ((7, 5), False)
-    assert probe_image(encode(Image.new("RGB", (7, 5)), "PNG"), MAX_PIXELS) == ((7, 5), False)
+    assert probe_image(encode(rotated, "JPEG", exif=exif.tobytes()), MAX_PIXELS) == ImageHeader((20, 40), False, False)
+    assert probe_image(encode(Image.new("RGB", (7, 5)), "JPEG"), MAX_PIXELS) == ImageHeader((7, 5), True, True)
+    assert probe_image(encode(Image.new("L", (7, 5)), "JPEG"), MAX_PIXELS) == ImageHeader((7, 5), True, True)
+    assert probe_image(encode(Image.new("CMYK", (7, 5)), "JPEG"), MAX_PIXELS) == ImageHeader((7, 5), False, False)
+    assert probe_image(encode(Image.new("RGB", (7, 5)), "PNG"), MAX_PIXELS) == ImageHeader((7, 5), False, False)
     with pytest.raises(ImageError, match="above images.max_pixels"):
         probe_image(encode(Image.new("RGB", (7, 5)), "JPEG"), 34)
     with pytest.raises(ImageError, match="empty file"):

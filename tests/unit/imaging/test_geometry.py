@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import REFERENCE_BOXES
 
-from raypose.imaging.geometry import center_scale_from_boxes
+from raypose.imaging.geometry import center_scale_from_boxes, crops_source_region
 
 reference = pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")
@@ -39,3 +39,23 @@ def test_jpeg_reduction_is_the_largest_that_every_crop_affords():
     assert jpeg_reduction(np.zeros((0, 2)), []) == 1
 
 
+
+
+def test_crops_cut_from_their_source_region_equal_crops_cut_from_the_image():
+    from raypose.imaging.crop_cpu import crop_image
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    boxes = np.array([[120, 80, 40, 90], [300, 10, 60, 60], [-30, 200, 80, 120], [395, 295, 30, 30]], np.float64)
+    for count in (1, 2, 4):
+        centers, scales = center_scale_from_boxes(boxes[:count], (192, 256))
+        crops = [(c, s, (192, 256)) for c, s in zip(centers, scales)]
+        x0, y0, x1, y1 = crops_source_region(crops, (400, 300))
+        assert 0 <= x0 < x1 <= 400 and 0 <= y0 < y1 <= 300
+        if count == 1:
+            assert (x1 - x0) * (y1 - y0) < 400 * 300 / 4
+        region = image[y0:y1, x0:x1]
+        for center, scale, size in crops:
+            np.testing.assert_array_equal(
+                crop_image(region, center, scale, size, full_size=(400, 300), origin=(x0, y0)),
+                crop_image(image, center, scale, size))

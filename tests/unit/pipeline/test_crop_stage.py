@@ -66,7 +66,7 @@ def test_make_crops_outcomes(crop_inputs):
             task(crop_inputs, "good.png", boxes),
             task(crop_inputs, "missing.jpg", [[0, 0, 10, 10]]),
             task(crop_inputs, "empty.jpg", [[0, 0, 10, 10]]),
-            task(crop_inputs, "truncated.jpg", [[0, 0, 10, 10]]),
+            task(crop_inputs, "truncated.jpg", [[0, 0, 10, 10]], size=(64, 64)),
             task(crop_inputs, "good.png", [[0, 0, 10, 10]], size=(320, 240)),  # wrong expected size
             task(crop_inputs, "good.png", [[0, 0, 10, 10]], size=None),  # size unknown: not checked
         ],
@@ -296,3 +296,30 @@ def test_crops_that_cannot_be_cut_on_the_device_become_error_rows(images, monkey
         (0, "crop", "RuntimeError: CUDA out of memory"), (1, "boxes", rows.column("error_reason")[1].as_py()),
         (None, "read", "not found in storage"),
     ]
+
+
+def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch):
+    import raypose.pipeline.crop_stage as crop_stage
+
+    rng = np.random.default_rng(5)
+    pixels = np.clip(np.mgrid[0:300, 0:400][1][..., None] * 0.6 + rng.integers(0, 60, (300, 400, 3)), 0, 255)
+    for subsampling in (0, 2):
+        (tmp_path / f"photo{subsampling}.jpg").write_bytes(
+            encode(Image.fromarray(pixels.astype(np.uint8)), "JPEG", quality=90, subsampling=subsampling))
+    boxes = [[200, 150, 30, 60], [300, 20, 50, 100], [-20, 250, 60, 80], [390, 290, 40, 40], [500, 0, 5, 5]]
+    batch = task_table(*(image_task(tmp_path / f"photo{s}.jpg", boxes, size=(400, 300), first_annotation=0)
+                         for s in (0, 2)))
+    regions = []
+
+    def counted(data, region):
+        regions.append(region)
+        return real(data, region)
+
+    real = crop_stage.decode_jpeg_region
+    monkeypatch.setattr(crop_stage, "decode_jpeg_region", counted)
+    by_region = make_crops(batch, options=OPTIONS)
+    monkeypatch.setattr(crop_stage, "decode_jpeg_region", lambda data, region: None)
+    by_pillow = make_crops(batch, options=OPTIONS)
+    assert by_region.equals(by_pillow)
+    assert len(regions) == 2 and all(region != (0, 0, 400, 300) for region in regions)
+    assert by_region.column("crop").null_count == 2  # the box outside the image, in each photo

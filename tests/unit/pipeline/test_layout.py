@@ -51,7 +51,13 @@ def test_cpu_jobs_get_two_actors_that_crop_for_themselves_and_share_the_cores():
 def test_cpu_defaults_device_dtype_and_batch():
     result = layout(CPU)
     assert (result.pose.device, result.pose.dtype, result.pose.batch_size, result.pose_pool.gpus) == ("cpu", "float32", 8, 0)
-    assert result.crops.decoder == "pillow"
+    assert result.crops.decoder == "pillow" and result.crops.jpeg_regions  # Pillow's pixels, JPEGs decoded in part
+    pillow_only = parse_job_spec({"images": {"path": "/data", "region_decode": False}, "boxes": {"path": "/b.json"},
+                                  "pose": {"model": "/model"}, "output": {"path": "/out"}})
+    assert not resolve_layout(pillow_only, ROUTING, CPU, 128).crops.jpeg_regions
+    # CPUs with native bfloat16 (AVX512-BF16, AMX) run it; only this machine's flags are known.
+    assert layout(ClusterShape(node_cpus=2, cpu_bf16=True)).pose.dtype == "bfloat16"
+    assert layout(ClusterShape(node_cpus=2, cpu_bf16=True), pose={"dtype": "float32"}).pose.dtype == "float32"
 
 
 def test_gpu_jobs_get_an_actor_per_gpu_crop_tasks_and_bfloat16():
