@@ -590,7 +590,7 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
         return crop
 
     def wrap(stage):
-        if stage.pool is None:
+        if stage.name in ("make_crops", "read_images"):
             return stage.with_fn(timed_task(stage.fn, "crop" if stage.name == "make_crops" else "read"))
         if stage.name != "pose":
             return stage

@@ -246,6 +246,8 @@ class _DeviceImage:
         self.image.rows.append(row)
 
 
+REGION_MAX_FRACTION = 0.5
+
 # (center, scale, input size) of each crop an image will give
 Crops = list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]
 
@@ -258,9 +260,13 @@ def _decode_here(options: CropOptions, data, header: ImageHeader, crops: Crops) 
         return _CpuImage(pixel_view(decoded), size, factor)
     if options.region_decode and header.region_decodable and crops:
         region = crops_source_region(crops, header.size)
-        pixels = decode_jpeg_region(data, region)
-        if pixels is not None:
-            return _CpuImage(pixels, header.size, origin=region[:2])
+        x0, y0, x1, y1 = region
+        # nvImageCodec decodes a whole frame slower than Pillow does: a region pays when it is at
+        # most about half of the frame (the measured curve: benchmarks/README.md).
+        if (x1 - x0) * (y1 - y0) <= REGION_MAX_FRACTION * header.size[0] * header.size[1]:
+            pixels = decode_jpeg_region(data, region)
+            if pixels is not None:
+                return _CpuImage(pixels, header.size, origin=(x0, y0))
     decoded, _, size = decode_image_reduced(data, options.max_pixels)
     return _CpuImage(pixel_view(decoded), size)
 

@@ -306,9 +306,11 @@ def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch)
     for subsampling in (0, 2):
         (tmp_path / f"photo{subsampling}.jpg").write_bytes(
             encode(Image.fromarray(pixels.astype(np.uint8)), "JPEG", quality=90, subsampling=subsampling))
-    boxes = [[200, 150, 30, 60], [300, 20, 50, 100], [-20, 250, 60, 80], [390, 290, 40, 40], [500, 0, 5, 5]]
+    # People in the lower right quarter (a region decode), and a spread that spans the frame (Pillow's).
+    corner = [[250, 180, 30, 60], [330, 200, 50, 70], [390, 290, 40, 40], [500, 0, 5, 5]]
+    spread = [[10, 10, 30, 60], [350, 220, 40, 70]]
     batch = task_table(*(image_task(tmp_path / f"photo{s}.jpg", boxes, size=(400, 300), first_annotation=0)
-                         for s in (0, 2)))
+                         for s in (0, 2) for boxes in (corner, spread)))
     regions = []
 
     def counted(data, region):
@@ -321,5 +323,5 @@ def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch)
     monkeypatch.setattr(crop_stage, "decode_jpeg_region", lambda data, region: None)
     by_pillow = make_crops(batch, options=OPTIONS)
     assert by_region.equals(by_pillow)
-    assert len(regions) == 2 and all(region != (0, 0, 400, 300) for region in regions)
+    assert len(regions) == 2 and all((x1 - x0) * (y1 - y0) <= 0.5 * 400 * 300 for x0, y0, x1, y1 in regions)
     assert by_region.column("crop").null_count == 2  # the box outside the image, in each photo
