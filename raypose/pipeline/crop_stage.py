@@ -246,7 +246,7 @@ class _DeviceImage:
         self.image.rows.append(row)
 
 
-REGION_MAX_FRACTION = 0.5
+REGION_MAX_FRACTION = 0.8
 
 # (center, scale, input size) of each crop an image will give
 Crops = list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]
@@ -262,7 +262,7 @@ def _decode_here(options: CropOptions, data, header: ImageHeader, crops: Crops) 
         region = crops_source_region(crops, header.size)
         x0, y0, x1, y1 = region
         # nvImageCodec decodes a whole frame slower than Pillow does: a region pays when it is at
-        # most about half of the frame (the measured curve: benchmarks/README.md).
+        # most about four fifths of the frame (the measured curve: benchmarks/README.md).
         if (x1 - x0) * (y1 - y0) <= REGION_MAX_FRACTION * header.size[0] * header.size[1]:
             pixels = decode_jpeg_region(data, region)
             if pixels is not None:
