@@ -6,9 +6,11 @@
 #
 # 1. the GPU tests (nvJPEG crops against Pillow's);
 # 2. the pose batch and the device crops broken down (`profile_pose.py`), ViTPose-B bf16;
-# 3. raypose against the reference and the model ceiling (`throughput.py`), crops in tasks
-#    (the GPU default) and on the device, 1024 images of the mixed set; the layout that ran
-#    (one pose actor per GPU) is in each run's manifest.
+# 3. the crop stage's CPU per crop, JPEG regions vs Pillow (`crop_cost.py`);
+# 4. raypose against the reference and the model ceiling (`throughput.py`), crops in tasks
+#    (the GPU default, with the host row: the forward a stand-in) and on the device, 1024 images
+#    of the mixed set, and 1024 of the coco workload; the layout that ran (one pose actor per
+#    GPU) is in each run's manifest.
 set -euo pipefail
 out=${1:-gpu-out}
 mkdir -p "$out"
@@ -16,8 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python -m pytest -q -m gpu tests/unit 2>&1 | tail -5 | tee "$out/gpu-tests.txt"
 python benchmarks/profile_pose.py --preset vitpose-base --device cuda --dtype bfloat16 --batch-size 256 \
     --device-crops 256 2>&1 | tee "$out/profile_pose.txt"
+python benchmarks/crop_cost.py --images 60 --out "$out/bench" 2>&1 | tail -6 | tee "$out/crop_cost.txt"
 python benchmarks/throughput.py --preset vitpose-base --images 1024 --out "$out/bench" \
-    --json "$out/throughput-tasks.json" 2>&1 | tail -40 | tee "$out/throughput-tasks.txt"
+    --rows reference,ceiling,raypose,host --json "$out/throughput-tasks.json" 2>&1 | tail -40 \
+    | tee "$out/throughput-tasks.txt"
+python benchmarks/throughput.py --preset vitpose-base --images 1024 --workload coco --out "$out/bench" \
+    --rows ceiling,raypose --json "$out/throughput-coco.json" 2>&1 | tail -40 | tee "$out/throughput-coco.txt"
 python benchmarks/throughput.py --preset vitpose-base --images 1024 --out "$out/bench" --rows raypose \
     --set resources.crop_in=pose_device --json "$out/throughput-device.json" 2>&1 | tail -40 \
     | tee "$out/throughput-device.txt"

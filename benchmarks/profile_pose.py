@@ -199,10 +199,12 @@ def benchmark_tasks(folder: Path, count: int) -> pa.Table:
 def resolved(device: str, dtype: str) -> tuple[str, str]:
     """--device and --dtype with auto resolved as a job's layout resolves it on this machine."""
     from raypose.pipeline.layout import ClusterShape, resolve_dtype
+    from raypose.pipeline.runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     device = ("cuda" if cuda else "cpu") if device == "auto" else device
-    return device, resolve_dtype(dtype, device, ClusterShape(bf16=torch.cuda.is_bf16_supported() if cuda else None))
+    cluster = ClusterShape(bf16=torch.cuda.is_bf16_supported() if cuda else None, cpu_bf16=cpu_has_native_bf16())
+    return device, resolve_dtype(dtype, device, cluster, cpu_bf16=True)
 
 
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:

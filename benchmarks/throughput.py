@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run raypose at N (warm) and 4N images: time ratio and peak-memory ratio")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra job override, as `raypose submit --set` (repeatable)")
-    p.add_argument("--rows", default=",".join(ROWS), help="which rows to measure (comma-separated)")
+    p.add_argument("--rows", default="reference,ceiling,raypose",
+                   help=f"which rows to measure (comma-separated, of {', '.join(ROWS)})")
     p.add_argument("--ceiling-threads", type=int, default=None,
                    help="CPU: torch threads for the reference (default: all usable cores) and for a one-process "
                         "ceiling (default: the ceiling mirrors raypose's pose actors and threads)")
@@ -980,10 +981,11 @@ def local_layout(spec, routing, cores: int, images: int):
     import torch
 
     from raypose.pipeline.layout import ClusterShape, resolve_layout
+    from raypose.pipeline.runtime import cpu_has_native_bf16
 
     cuda = torch.cuda.is_available()
     cluster = ClusterShape(gpus=float(torch.cuda.device_count()) if cuda else 0.0, node_cpus=cores,
-                           bf16=torch.cuda.is_bf16_supported() if cuda else None)
+                           bf16=torch.cuda.is_bf16_supported() if cuda else None, cpu_bf16=cpu_has_native_bf16())
     return resolve_layout(spec, routing, cluster, images)
 
 
