@@ -1,9 +1,9 @@
 """A JPEG's region decoded alone on the CPU (nvImageCodec's libjpeg-turbo), bit-identical to Pillow's
 full decode cut to the same rectangle.
 
-A 4000x3000 photo with three people needs a few hundred thousand source pixels for its crops;
-Pillow decodes all twelve million. libjpeg-turbo skips the rows above and below the region
-and the columns beside it (benchmarks/README.md has the measured gain). Only the JPEG kinds
+libjpeg-turbo then skips the rows below the region, reconstructs none of the rows above it
+(they are only entropy-decoded) and none of the columns beside it (benchmarks/README.md has
+the measured costs). Only the JPEG kinds
 the tests prove identical come here (`decode.ImageHeader.region_decodable`), and any decode
 the library has a word to say about (libjpeg's warnings about corrupt data, a failure) is
 answered None, as is a file that does not end with the JPEG end marker (cut short: rows below
@@ -34,7 +34,7 @@ _DECODE_LOCK = threading.Lock()
 def _decoder():
     """The CPU-only decoder, made once per process; None when nvImageCodec is not installed."""
     try:
-        with _captured_stderr():  # it says, on import, which GPU codec libraries it did not find
+        with _DECODE_LOCK, _captured_stderr():  # it says, on import, which GPU codec libraries it did not find
             from nvidia import nvimgcodec
 
             decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
@@ -98,8 +98,9 @@ def _captured_stderr():
                 os.write(2, b"".join(others))
 
 
-_LIBRARY_WORDS = (b"nvjpeg", b"nvtiff", b"nvjpeg2k", b"jpeg", b"JPEG", b"nvimgcodec", b"Note: If using nvImageCodec",
-                  b"marker", b"[ERROR]", b"[WARNING]", b"Premature", b"Corrupt")
+# What nvImageCodec and its libjpeg-turbo write (load failures of the GPU codecs, libjpeg's warnings).
+_LIBRARY_WORDS = (b"nvjpeg", b"nvtiff", b"jpeg", b"JPEG", b"nvimgcodec", b"nvImageCodec", b"marker", b"[ERROR]",
+                  b"[WARNING]", b"Premature", b"Corrupt")
 
 
 def _is_library_line(line: bytes) -> bool:

@@ -65,11 +65,12 @@ def make_crops(batch: pa.Table, *, options: CropOptions, threads: int = 1) -> pa
     """CPU stage: image rows with boxes -> one row per crop (or per failure), with the crops' pixels.
 
     A JPEG whose kind allows it is decoded only where its crops read (`jpeg_region`): the same
-    pixels as Pillow's full decode, for less work. `options.jpeg_draft`: decode each JPEG at the largest DCT reduction (1/2, 1/4, 1/8) that
-    every crop of the image still samples at no more than one point per decoded pixel
-    (`geometry.jpeg_reduction`). Much less decoding and copying for large photos with large
-    people; the crops' geometry is unchanged but their pixels are block means, not the
-    reference's point samples (benchmarks/README.md gives the measured difference).
+    pixels as Pillow's full decode, for less work. `options.jpeg_draft`: decode each JPEG at the
+    largest DCT reduction (1/2, 1/4, 1/8) that every crop of the image still samples at no more
+    than one point per decoded pixel (`geometry.jpeg_reduction`). Much less decoding and
+    copying for large photos with large people; the crops' geometry is unchanged but their
+    pixels are block means, not the reference's point samples (benchmarks/README.md gives the
+    measured difference).
 
     `threads` > 1 decodes and cuts that many images at a time (the pose actor's cores).
     """
@@ -246,7 +247,7 @@ class _DeviceImage:
         self.image.rows.append(row)
 
 
-REGION_MAX_FRACTION = 0.8
+REGION_MAX_FRACTION = 0.8  # the largest region, as a fraction of the frame, decoded alone
 
 # (center, scale, input size) of each crop an image will give
 Crops = list[tuple[np.ndarray, np.ndarray, tuple[int, int]]]
