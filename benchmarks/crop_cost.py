@@ -13,7 +13,6 @@ the stage a GPU host runs on its CPUs for every crop (`resources.crop_in: tasks`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,26 +24,12 @@ from raypose.config.spec import PoseSpec
 from raypose.inputs.fetch import read_images
 from raypose.models.routing import resolve_routing
 from raypose.pipeline.crop_stage import CropOptions, make_crops
-from raypose.schema import IMAGE_TASK_SCHEMA
-from raypose.testing.synthetic import make_benchmark_dataset, make_checkpoint
+from raypose.testing.synthetic import make_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_pose import benchmark_tasks  # noqa: E402
 
 WORKLOADS = {"mixed": ((640, 480), (1280, 720), (4000, 3000)), "coco": ((640, 480),)}
-
-
-def image_rows(folder: Path, count: int, sizes, box_heights: tuple[float, float]) -> pa.Table:
-    _, boxes = make_benchmark_dataset(folder, count, sizes=sizes, box_heights=box_heights, workers=2)
-    coco = json.loads(boxes.read_text())
-    by_image: dict[int, list] = {}
-    for annotation in coco["annotations"]:
-        by_image.setdefault(annotation["image_id"], []).append(annotation["bbox"])
-    rows = []
-    for image in coco["images"]:
-        boxes = by_image.get(image["id"], [])
-        rows.append({"image_key": image["file_name"], "image_uri": str(folder / image["file_name"]),
-                     "box_xywh": boxes, "annotation_id": list(range(len(boxes))), "category": ["person"] * len(boxes),
-                     "box_score": [None] * len(boxes), "box_source": "gt",
-                     "expected_width": image["width"], "expected_height": image["height"]})
-    return read_images(pa.Table.from_pylist(rows, schema=IMAGE_TASK_SCHEMA), storage_options={})
 
 
 def cpu_seconds(batch: pa.Table, options: CropOptions, repeat: int) -> tuple[float, pa.Table]:
@@ -67,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sizes = WORKLOADS[args.workload]
     heights = tuple(float(v) for v in args.box_heights.split("-"))
-    folder = Path(args.out) / "data" / ("crop-cost-" + "_".join(f"{w}x{h}" for w, h in sizes) + f"-h{args.box_heights}")
-    batch = image_rows(folder, args.images, sizes, heights)
+    folder = Path(args.out) / ("crop-cost-" + "_".join(f"{w}x{h}" for w, h in sizes) + f"-h{args.box_heights}")
+    batch = read_images(benchmark_tasks(folder, args.images, sizes=sizes, box_heights=heights), storage_options={})
     checkpoint = Path(args.out) / "checkpoints" / "vitpose-small-seed0"  # throughput.py's; only its config is read
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, preset="vitpose-small")

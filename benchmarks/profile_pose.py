@@ -176,15 +176,16 @@ def main(argv: list[str] | None = None) -> None:
             profile_device_crops(Path(tmp), args.device_crops, routing, device, args.repeat)
 
 
-def benchmark_tasks(folder: Path, count: int) -> pa.Table:
-    """Image rows (`schema.IMAGE_TASK_SCHEMA`) for `count` benchmark JPEGs and their boxes, made under `folder`."""
+def benchmark_tasks(folder: Path, count: int, **dataset) -> pa.Table:
+    """Image rows (`schema.IMAGE_TASK_SCHEMA`) for `count` benchmark JPEGs and their boxes, made under `folder`;
+    `dataset`: `make_benchmark_dataset`'s sizes, persons, box_heights."""
     import json
     import os
 
     from raypose.schema import IMAGE_TASK_SCHEMA
     from raypose.testing.synthetic import make_benchmark_dataset
 
-    _, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1)
+    _, boxes = make_benchmark_dataset(folder / "data", count, workers=os.cpu_count() or 1, **dataset)
     coco = json.loads(boxes.read_text())
     by_image: dict[int, list] = {}
     for annotation in coco["annotations"]:
@@ -203,8 +204,8 @@ def resolved(device: str, dtype: str) -> tuple[str, str]:
 
     cuda = torch.cuda.is_available()
     device = ("cuda" if cuda else "cpu") if device == "auto" else device
-    cluster = ClusterShape(bf16=torch.cuda.is_bf16_supported() if cuda else None, cpu_bf16=cpu_has_native_bf16())
-    return device, resolve_dtype(dtype, device, cluster, cpu_bf16=True)
+    cluster = ClusterShape(bf16=torch.cuda.is_bf16_supported() if cuda else None)
+    return device, resolve_dtype(dtype, device, cluster, cpu_bf16=cpu_has_native_bf16())
 
 
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:

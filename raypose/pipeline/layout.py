@@ -131,7 +131,8 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, detecting)
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
-    settings = PoseSettings(device=device, dtype=resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=True), batch_size=batch_size,
+    dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)
+    settings = PoseSettings(device=device, dtype=dtype, batch_size=batch_size,
                             threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
     layout = Layout(
         pose=settings,
@@ -144,8 +145,9 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     if detector is None:
         return layout
     gpus, device = detector
+    # The detector stays float32 on any CPU: bfloat16 was measured for ViTPose only.
     return replace(
-        layout, detector_device=device, detector_dtype=resolve_dtype(spec.boxes.detector.dtype, device, cluster),  # CPU bf16: measured for ViTPose only
+        layout, detector_device=device, detector_dtype=resolve_dtype(spec.boxes.detector.dtype, device, cluster),
         detector_pool=ActorPool.sized(resources.detector_actors, cpus=resources.cpus_per_detector_actor, gpus=gpus),
         detector_threads=max(1, int(resources.cpus_per_detector_actor)),
     )
@@ -174,12 +176,12 @@ def accelerator(gpus: float | None, device: str, cluster: ClusterShape, field: s
 
 
 def resolve_dtype(dtype: str, device: str, cluster: ClusterShape, cpu_bf16: bool = False) -> str:
-    """`auto` -> bfloat16 on GPUs that have it, else float16; on a CPU float32, or bfloat16 where `cpu_bf16`
-    allows it and the CPUs run it natively."""
+    """`auto` -> bfloat16 on GPUs that have it, else float16; on a CPU bfloat16 when `cpu_bf16` (the CPUs
+    run it natively and the model was measured in it), else float32."""
     if dtype != "auto":
         return dtype
     if device == "cpu":
-        return "bfloat16" if cpu_bf16 and cluster.cpu_bf16 else "float32"
+        return "bfloat16" if cpu_bf16 else "float32"
     return "bfloat16" if gpus_have_bf16(cluster) else "float16"
 
 
