@@ -7,6 +7,7 @@ an Arrow join, so a plan of millions of images holds no Python object per image 
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import posixpath
@@ -23,29 +24,37 @@ from fsspec.core import url_to_fs
 
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
+from raypose.inputs.arrays import ascending, filtered
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
 
 @dataclass
 class BoxSet:
-    """The job's boxes, one row per box in file order (`schema.BOX_SCHEMA`), and how many the filters dropped."""
+    """The job's boxes: one row per image, sorted by key, its boxes' columns as lists in file order
+    (`_per_image`); and how many the filters dropped."""
 
     table: pa.Table
     source: str  # gt | table | inline | detector
     dropped: int = 0
 
     @classmethod
+    def of_rows(cls, rows: pa.Table, source: str, dropped: int = 0) -> "BoxSet":
+        """The boxes of a table with one row per box (`schema.BOX_SCHEMA`), grouped by image."""
+        # Grouped as soon as read: the per-box keys (most of a box table's bytes) are not kept.
+        return cls(_per_image(rows), source, dropped)
+
+    @classmethod
     def empty(cls, source: str) -> "BoxSet":
-        return cls(BOX_SCHEMA.empty_table(), source)
+        return cls.of_rows(BOX_SCHEMA.empty_table(), source)
 
     def image(self, key: str) -> dict[str, Any]:
         """One image's boxes: lists of bbox, annotation_id, category, score; the expected_width/height the file gives."""
-        rows = self.table.filter(pc.equal(self.table.column("image_key"), key)).to_pydict()
-        rows.pop("image_key")
-        for name in ("expected_width", "expected_height"):
-            rows[name] = rows[name][0] if rows[name] else None
-        return rows
+        rows = self.table.filter(pc.equal(self.table.column("image_key"), key)).to_pylist()
+        if not rows:
+            return {**{name: [] for name in PER_IMAGE_LISTS}, "expected_width": None, "expected_height": None}
+        rows[0].pop("image_key")
+        return rows[0]
 
 
 def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
@@ -62,11 +71,54 @@ def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
         raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
     if boxes.source == "coco":
         return coco_boxes(_json(source, boxes.path), boxes)
-    # What filtering a table costs is bounded by the chunk, not the file.
     with source:
-        parts = [table_boxes(chunk, boxes) for chunk in _box_table_chunks(source, boxes.path, boxes)]
-    kept = pa.concat_tables([part.table for part in parts]).combine_chunks() if parts else BOX_SCHEMA.empty_table()
-    return BoxSet(kept, source="table", dropped=sum(part.dropped for part in parts))
+        table, dropped = _grouped_by_image(_box_table_chunks(source, boxes.path, boxes), boxes)
+    return BoxSet(table, source="table", dropped=dropped)
+
+
+def _grouped_by_image(chunks, boxes: BoxesSpec) -> tuple[pa.Table, int]:
+    """A box table read in chunks, filtered and grouped by image (`_per_image`); and how many boxes the filters dropped.
+
+    While the rows come sorted by key (as a detector writes them) each chunk is grouped as it is read, the
+    image at its end carried into the next, so the per-box keys (most of a box table's bytes) are never all
+    held, and nothing is concatenated. Unsorted rows are all gathered and grouped at the end.
+    """
+    grouped: list[pa.Table] = []  # per-image tables, in key order
+    rows: list[pa.Table] = []  # with unsorted rows: all of them
+    carried = None  # the rows of the last image so far, which the next chunk may go on with
+    dropped = 0
+    for chunk in chunks:
+        kept, chunk_dropped = _filtered_rows(chunk, boxes)
+        dropped += chunk_dropped
+        if rows:
+            rows.append(kept)
+            continue
+        if carried is not None:
+            kept = pa.concat_tables([carried, kept]).combine_chunks()
+        keys = _contiguous(kept.column("image_key"))
+        after_grouped = not grouped or not len(keys) or keys[0].as_py() > grouped[-1].column("image_key")[-1].as_py()
+        if not (after_grouped and ascending(keys)):
+            rows = [*(_flattened(part) for part in grouped), kept]
+            grouped, carried = [], None
+            continue
+        last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
+        carried = kept.slice(len(keys) - last)
+        if len(keys) > last:
+            grouped.append(_per_image(kept.slice(0, len(keys) - last)))
+    if rows:
+        return _per_image(pa.concat_tables(rows).combine_chunks()), dropped
+    if carried is not None and carried.num_rows:
+        grouped.append(_per_image(carried))
+    return (pa.concat_tables(grouped) if grouped else _per_image(BOX_SCHEMA.empty_table())), dropped
+
+
+def _flattened(per_image: pa.Table) -> pa.Table:
+    """Per-image boxes back to one row per box (`schema.BOX_SCHEMA`), in the same order."""
+    parents = pc.list_parent_indices(per_image.column("bbox"))
+    columns = {name: pc.list_flatten(per_image.column(name)) for name in PER_IMAGE_LISTS}
+    for name in ("image_key", "expected_width", "expected_height"):
+        columns[name] = per_image.column(name).take(parents)
+    return pa.table(columns).select(BOX_SCHEMA.names).cast(BOX_SCHEMA)
 
 
 def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
@@ -103,11 +155,17 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
                             ("category", names.get(ann.get("category_id"))), ("score", None),
                             ("expected_width", width), ("expected_height", height)):
             columns[name].append(value)
-    return BoxSet(pa.table(columns, schema=BOX_SCHEMA), source="gt", dropped=dropped)
+    return BoxSet.of_rows(pa.table(columns, schema=BOX_SCHEMA), source="gt", dropped=dropped)
 
 
 def table_boxes(table: pa.Table, boxes: BoxesSpec, source: str = "table") -> BoxSet:
     """Boxes from a table with one row per box: image key, COCO xywh [, score, category, annotation_id]."""
+    rows, dropped = _filtered_rows(table, boxes)
+    return BoxSet.of_rows(rows, source=source, dropped=dropped)
+
+
+def _filtered_rows(table: pa.Table, boxes: BoxesSpec) -> tuple[pa.Table, int]:
+    """A box table's rows as `schema.BOX_SCHEMA`, less those the filters drop; and how many they dropped."""
     _check_columns(table.column_names, boxes)
     n = table.num_rows
     keys = _normalised_keys(table.column(boxes.image_key_column))
@@ -130,9 +188,8 @@ def table_boxes(table: pa.Table, boxes: BoxesSpec, source: str = "table") -> Box
         "category": pc.fill_null(category, default) if default is not None else category,
         "score": score, "expected_width": pa.nulls(n, pa.int32()), "expected_height": pa.nulls(n, pa.int32()),
     }, schema=BOX_SCHEMA)
-    if not keep.all():  # a filter copies every column, even when it keeps every row
-        result = result.filter(pa.array(keep))
-    return BoxSet(result, source=source, dropped=n - result.num_rows)
+    result = filtered(result, pa.array(keep))
+    return result, n - result.num_rows
 
 
 def attach_boxes(
@@ -144,21 +201,21 @@ def attach_boxes(
     too, marked for the detector), sorted by key, an errors table for boxes whose image is not
     in storage, and counts.
     """
-    per_image = _per_image(box_set.table)
+    per_image = box_set.table
     listed = images.select([c for c in ("image_key", "image_uri", "container", "offset", "length")
                             if c in images.column_names])
     # The join, by index: Arrow's own join takes no nested columns such as the boxes' lists.
-    where = pc.index_in(listed.column("image_key"), per_image.column("image_key"))
+    where = _rows_with_boxes(_contiguous(listed.column("image_key")), per_image.column("image_key"))
     has_boxes = where.is_valid()
     picked = where.filter(has_boxes)
     in_order = len(picked) == per_image.num_rows and pc.all(pc.equal(picked, pa.array(
-        np.arange(len(picked), dtype=np.int32)))).as_py() is not False
+        np.arange(len(picked), dtype=np.int64)))).as_py() is not False
     # Every image with boxes listed (the usual case): its boxes are per_image as it is, no copy.
-    matched = _joined(listed.filter(has_boxes), per_image if in_order else per_image.take(picked))
-    without = listed.filter(pc.invert(has_boxes))
+    matched = _joined(filtered(listed, has_boxes), per_image if in_order else per_image.take(picked))
+    without = filtered(listed, pc.invert(has_boxes))
     unmatched = np.ones(per_image.num_rows, bool)
     unmatched[np.asarray(picked)] = False  # the join's own indices: no second hash of the keys
-    missing = per_image.filter(pa.array(unmatched))
+    missing = filtered(per_image, pa.array(unmatched))
     if per_image.num_rows and not matched.num_rows:
         raise SpecError(
             f"boxes.path: no box belongs to a listed image: image keys look like "
@@ -182,6 +239,39 @@ def attach_boxes(
     return tasks, _listing_errors(missing.column("image_key")), counts
 
 
+def _rows_with_boxes(listed: pa.Array, grouped: pa.ChunkedArray) -> pa.Array:
+    """For each listed key, the row of the per-image boxes (keys `grouped`, sorted) that holds its boxes, or null.
+
+    With the listing sorted too, each chunk of boxes is matched against the listed keys in its key range
+    alone: the hash table is a chunk's, not the job's (at 1M images that one is ~0.1 GiB).
+    """
+    if not ascending(listed):
+        return pc.index_in(listed, grouped.combine_chunks()).cast(pa.int64())
+    at = _AsPython(listed)
+    where = np.full(len(listed), -1, np.int64)
+    start = 0
+    for chunk in grouped.chunks:
+        if len(chunk):
+            lo, hi = bisect.bisect_left(at, chunk[0].as_py()), bisect.bisect_right(at, chunk[-1].as_py())
+            found = pc.index_in(listed.slice(lo, hi - lo), chunk)
+            where[lo:hi] = np.where(np.asarray(found.is_valid()), np.asarray(found.fill_null(0), np.int64) + start, -1)
+        start += len(chunk)
+    return pa.array(where, mask=where < 0)
+
+
+class _AsPython:
+    """A string array's items as Python strings, for `bisect` (a few lookups, not a conversion)."""
+
+    def __init__(self, values: pa.Array):
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> str:
+        return self.values[i].as_py()
+
+
 def _joined(listed: pa.Table, boxes: pa.Table) -> pa.Table:
     """Listed images and their per-image boxes, row for row."""
     for name in boxes.column_names:
@@ -198,7 +288,7 @@ def _contiguous(column: pa.ChunkedArray) -> pa.Array:
 def _per_image(boxes: pa.Table) -> pa.Table:
     """One row per image: its boxes' columns as lists (file order kept), and the size the file gives it."""
     keys = _contiguous(boxes.column("image_key"))
-    if len(keys) > 1 and not pc.all(pc.less_equal(keys.slice(0, len(keys) - 1), keys.slice(1))).as_py():
+    if not ascending(keys):
         boxes = boxes.take(pc.sort_indices(boxes, [("image_key", "ascending")]))  # a stable sort
         keys = _contiguous(boxes.column("image_key"))
     ordered = boxes
@@ -225,17 +315,18 @@ PER_IMAGE_LISTS = ("bbox", "annotation_id", "category", "score")
 def _tasks(rows: pa.Table, source: str | None, detect: bool) -> pa.Table:
     """Image tasks (`schema.IMAGE_TASK_SCHEMA`) for joined rows; `detect`: rows without boxes, for the detector."""
     n = rows.num_rows
-    empty = {name: pa.array([[]] * n, IMAGE_TASK_SCHEMA.field(name).type)
-             for name in ("box_xywh", "annotation_id", "category", "box_score")}
     columns = {name: (rows.column(name) if name in rows.column_names else pa.nulls(n, IMAGE_TASK_SCHEMA.field(name).type))
                for name in ("image_key", "image_uri", "container", "offset", "length")}
-    if not detect:
+    if detect:
+        no_boxes = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.null()))
+        columns.update({name: no_boxes.cast(IMAGE_TASK_SCHEMA.field(name).type)
+                        for name in ("box_xywh", "annotation_id", "category", "box_score")})
+    else:
         columns.update(box_xywh=rows.column("bbox"), annotation_id=rows.column("annotation_id"),
                        category=rows.column("category"), box_score=rows.column("score"),
                        expected_width=rows.column("expected_width"), expected_height=rows.column("expected_height"))
-    columns = {**empty, **columns}
-    columns["box_source"] = pa.array([source] * n, pa.string())
-    columns["needs_detection"] = pa.array([detect] * n, pa.bool_())
+    columns["box_source"] = pa.repeat(pa.scalar(source, pa.string()), n)
+    columns["needs_detection"] = pa.repeat(pa.scalar(detect), n)
     return pa.table({name: columns.get(name, pa.nulls(n, IMAGE_TASK_SCHEMA.field(name).type))
                      for name in IMAGE_TASK_SCHEMA.names}).cast(IMAGE_TASK_SCHEMA)
 
@@ -374,7 +465,7 @@ def _json(raw: bytes, path: str) -> Any:
         raise SpecError(f"boxes.path: {path} is not valid JSON: {exc}") from exc
 
 
-def _box_table_chunks(source, path: str, boxes: BoxesSpec, rows: int = 1 << 20):
+def _box_table_chunks(source, path: str, boxes: BoxesSpec, rows: int = 1 << 18):
     """The box table (an open file) as Arrow tables of at most `rows` rows; of a Parquet file only the
     columns the boxes use are read."""
     try:

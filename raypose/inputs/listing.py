@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
+from raypose.inputs.arrays import ascending, filtered
 from raypose.inputs.storage import open_url, uri_of
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
@@ -60,7 +61,7 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
     table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
     wanted = pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
                      pc.invert(pc.match_substring_regex(keys, HIDDEN)))
-    table = _last_of_each_key(table.filter(wanted))  # a manifest that lists an image twice must not label it twice
+    table = _last_of_each_key(filtered(table, wanted))  # a manifest that lists an image twice must not label it twice
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
@@ -85,12 +86,17 @@ def _list_manifest(fs, manifest: str) -> tuple[pa.Array, pa.Array]:
             lines = _manifest_lines(f)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
-    lines = pc.utf8_trim_whitespace(lines)
-    lines = lines.filter(pc.and_(pc.not_equal(lines, ""), pc.invert(pc.starts_with(lines, "#"))))
+    # At millions of lines each copy of the column costs more than the compute: copy only what changes.
+    if _may_need_trim(lines):
+        lines = pc.utf8_trim_whitespace(lines)
+    lines = filtered(lines, pc.invert(pc.or_(pc.equal(lines, ""), pc.starts_with(lines, "#"))))
     url = pc.match_substring(lines, "://")
     absolute = pc.and_(pc.invert(url), pc.starts_with(lines, "/"))
     relative = np.asarray(pc.invert(pc.or_(url, absolute)))
-    keys = pc.if_else(url, pc.replace_substring_regex(lines, r"^[^:]*://", ""), pc.utf8_ltrim(lines, "/"))
+    if pc.all(url).as_py() is not False:
+        keys = _after_scheme(lines)
+    else:
+        keys = pc.if_else(url, _after_scheme(lines), pc.utf8_ltrim(lines, "/"))
     paths = lines
     if relative.any():
         # Object stores take "a/../b" literally, so "../images/x.jpg" must be resolved here.
@@ -100,6 +106,30 @@ def _list_manifest(fs, manifest: str) -> tuple[pa.Array, pa.Array]:
         keys = _put(keys, at, [posixpath.normpath(e) for e in entries])
         paths = _put(paths, at, [posixpath.normpath(posixpath.join(base, e)) for e in entries])
     return keys, paths
+
+
+def _after_scheme(lines: pa.Array) -> pa.Array:
+    """Each URL without its `scheme://` (what the key of a URL entry is)."""
+    first = lines[0].as_py() if len(lines) else ""
+    prefix = first[: first.find("://") + 3] if "://" in first else ""
+    if prefix and ":" not in prefix[:-3] and pc.all(pc.starts_with(lines, prefix)).as_py():
+        # One scheme for all (the usual manifest): a byte slice, no regex (the prefix is ASCII).
+        return pc.binary_slice(lines.cast(pa.binary()), len(prefix), (1 << 31) - 1).cast(pa.string())
+    return pc.replace_substring_regex(lines, r"^[^:]*://", "")
+
+
+def _may_need_trim(lines: pa.Array) -> bool:
+    """Whether a line may start or end with whitespace: its first or last byte is ASCII whitespace or not ASCII."""
+    if not len(lines):
+        return False
+    offsets = np.frombuffer(lines.buffers()[1], np.int32, len(lines) + 1, lines.offset * 4)
+    data = np.frombuffer(lines.buffers()[2] or b"", np.uint8)
+    filled = offsets[1:] > offsets[:-1]
+    ends = np.concatenate([data[offsets[:-1][filled]], data[offsets[1:][filled] - 1]])
+    return bool(np.isin(ends, WHITESPACE_BYTES).any() or (ends >= 0x80).any())
+
+
+WHITESPACE_BYTES = np.array([9, 10, 11, 12, 13, 28, 29, 30, 31, 32], np.uint8)  # what utf8_trim_whitespace trims in ASCII
 
 
 def _manifest_lines(f) -> pa.Array:
@@ -124,6 +154,8 @@ def _uris(fs, paths: pa.Array) -> pa.Array:
     """Paths on `fs` as the URIs raypose records (`storage.uri_of`), whole columns at a time."""
     prefix = uri_of(fs, "/x")[: -len("/x")]  # what the filesystem puts before a path: file://, memory://, ...
     with_protocol = pc.match_substring(paths, "://")
+    if pc.all(with_protocol).as_py() is not False:
+        return paths
     return pc.if_else(with_protocol, paths, pc.binary_join_element_wise(prefix, paths, ""))
 
 
@@ -133,13 +165,15 @@ def _suffix_pattern(suffixes: tuple[str, ...]) -> str:
 
 def _last_of_each_key(table: pa.Table) -> pa.Table:
     """The table sorted by key, one row a key: the last of the rows that share it."""
-    table = table.take(pc.sort_indices(table, [("image_key", "ascending")]))  # stable: equal keys keep their order
     keys = table.column("image_key").combine_chunks()
     if len(keys) < 2:
         return table
+    if not ascending(keys):
+        table = table.take(pc.sort_indices(table, [("image_key", "ascending")]))  # stable: equal keys keep their order
+        keys = table.column("image_key").combine_chunks()
     last = np.ones(len(keys), bool)
     last[:-1] = np.asarray(pc.not_equal(keys.slice(0, len(keys) - 1), keys.slice(1)))
-    return table.filter(pa.array(last))
+    return filtered(table, pa.array(last))
 
 
 # A hidden part of a key: ".name" or "..name", but not "." or "..", which are a manifest entry's way up.

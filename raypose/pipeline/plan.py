@@ -7,8 +7,9 @@ image tasks, and (with `output.mode: resume`) the shards an earlier run already 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,10 +18,12 @@ from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
 from raypose.inputs.boxes import BoxSet, attach_boxes, inline_boxes, load_boxes
 from raypose.inputs.listing import list_images
-from raypose.models.detector import DetectorInfo, inspect_detector
-from raypose.models.routing import Routing, resolve_routing
 from raypose.output.resume import ShardPlan, check_resumable, plan_shards, result_key
 from raypose.output.writer import JOB_FILE, OutputStore
+
+if TYPE_CHECKING:
+    from raypose.models.detector import DetectorInfo
+    from raypose.models.routing import Routing
 
 
 @dataclass
@@ -60,21 +63,38 @@ def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
     With `output.mode: resume`, shards an earlier run committed for the same inputs are kept
     and left out of this run; other settings are refused unless `force`.
     """
-    routing = resolve_routing(spec.pose)
     detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
-    detector = inspect_detector(spec.boxes.detector, spec.boxes.categories) if detecting else None
-    store = OutputStore(spec.output, spec.output_storage_options())
-    previous = _previous_run(spec, store)
+    # The model checks are mostly imports (Python, holding the GIL); the listing and the box join are
+    # Arrow work that releases it: run side by side, a plan of millions of images takes the longer of the two.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypose-plan-models") as pool:
+        models = pool.submit(_models, spec, detecting)
+        try:
+            store = OutputStore(spec.output, spec.output_storage_options())
+            previous = _previous_run(spec, store)
+            store.check_writable()
+            tasks, missing, counts = _image_tasks(spec, detecting)  # sorted by key: shard by shard, each commits soon
+        except BaseException:
+            models.result()  # a model's problem is reported first, as when the models were checked first
+            raise
+        routing, detector = models.result()
     if previous is not None and not force:
         check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
-    store.check_writable()
-    tasks, missing, counts = _image_tasks(spec, detecting)  # sorted by key: shard by shard, each commits soon
     shards = plan_shards(spec, tasks.column("image_key"), store, previous)
     tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
     if shards.reused:
         tasks = tasks.filter(pa.array(~np.isin(shards.shard_of_task, list(shards.reused))))
     return JobPlan(spec=spec, routing=routing, detector=detector, tasks=tasks, missing=missing, counts=counts,
                    store=store, shards=shards, previous=previous, force=force)
+
+
+def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:
+    """The pose experts' routing and, when some images need detection, the detector: configs and weights checked."""
+    # Imported here, in the plan's second thread: torch and transformers are most of what these checks cost.
+    from raypose.models.detector import inspect_detector
+    from raypose.models.routing import resolve_routing
+
+    routing = resolve_routing(spec.pose)
+    return routing, inspect_detector(spec.boxes.detector, spec.boxes.categories) if detecting else None
 
 
 def _previous_run(spec: JobSpec, store: OutputStore) -> dict[str, Any] | None:

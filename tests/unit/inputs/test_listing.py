@@ -111,3 +111,28 @@ def test_list_empty_dir_is_spec_error(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(SpecError, match=r"^images\.path: no images under .*empty"):
         list_images(ImagesSpec(path=str(tmp_path / "empty")))
+
+
+def _python_manifest(text: str) -> list[tuple[str, str]]:
+    """What a URL manifest lists, read line by line in Python: (key, uri), the last of each key, by key."""
+    import re
+
+    entries = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries[re.sub(r"^[^:]*://", "", line)] = line
+    return sorted(entries.items())
+
+
+@pytest.mark.parametrize("text", [
+    "s3://b/x/2.jpg\ns3://b/x/1.jpg\ns3://b/x/2.jpg\n",  # one scheme, unsorted, a key twice
+    "s3://b/1.jpg\ns3://b/2.jpg\n# s3://b/3.jpg\n\n",  # sorted, with a comment and a blank line
+    "s3://b/1.jpg\n gs://c/2.jpg\t\r\n\u3000s3://b/3.jpg\u3000\n",  # two schemes, ASCII and CJK whitespace
+    "s3://b/é.jpg\ns3://b/1.jpg\n",  # a non-ASCII key
+    "a:b://c/1.jpg\ns3://b/2.jpg\n",  # a colon before the scheme's "://"
+])
+def test_list_url_manifest_matches_line_by_line_reading(tmp_path, text):
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(text, encoding="utf-8")
+    assert listed(list_images(ImagesSpec(path=str(manifest)))) == _python_manifest(text)
