@@ -39,13 +39,13 @@ class BoxSet:
     dropped: int = 0
 
     @classmethod
-    def of_rows(cls, rows: pa.Table, source: str, dropped: int = 0) -> "BoxSet":
+    def of_rows(cls, rows: pa.Table, source: str, dropped: int = 0) -> BoxSet:
         """The boxes of a table with one row per box (`schema.BOX_SCHEMA`), grouped by image."""
         # Grouped as soon as read: the per-box keys (most of a box table's bytes) are not kept.
         return cls(_per_image(rows), source, dropped)
 
     @classmethod
-    def empty(cls, source: str) -> "BoxSet":
+    def empty(cls, source: str) -> BoxSet:
         return cls.of_rows(BOX_SCHEMA.empty_table(), source)
 
     def image(self, key: str) -> dict[str, Any]:

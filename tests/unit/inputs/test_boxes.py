@@ -19,7 +19,14 @@ from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.imaging.decode import decode_image
 from raypose.imaging.geometry import clip_boxes
-from raypose.inputs.boxes import _grouped_by_image, _rows_with_boxes, attach_boxes, coco_boxes, load_boxes, table_boxes
+from raypose.inputs.boxes import (
+    _grouped_by_image,
+    _rows_with_boxes,
+    attach_boxes,
+    coco_boxes,
+    load_boxes,
+    table_boxes,
+)
 from raypose.inputs.fetch import read_bytes
 from raypose.inputs.listing import list_images
 from raypose.schema import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
