@@ -138,8 +138,10 @@ def ray_session():
     """One local Ray for the whole test session (2 CPUs, like CI)."""
     import ray
 
+    from raypose.pipeline.runtime import EMBEDDED_RAY_CONFIG
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=EMBEDDED_RAY_CONFIG)
     # Ray Data's console handler keeps the sys.stderr it was created with (at `import ray.data`);
     # created inside a CliRunner invocation, it would write to that run's closed stream ever after.
     import ray.data  # noqa: F401

@@ -20,6 +20,12 @@ ACCELERATOR_PREFIX = "accelerator_type:"
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+# Ray kills a worker idle for 1 s once there are more workers than CPUs, which the pose actors
+# alone are: each write task then started a fresh process (2-3 s of imports), the job's last one
+# after the last pose batch. Kept a minute, an idle write (or crop) worker takes the next task.
+EMBEDDED_RAY_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def start_ray(resources: ResourcesSpec) -> ClusterShape:
     """Connect to the Ray cluster this process should use, starting an embedded one if there is none; its shape."""
     import ray
@@ -31,7 +37,8 @@ def start_ray(resources: ResourcesSpec) -> ClusterShape:
             # On a cluster: join it without the embedded Ray's arguments (num_cpus), which ray.init refuses there.
             ray.init(log_to_driver=False, logging_level=level)
         else:
-            ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level)
+            ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level,
+                     _system_config=EMBEDDED_RAY_CONFIG)
             watchdog.start(os.getpid())  # the embedded Ray's processes end with this one, killed or not
     return cluster_shape()
 

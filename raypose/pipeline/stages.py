@@ -11,6 +11,7 @@ pyarrow batch without Ray (the tests call them so).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -23,11 +24,13 @@ from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.pose_stage import PoseStage
 
 
-def rows_per_part(images_per_shard: int, boxes_per_image: float) -> int:
+def rows_per_part(images_per_shard: int, boxes_per_image: float, job_rows: int) -> int:
     """Rows a write task takes at a time: about a quarter of a shard's rows (at most 8192), so that a
     shard has a few files, not one per pose batch, and still commits soon after its last image
-    (a write task waits until it has its rows)."""
-    return max(1, min(8192, round(images_per_shard * max(1.0, boxes_per_image) / 4)))
+    (a write task waits until it has its rows); and at most a quarter of the job's, so that even a
+    small job's first write starts its worker while the pose stage runs, not after it."""
+    shard_rows = images_per_shard * max(1.0, boxes_per_image)
+    return max(1, min(8192, round(shard_rows / 4), math.ceil(job_rows / 4)))
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,8 @@ def job_stages(plan: JobPlan, layout: Layout, target: PartTarget | None = None) 
         # The rows are written where they are made; only each part's summary reaches the driver.
         # No CPU reserved: they mostly wait on storage, and must never wait for a pose actor's CPU.
         stages.append(Stage("write", write_parts, {"target": target},
-                            {"batch_size": rows_per_part(spec.output.images_per_shard, boxes_per_image),
+                            {"batch_size": rows_per_part(spec.output.images_per_shard, boxes_per_image,
+                                                         plan.counts["boxes"] + plan.counts["images_to_detect"]),
                              "num_cpus": 0, **task_args}))
     return stages
 
