@@ -24,7 +24,7 @@ from fsspec.core import url_to_fs
 
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
-from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.arrays import KeySequence, ascending, filtered
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -247,7 +247,7 @@ def _rows_with_boxes(listed: pa.Array, grouped: pa.ChunkedArray) -> pa.Array:
     """
     if not ascending(listed):
         return pc.index_in(listed, grouped.combine_chunks()).cast(pa.int64())
-    at = _AsPython(listed)
+    at = KeySequence(listed)
     where = np.full(len(listed), -1, np.int64)
     start = 0
     for chunk in grouped.chunks:
@@ -257,19 +257,6 @@ def _rows_with_boxes(listed: pa.Array, grouped: pa.ChunkedArray) -> pa.Array:
             where[lo:hi] = np.where(np.asarray(found.is_valid()), np.asarray(found.fill_null(0), np.int64) + start, -1)
         start += len(chunk)
     return pa.array(where, mask=where < 0)
-
-
-class _AsPython:
-    """A string array's items as Python strings, for `bisect` (a few lookups, not a conversion)."""
-
-    def __init__(self, values: pa.Array):
-        self.values = values
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __getitem__(self, i: int) -> str:
-        return self.values[i].as_py()
 
 
 def _joined(listed: pa.Table, boxes: pa.Table) -> pa.Table:

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
+from raypose.inputs.arrays import KeySequence
 from raypose.output.writer import JOB_FILE, OutputStore, ShardInputs
 
 JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cluster: its job_id is the submission id
@@ -133,7 +134,7 @@ def plan_shards(spec: JobSpec, keys: pa.Array, store: OutputStore, previous: dic
         job_id, num_shards, starts = previous["job_id"], int(previous["num_shards"]), previous.get("shard_starts")
     if starts is not None:
         # Where each shard's first key falls among the sorted keys: its tasks are the run up to the next.
-        first = [0] + [bisect.bisect_left(_Keys(keys), start) for start in starts[1:]]
+        first = [0] + [bisect.bisect_left(KeySequence(keys), start) for start in starts[1:]]
         shards = np.zeros(n, np.int32)
         for shard, begin in enumerate(first[1:], start=1):
             shards[begin:] = shard
@@ -150,19 +151,6 @@ def plan_shards(spec: JobSpec, keys: pa.Array, store: OutputStore, previous: dic
                 del to_write[shard]
     return ShardPlan(job_id=job_id, num_shards=num_shards, starts=starts, shard_of_task=shards, to_write=to_write,
                      reused=reused)
-
-
-class _Keys:
-    """A sorted Arrow string array as a sequence `bisect` can search without turning it into Python strings."""
-
-    def __init__(self, keys: pa.Array):
-        self.keys = keys
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, index: int) -> str:
-        return self.keys[index].as_py()
 
 
 def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[str, Any]) -> None:
