@@ -17,7 +17,7 @@ import functools
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -183,7 +183,7 @@ def _fail_images(rows: pa.Table, images: list[EncodedImage], errors: dict[int, I
     renumber = {row: j for j, row in enumerate(keep)}
     failed = fail_rows(rows.take(firsts), np.ones(len(firsts), bool), [e.stage for e in errors.values()],
                        [str(e) for e in errors.values()], whole_image=True)
-    kept = [EncodedImage(image.data, image.size, image.plain_jpeg, [renumber[r] for r in image.rows])
+    kept = [replace(image, rows=[renumber[r] for r in image.rows])
             for i, image in enumerate(images) if i not in errors]
     return pa.concat_tables([rows.take(keep), failed]), kept
 
@@ -259,21 +259,27 @@ def _decode_here(options: CropOptions, data, header: ImageHeader, crops: Crops) 
                                    [input_size for *_, input_size in crops])
         decoded, factor, size = decode_image_reduced(data, options.max_pixels, reduction)
         return _CpuImage(pixel_view(decoded), size, factor)
-    if options.region_decode and header.region_decodable and crops:
-        region = crops_source_region(crops, header.size)
-        x0, y0, x1, y1 = region
-        # nvImageCodec decodes a whole frame slower than Pillow does: a region pays when it is at
-        # most about four fifths of the frame (the measured curve: benchmarks/README.md).
-        if (x1 - x0) * (y1 - y0) <= REGION_MAX_FRACTION * header.size[0] * header.size[1]:
-            pixels = decode_jpeg_region(data, region)
-            if pixels is not None:
-                return _CpuImage(pixels, header.size, origin=(x0, y0))
+    region = _region_to_decode(options, header, crops)
+    if region is not None:
+        pixels = decode_jpeg_region(data, region)
+        if pixels is not None:
+            return _CpuImage(pixels, header.size, origin=region[:2])
     decoded, _, size = decode_image_reduced(data, options.max_pixels)
     return _CpuImage(pixel_view(decoded), size)
 
 
 def _leave_to_device(options: CropOptions, data, header: ImageHeader, crops: Crops) -> _DeviceImage:
-    return _DeviceImage(EncodedImage(data, header.size, header.plain_jpeg))
+    return _DeviceImage(EncodedImage(data, header.size, header.plain_jpeg, region=_region_to_decode(options, header, crops)))
+
+
+def _region_to_decode(options: CropOptions, header: ImageHeader, crops: Crops) -> tuple[int, int, int, int] | None:
+    """The rectangle of a JPEG its crops read, when decoding it alone is exact and pays; else None."""
+    if not (options.region_decode and not options.jpeg_draft and header.region_decodable and crops):
+        return None
+    x0, y0, x1, y1 = region = crops_source_region(crops, header.size)
+    # nvImageCodec decodes a whole frame slower than Pillow does: a region pays when it is at
+    # most about four fifths of the frame (the measured curve: benchmarks/README.md).
+    return region if (x1 - x0) * (y1 - y0) <= REGION_MAX_FRACTION * header.size[0] * header.size[1] else None
 
 
 def _in_order(work, items, threads: int):

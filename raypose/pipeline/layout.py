@@ -236,7 +236,7 @@ def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int
     read = (read_images, {"storage_options": options.storage_options, "image_column": options.image_column})
     # An actor that crops on its device takes pose.batch_size images, so that its forwards are full.
     return CropPlacement("pose_device", read, DeviceCropper(options, nvjpeg=nvjpeg), rows_per_call=batch_size,
-                         decoder="nvjpeg" if nvjpeg else "pillow")
+                         decoder="nvjpeg" if nvjpeg else "pillow", jpeg_regions=regions)
 
 
 def _has_torchvision() -> bool:

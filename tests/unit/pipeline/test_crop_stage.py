@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,28 @@ def test_device_crops_equal_the_cpu_stage(images):
         np.testing.assert_array_equal(pick([i], SIZES[rows[i]["expert"]])[0].numpy(), cpu_crop(rows[i]))
     coco = [i for i in reversed(good) if rows[i]["expert"] == "coco"]
     np.testing.assert_array_equal(pick(coco, SIZES["coco"]).numpy(), np.stack([cpu_crop(rows[i]) for i in coco]))
+
+
+def test_device_crops_from_a_jpeg_region_equal_the_cpu_stage_from_pillow(tmp_path, monkeypatch):
+    import raypose.imaging.crop_torch as crop_torch
+    from raypose.imaging.jpeg_region import region_decoder_available
+
+    if not region_decoder_available():
+        pytest.skip("nvImageCodec is not installed")
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    (tmp_path / "wide.jpg").write_bytes(encode(Image.fromarray(pixels), "JPEG", quality=85))
+    regions = []
+    real = crop_torch.decode_jpeg_region
+    monkeypatch.setattr(crop_torch, "decode_jpeg_region", lambda data, region: regions.append(region) or real(data, region))
+    batch = task_table(image_task(tmp_path / "wide.jpg", [[200, 150, 40, 60], [250, 120, 30, 70]], first_annotation=0))
+    expected = make_crops(batch, options=replace(DEVICE_OPTIONS, region_decode=False)).to_pylist()
+    table, pick = on_device(batch)
+    [(x0, y0, x1, y1)] = regions  # only the corner the crops read was decoded
+    assert x0 > 0 and y0 > 0 and (x1 - x0) * (y1 - y0) < 0.5 * 320 * 240
+    for i, row in enumerate(expected):
+        np.testing.assert_array_equal(pick([i], SIZES["coco"])[0].numpy(), cpu_crop(row))
+    np.testing.assert_array_equal(pick([1, 0], SIZES["coco"]).numpy(), np.stack([cpu_crop(expected[1]), cpu_crop(expected[0])]))
 
 
 def test_an_image_that_fails_to_decode_on_the_device_becomes_one_error_row(images):

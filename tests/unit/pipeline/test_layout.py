@@ -98,6 +98,7 @@ def test_each_crop_placement_is_a_strategy_object():
     assert in_actor.cropper.threads == 1
     assert on_device.task[0] is read_images and isinstance(on_device.cropper, DeviceCropper)
     assert on_device.rows_per_call == 8 and not on_device.cropper.nvjpeg  # Pillow on a CPU
+    assert on_device.jpeg_regions == tasks.jpeg_regions == in_actor.jpeg_regions  # regions decoded alone, each way
 
 
 def test_cuda_on_a_cluster_without_gpus_is_a_spec_error_before_any_actor_starts():
