@@ -2,7 +2,7 @@
 
 A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
 machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one each
-of benchmarks/dtype_drift.py and benchmarks/profile_pose.py, in the same spirit.
+of benchmarks/dtype_drift.py, benchmarks/profile_pose.py and benchmarks/jpeg_decoders.py, in the same spirit.
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ def test_profile_pose_smoke(capsys):
     for row in ("crops -> array", "estimate", "forward", "estimate_rows", "rows, no model", "plan_device_crops", "cut_on_device"):
         assert f"  {row} " in out, row
     assert "100.0% equal" in out  # on CPU the device path decodes with Pillow: the CPU stage's very crops
+
+
+def test_jpeg_decoders_smoke_cpu_rows_are_pillow_exact(tmp_path, capsys):
+    rows = load_benchmark("jpeg_decoders").main(["--images", "3", "--out", str(tmp_path)])
+    assert [r["decoder"] for r in rows][:2] == ["pillow", "nvimgcodec cpu regions"]
+    assert all(r["max"] == 0 and r["ms_per_image"] > 0 for r in rows[:2])  # the CPU's decoders: Pillow's pixels
 
 
 def test_ceiling_in_processes_adds_their_rates(tiny_checkpoint):
