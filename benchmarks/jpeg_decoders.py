@@ -6,8 +6,8 @@ the region where it can) and the same crops are cut from its pixels (`crop_torch
 the crops are compared with the CPU stage's (Pillow's pixels): mean, p99 and max absolute
 difference in grey levels, and wall ms per image. Rows:
 
-- `pillow`: `decode.decode_image`, the whole image (the reference's pixels)
-- `nvimgcodec cpu regions`: the CPU crop stage's region decode (`jpeg_region`), one image at a time
+- `pillow`: the device cropper's decode (`crop_torch.decode_on_device`) with no region: Pillow, whole images
+- `nvimgcodec cpu regions`: the same with the regions: nvImageCodec's CPU decode (`jpeg_region`), else Pillow
 - with CUDA: `nvjpeg (torchvision)`, whole images in one batched call, as `crop_in: pose_device` does;
   `nvimgcodec <backend> regions`: nvImageCodec's GPU backends (HW_GPU_ONLY, the GPU's JPEG
   engine; HYBRID_CPU_GPU; GPU_ONLY), the regions in one batched call, on the device
@@ -21,7 +21,7 @@ import argparse
 import sys
 import tempfile
 import time
-import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from profile_pose import benchmark_tasks  # noqa: E402
 
 from raypose.config.spec import PoseSpec  # noqa: E402
-from raypose.imaging.crop_torch import DecodedImage, ImagesOnDevice, gpu_jpeg_decoder  # noqa: E402
-from raypose.imaging.decode import decode_image  # noqa: E402
-from raypose.imaging.jpeg_region import decode_jpeg_region  # noqa: E402
+from raypose.imaging.crop_torch import (  # noqa: E402
+    DecodedImage,
+    ImagesOnDevice,
+    decode_on_device,
+    gpu_jpeg_decoder,
+)
 from raypose.inputs.fetch import read_images  # noqa: E402
 from raypose.models.routing import resolve_routing  # noqa: E402
 from raypose.pipeline.crop_stage import (  # noqa: E402
@@ -49,31 +52,16 @@ from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 INPUT_SIZE = (192, 256)
 
 
-def _device_tensor(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only array: it is only read
-        return torch.from_numpy(rgb).to(device).permute(2, 0, 1)
-
-
 def pillow(images, device):
-    return [DecodedImage(_device_tensor(np.asarray(decode_image(i.data, 10**9)), device), i.size) for i in images]
+    return decode_on_device([replace(image, region=None) for image in images], device, 10**9, nvjpeg=False)
 
 
-def cpu_regions(images, device):
-    out = []
-    for image in images:
-        region = decode_jpeg_region(image.data, image.region) if image.region else None
-        if region is None:
-            out.append(pillow([image], device)[0])
-        else:
-            out.append(DecodedImage(_device_tensor(region, device), image.size, image.region[:2]))
-    return out
+def cpu_regions(images, device):  # the device cropper's own decode without nvJPEG: regions, else Pillow
+    return decode_on_device(images, device, 10**9, nvjpeg=False)
 
 
-def torchvision_nvjpeg(images, device):
-    decode = gpu_jpeg_decoder()
-    data = [torch.from_numpy(np.frombuffer(bytes(i.data), np.uint8)) for i in images]
-    return [DecodedImage(pixels, i.size) for pixels, i in zip(decode(data, device), images)]
+def torchvision_nvjpeg(images, device):  # what `crop_in: pose_device` decodes with on a GPU
+    return decode_on_device(images, device, 10**9, nvjpeg=True)
 
 
 def nvimgcodec_regions(kind: str):
@@ -94,7 +82,7 @@ def nvimgcodec_regions(kind: str):
         out = []
         for image, pixels in zip(images, decoded):
             if pixels is None:  # this backend cannot take it: Pillow, as the product would fall back
-                out.append(pillow([image], device)[0])
+                out += pillow([image], device)
                 continue
             tensor = torch.as_tensor(pixels, device=device).permute(2, 0, 1)
             out.append(DecodedImage(tensor, image.size, image.region[:2] if image.region else (0, 0)))
@@ -110,6 +98,9 @@ def measure(name, decode, images, rows, reference, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    failed = [str(image) for image in decoded if not isinstance(image, DecodedImage)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} benchmark images did not decode: {failed[0]}")
     on_device = ImagesOnDevice(decoded)
     image_of = np.empty(rows.num_rows, np.int64)
     for n, image in enumerate(images):
