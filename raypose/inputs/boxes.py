@@ -114,11 +114,16 @@ def _grouped_by_image(chunks, boxes: BoxesSpec) -> tuple[pa.Table, int]:
 
 def _flattened(per_image: pa.Table) -> pa.Table:
     """Per-image boxes back to one row per box (`schema.BOX_SCHEMA`), in the same order."""
-    parents = pc.list_parent_indices(per_image.column("bbox"))
-    columns = {name: pc.list_flatten(per_image.column(name)) for name in PER_IMAGE_LISTS}
-    for name in ("image_key", "expected_width", "expected_height"):
-        columns[name] = per_image.column(name).take(parents)
-    return pa.table(columns).select(BOX_SCHEMA.names).cast(BOX_SCHEMA)
+    rows = _one_row_per_box(per_image, PER_IMAGE_LISTS, ("image_key", "expected_width", "expected_height"))
+    return rows.select(BOX_SCHEMA.names).cast(BOX_SCHEMA)
+
+
+def _one_row_per_box(table: pa.Table, lists: tuple[str, ...], repeated: tuple[str, ...]) -> pa.Table:
+    """A table of per-image box lists (`lists`, aligned with `bbox`) as one row per box, each row's
+    `repeated` columns copied onto its boxes."""
+    parents = pc.list_parent_indices(table.column("bbox"))
+    return pa.table({**{name: table.column(name).take(parents) for name in repeated},
+                     **{name: pc.list_flatten(table.column(name)) for name in lists}})
 
 
 def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
@@ -330,13 +335,7 @@ def _listing_errors(missing) -> pa.Table:
 
 def inline_boxes(images: pa.Table, boxes: BoxesSpec) -> BoxSet:
     """Boxes that came with the images (WebDataset .json members, Parquet columns), filtered like a table's."""
-    parents = pc.list_parent_indices(images.column("bbox"))
-    exploded = pa.table({
-        "image_key": images.column("image_key").take(parents),
-        "bbox": pc.list_flatten(images.column("bbox")),
-        "category": pc.list_flatten(images.column("category")),
-        "score": pc.list_flatten(images.column("score")),
-    })
+    exploded = _one_row_per_box(images, ("bbox", "category", "score"), ("image_key",))
     spec = boxes.model_copy(update={"image_key_column": "image_key", "bbox_column": "bbox",
                                     "category_column": "category", "score_column": "score"})
     return table_boxes(exploded, spec, source="inline")
