@@ -20,8 +20,8 @@ On a GPU it also prints the forward's ten most expensive kernels (torch.profiler
 --compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
 benchmark JPEGs (`testing.synthetic.make_benchmark_dataset`) as resources.crop_in: pose_device runs it:
 
-  read_images       the CPU stage: the files' bytes
-  plan_device_crops headers, boxes and crop geometry, in the actor
+  plan_crops        the CPU stage (tasks): the files' bytes, headers, boxes and crop geometry
+  planned_images    the pose actor finds each crop's image in the rows
   decode            `crop_torch.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
   cut_on_device     decode + every crop of the block cut on the device (one cut)
 
@@ -211,8 +211,7 @@ def resolved(device: str, dtype: str) -> tuple[str, str]:
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
     """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
     from raypose.imaging.crop_torch import decode_on_device, gpu_jpeg_decoder
-    from raypose.inputs.fetch import read_images
-    from raypose.pipeline.crop_stage import cut_on_device, plan_device_crops
+    from raypose.pipeline.crop_stage import cut_on_device, plan_crops, planned_images
 
     tasks = benchmark_tasks(folder, count)
     options = CropOptions(routing=routing)
@@ -223,12 +222,12 @@ def profile_device_crops(folder: Path, count: int, routing, device: torch.device
         table, cut = cut_on_device(rows, images, device, options.max_pixels, nvjpeg)
         return cut([row for image in images for row in image.rows], size)
 
-    read = read_images(tasks, storage_options={})
-    rows, images = plan_device_crops(read, options)
+    rows = plan_crops(tasks, options=options)
+    images = planned_images(rows)
     crops = sum(len(image.rows) for image in images)
     steps = {
-        "read_images": timed(lambda: read_images(tasks, storage_options={}), repeat, device),
-        "plan_device_crops": timed(lambda: plan_device_crops(read, options), repeat, device),
+        "plan_crops": timed(lambda: plan_crops(tasks, options=options), repeat, device),
+        "planned_images": timed(lambda: planned_images(rows), repeat, device),
         "decode": timed(lambda: decode_on_device(images, device, options.max_pixels, nvjpeg), repeat, device),
         "cut_on_device": timed(lambda: cut_all(rows, images, device), repeat, device),
     }

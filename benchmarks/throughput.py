@@ -90,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-trace", action="store_true",
                    help="do not wrap the pipeline's stages to time them (no first-crop / actor-busy figures)")
     args = p.parse_args(argv)
+    # The job files written under OUT name their inputs by path, and a job's relative paths are read
+    # against its own folder: OUT/jobs/... would not find OUT/data/... given as a relative path.
+    args.out = str(Path(args.out).resolve())
     args.sizes = args.sizes or WORKLOADS[args.workload]
     args.size_list = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
     args.person_range = tuple(int(v) for v in args.persons.split("-"))
@@ -591,7 +594,7 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
         return crop
 
     def wrap(stage):
-        if stage.name in ("make_crops", "read_images"):
+        if stage.name in ("make_crops", "plan_crops"):
             return stage.with_fn(timed_task(stage.fn, "crop" if stage.name == "make_crops" else "read"))
         if stage.name != "pose":
             return stage
@@ -826,8 +829,8 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
             stages = (f"crops in the pose actors, {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; {who} "
                       f"(crops + forwards) busy {_fmt(100 * busy if busy is not None else None, '.0f')}%")
         elif t.get("crop_in") == "pose_device":
-            stages = (f"read {_fmt(t.get('read_ms_per_image'))} ms/image over {t['crop_tasks']} tasks; headers + decode "
-                      f"in the pose actor {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; pose actor ready {_fmt(t.get('seconds_first_crop_to_first_pose'), '.1f')} s after "
+            stages = (f"read + headers + geometry {_fmt(t.get('read_ms_per_image'))} ms/image over {t['crop_tasks']} "
+                      f"tasks; decode + cuts in the pose actor {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop; pose actor ready {_fmt(t.get('seconds_first_crop_to_first_pose'), '.1f')} s after "
                       f"the first read, busy (decode + crops + forwards) {_fmt(100 * busy if busy is not None else None, '.0f')}%")
         else:
             stages = (f"crop {_fmt(t.get('crop_stage_ms_per_crop'))} ms/crop over {t['crop_tasks']} tasks; first crop "

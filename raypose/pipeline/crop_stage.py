@@ -5,7 +5,8 @@ Where the pixels are cut is a cropper, chosen once by the job's layout (`layout.
 
     CropColumn     crop tasks (`make_crops`) made the crops before the pose actor: they are a column
     CpuCropper     the pose actor decodes and cuts on its CPU (Pillow + `crop_cpu`), in threads
-    DeviceCropper  the pose actor reads headers here, then decodes and cuts on its device (`crop_torch`)
+    DeviceCropper  tasks (`plan_crops`) read the images, their headers and the crops' geometry; the pose
+                   actor decodes and cuts on its device (`crop_torch`)
 
 A cropper maps a batch to (rows, pixels): the crop rows, and `pixels(rows, input_size)` giving
 those rows' crops as one (N, H, W, 3) uint8 array or tensor.
@@ -125,7 +126,7 @@ class CpuCropper:
 
 @dataclass(frozen=True)
 class DeviceCropper:
-    """The pose actor reads the images' headers and geometry here; the decode and the cuts run on its device.
+    """The pose actor decodes and cuts on its device the crops `plan_crops` tasks planned (rows with `SOURCE_FIELDS`).
 
     `nvjpeg`: decode plain JPEGs with the GPU's nvJPEG (the layout chose it); otherwise Pillow,
     copied to the device, as the CPU croppers decode.
@@ -134,8 +135,8 @@ class DeviceCropper:
     options: CropOptions
     nvjpeg: bool = False
 
-    def __call__(self, batch: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
-        rows, images = plan_device_crops(batch, self.options)
+    def __call__(self, rows: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
+        images = planned_images(rows)
         try:
             return cut_on_device(rows, images, device, self.options.max_pixels, self.nvjpeg)
         except Exception as exc:  # e.g. out of GPU memory: this call's crops fail as rows, the job goes on
@@ -146,9 +147,82 @@ class DeviceCropper:
             return failed, column_pixels(failed)
 
 
+# What `plan_crops` adds to each crop row for the device: its image's encoded bytes (a dictionary
+# column, so an image's bytes are held once however many crops it gives and however Ray Data
+# batches the rows), the region of it to decode (null: whole) and whether a GPU JPEG decoder takes it.
+SOURCE_FIELDS = [
+    pa.field("source", pa.dictionary(pa.int32(), pa.large_binary())),
+    pa.field("source_region", pa.list_(pa.int32(), 4)),
+    pa.field("source_plain_jpeg", pa.bool_()),
+]
+
+
+def plan_crops(batch: pa.Table, *, options: CropOptions) -> pa.Table:
+    """CPU stage of `resources.crop_in: pose_device`: image rows -> crop rows with their geometry and their
+    images' bytes (`SOURCE_FIELDS`), no pixels: the files are read and only their headers parsed here, in
+    tasks, so that the pose actor's host thread is left the decode and the cuts."""
+    rows, images = plan_device_crops(batch, options)
+    return with_sources(rows, images)
+
+
 def plan_device_crops(batch: pa.Table, options: CropOptions) -> tuple[pa.Table, list[EncodedImage]]:
     """The crop rows with their geometry but no pixels (only headers are read), and the images to cut them from."""
     return crop_rows(batch, options, functools.partial(_leave_to_device, options))
+
+
+def with_sources(rows: pa.Table, images: list[EncodedImage]) -> pa.Table:
+    """The crop rows with each crop's image (`SOURCE_FIELDS`); rows without a crop to cut get nulls."""
+    n = rows.num_rows
+    index = np.full(n, -1, np.int32)
+    region = np.zeros((n, 4), np.int32)
+    has_region, plain = np.zeros(n, bool), np.zeros(n, bool)
+    for k, image in enumerate(images):
+        index[image.rows], plain[image.rows] = k, image.plain_jpeg
+        if image.region is not None:
+            region[image.rows], has_region[image.rows] = image.region, True
+    views = [np.frombuffer(image.data, np.uint8) for image in images]
+    offsets = np.zeros(len(views) + 1, np.int64)
+    np.cumsum([v.size for v in views], out=offsets[1:])
+    data = np.concatenate(views) if views else np.empty(0, np.uint8)
+    encoded = pa.Array.from_buffers(pa.large_binary(), len(views), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    missing = index < 0
+    columns = {
+        "source": pa.DictionaryArray.from_arrays(pa.array(index, mask=missing), encoded),
+        "source_region": pa.FixedSizeListArray.from_arrays(pa.array(region.reshape(-1)), 4,
+                                                           mask=pa.array(~has_region)),
+        "source_plain_jpeg": pa.array(plain, mask=missing),
+    }
+    for source_field in SOURCE_FIELDS:
+        rows = rows.append_column(source_field, columns[source_field.name])
+    return rows
+
+
+def planned_images(rows: pa.Table) -> list[EncodedImage]:
+    """The images `plan_crops` recorded for these crop rows, each with its rows (in this table) and region."""
+    keys = rows.column("image_key").to_pylist()
+    widths, heights = rows.column("image_width").to_pylist(), rows.column("image_height").to_pylist()
+    regions = rows.column("source_region").to_pylist()
+    plain = rows.column("source_plain_jpeg").to_pylist()
+    images: dict[tuple, EncodedImage] = {}
+    first = 0  # the chunk's first row in the table
+    for number, chunk in enumerate(rows.column("source").chunks):
+        encoded = chunk.dictionary
+        # Each image's bytes as a zero-copy slice of the values buffer (an Arrow scalar per image costs ~0.15 ms).
+        offsets = np.frombuffer(encoded.buffers()[1], np.int64)[encoded.offset:]
+        data = encoded.buffers()[2]
+        for row, index in enumerate(chunk.indices.fill_null(-1).to_numpy().tolist(), start=first):
+            if index < 0:
+                continue
+            # Identical bytes of two images may share an entry: each image keeps its own region.
+            image = images.get((number, index, keys[row]))
+            if image is None:
+                region = tuple(regions[row]) if regions[row] is not None else None
+                image = images[(number, index, keys[row])] = EncodedImage(
+                    data.slice(int(offsets[index]), int(offsets[index + 1] - offsets[index])),
+                    (widths[row], heights[row]), plain[row], region=region)
+            image.rows.append(row)
+        first += len(chunk)
+    return list(images.values())
 
 
 def cut_on_device(rows: pa.Table, images: list[EncodedImage], device: torch.device, max_pixels: int,

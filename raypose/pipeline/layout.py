@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
-from raypose.inputs.fetch import read_images
 from raypose.models.routing import Routing
 from raypose.pipeline.crop_stage import (
     CpuCropper,
@@ -22,6 +21,7 @@ from raypose.pipeline.crop_stage import (
     CropOptions,
     DeviceCropper,
     make_crops,
+    plan_crops,
 )
 from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.pipeline.pose_stage import PoseSettings
@@ -72,9 +72,9 @@ class CropPlacement:
     """Where images are decoded and cut: the Ray tasks before the pose actors (if any) and the actors' cropper.
 
     name     tasks | pose_actor | pose_device, as resolved from resources.crop_in
-    task     the CPU stage's function (make_crops, read_images) and its keyword arguments, or None
+    task     the CPU stage's function (make_crops, plan_crops) and its keyword arguments, or None
     cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
-    rows_per_call  rows a pose call takes: crop rows, images, or a whole block (None)
+    rows_per_call  crop rows a pose call takes, or a whole block of image rows (None)
     decoder  pillow | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
     jpeg_regions  whether JPEGs are decoded only where their crops read (`jpeg_region`; Pillow's pixels)
     """
@@ -233,9 +233,9 @@ def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int
         return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None,
                              jpeg_regions=regions)
     nvjpeg = device == "cuda" and _has_torchvision()
-    read = (read_images, {"storage_options": options.storage_options, "image_column": options.image_column})
-    # An actor that crops on its device takes pose.batch_size images, so that its forwards are full.
-    return CropPlacement("pose_device", read, DeviceCropper(options, nvjpeg=nvjpeg), rows_per_call=batch_size,
+    # Tasks read the files and plan the crops; the actor decodes and cuts pose.batch_size crops a call.
+    return CropPlacement("pose_device", (plan_crops, {"options": options}), DeviceCropper(options, nvjpeg=nvjpeg),
+                         rows_per_call=batch_size,
                          decoder="nvjpeg" if nvjpeg else "pillow", jpeg_regions=regions)
 
 

@@ -98,7 +98,7 @@ def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
 
 
 # Stage callables as Ray names them in its errors -> raypose's stage names.
-STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "read_images": "read"}
+STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "plan_crops": "crop"}
 
 
 def resolved_settings(layout: Layout) -> dict[str, Any]:

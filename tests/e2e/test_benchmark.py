@@ -61,7 +61,7 @@ def test_profile_pose_smoke(capsys):
     load_benchmark("profile_pose").main(["--preset", "tiny", "--batch-size", "4", "--repeat", "1", "--device", "cpu",
                                          "--device-crops", "2"])
     out = capsys.readouterr().out
-    for row in ("crops -> array", "estimate", "forward", "estimate_rows", "rows, no model", "plan_device_crops", "cut_on_device"):
+    for row in ("crops -> array", "estimate", "forward", "estimate_rows", "rows, no model", "plan_crops", "planned_images", "cut_on_device"):
         assert f"  {row} " in out, row
     assert "100.0% equal" in out  # on CPU the device path decodes with Pillow: the CPU stage's very crops
 

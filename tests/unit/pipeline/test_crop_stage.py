@@ -15,7 +15,6 @@ from PIL import Image
 
 from raypose.imaging.crop_cpu import crop_image
 from raypose.imaging.geometry import center_scale_from_boxes
-from raypose.inputs.fetch import read_images
 from raypose.pipeline.crop_stage import (
     DeviceCropper,
     _single_block_images,
@@ -23,6 +22,8 @@ from raypose.pipeline.crop_stage import (
     crop_array,
     make_crops,
     pixel_view,
+    plan_crops,
+    planned_images,
 )
 from raypose.schema import CROP_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -238,7 +239,7 @@ def images(tmp_path):
 
 
 def on_device(batch: pa.Table):
-    return DeviceCropper(DEVICE_OPTIONS)(read_images(batch, storage_options={}), torch.device("cpu"))
+    return DeviceCropper(DEVICE_OPTIONS)(plan_crops(batch, options=DEVICE_OPTIONS), torch.device("cpu"))
 
 
 def cpu_crop(row: dict) -> np.ndarray:
@@ -256,7 +257,7 @@ def test_device_crops_equal_the_cpu_stage(images):
     )
     expected = make_crops(batch, options=DEVICE_OPTIONS)
     table, pick = on_device(batch)
-    assert table.drop_columns(["crop"]).equals(expected.drop_columns(["crop"]))
+    assert table.select(CROP_SCHEMA.names).drop_columns(["crop"]).equals(expected.drop_columns(["crop"]))
     rows = expected.to_pylist()
     good = [i for i, row in enumerate(rows) if row["error_stage"] is None]
     assert len(good) == 5
@@ -264,6 +265,25 @@ def test_device_crops_equal_the_cpu_stage(images):
         np.testing.assert_array_equal(pick([i], SIZES[rows[i]["expert"]])[0].numpy(), cpu_crop(rows[i]))
     coco = [i for i in reversed(good) if rows[i]["expert"] == "coco"]
     np.testing.assert_array_equal(pick(coco, SIZES["coco"]).numpy(), np.stack([cpu_crop(rows[i]) for i in coco]))
+
+
+def test_planned_crops_cut_the_same_however_the_rows_are_batched_again(images):
+    """Ray Data joins the tasks' blocks and cuts them into pose batches anywhere, through an image's crops."""
+    first = task_table(image_task(images / "noise.png", [[10, 20, 50, 80], [30, 30, 40, 40], [60, 10, 30, 90]],
+                                  first_annotation=0))
+    second = task_table(image_task(images / "photo.jpg", [[0, 0, 97, 131], [40, 50, 20, 30]], first_annotation=0),
+                        dict(image_task(images / "noise.png", [[5, 5, 90, 60]], first_annotation=0), image_key="again.png"))
+    expected = pa.concat_tables([make_crops(first, options=DEVICE_OPTIONS), make_crops(second, options=DEVICE_OPTIONS)])
+    planned = pa.concat_tables([plan_crops(first, options=DEVICE_OPTIONS), plan_crops(second, options=DEVICE_OPTIONS)])
+    assert planned.column("source").num_chunks == 2
+    joined = planned.combine_chunks()  # one dictionary: the two blocks' unified (the same file's bytes once)
+    assert len(joined.column("source").chunk(0).dictionary) == 2
+    for rows, at in ((planned, 0), (joined.slice(1, 4), 1), (planned.slice(2, 4), 2)):
+        images_here = planned_images(rows)
+        assert sorted(r for image in images_here for r in image.rows) == list(range(rows.num_rows))
+        _, pick = DeviceCropper(DEVICE_OPTIONS)(rows, torch.device("cpu"))
+        for i, row in enumerate(expected.slice(at, rows.num_rows).to_pylist()):
+            np.testing.assert_array_equal(pick([i], SIZES["coco"])[0].numpy(), cpu_crop(row))
 
 
 def test_device_crops_from_a_jpeg_region_equal_the_cpu_stage_from_pillow(tmp_path, monkeypatch):
@@ -295,7 +315,7 @@ def test_an_image_that_fails_to_decode_on_the_device_becomes_one_error_row(image
     )
     expected = make_crops(batch, options=DEVICE_OPTIONS).to_pylist()
     table, pick = on_device(batch)
-    got = table.to_pylist()
+    got = table.select(CROP_SCHEMA.names).to_pylist()
     order = lambda r: (r["image_key"], r["instance_index"] or -1)  # noqa: E731
     assert sorted(got, key=order) == sorted([dict(r, crop=None) for r in expected], key=order)
     [failure] = [r for r in got if r["image_key"] == "truncated.jpg"]

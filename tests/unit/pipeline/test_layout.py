@@ -7,12 +7,12 @@ from conftest import routing_for
 
 from raypose.config.spec import parse_job_spec
 from raypose.errors import SpecError
-from raypose.inputs.fetch import read_images
 from raypose.pipeline.crop_stage import (
     CpuCropper,
     CropColumn,
     DeviceCropper,
     make_crops,
+    plan_crops,
 )
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 
@@ -96,7 +96,7 @@ def test_each_crop_placement_is_a_strategy_object():
     assert tasks.task[0] is make_crops and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
     assert in_actor.task is None and isinstance(in_actor.cropper, CpuCropper) and in_actor.rows_per_call is None
     assert in_actor.cropper.threads == 1
-    assert on_device.task[0] is read_images and isinstance(on_device.cropper, DeviceCropper)
+    assert on_device.task[0] is plan_crops and isinstance(on_device.cropper, DeviceCropper)
     assert on_device.rows_per_call == 8 and not on_device.cropper.nvjpeg  # Pillow on a CPU
     assert on_device.jpeg_regions == tasks.jpeg_regions == in_actor.jpeg_regions  # regions decoded alone, each way
 

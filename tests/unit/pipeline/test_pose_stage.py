@@ -11,9 +11,13 @@ import pytest
 from conftest import crop_options, image_task, task_table
 
 from raypose.config.spec import PoseSpec
-from raypose.inputs.fetch import read_images
 from raypose.models.routing import resolve_routing
-from raypose.pipeline.crop_stage import CpuCropper, DeviceCropper, make_crops
+from raypose.pipeline.crop_stage import (
+    CpuCropper,
+    DeviceCropper,
+    make_crops,
+    plan_crops,
+)
 from raypose.pipeline.pose_stage import PoseSettings, PoseStage
 from raypose.schema import POSE_OUTPUT_SCHEMA
 from raypose.testing.synthetic import draw_people
@@ -65,7 +69,7 @@ def test_a_stage_that_crops_takes_image_rows_and_forwards_in_batches(tiny_checkp
     expected = separate(crops_for(tasks, separate))
     options = crop_options(routing=separate.routing)
     if cropper == "device":
-        tasks = read_images(tasks, storage_options={})
+        tasks = plan_crops(tasks, options=options)
     fused = stage_for(tiny_checkpoint, CpuCropper(options) if cropper == "cpu" else DeviceCropper(options), batch_size=2)
     [engine] = fused.engines.values()
     forwards = []

@@ -31,7 +31,7 @@ def plan(tiny_checkpoint, coco_folder, tmp_path):
 def test_each_placement_gives_its_stages_and_the_same_rows(plan):
     results = {}
     for crop_in, names in [("tasks", ["make_crops", "pose"]), ("pose_actor", ["pose"]),
-                           ("pose_device", ["read_images", "pose"])]:
+                           ("pose_device", ["plan_crops", "pose"])]:
         spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(update={"crop_in": crop_in})})
         layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
         stages = job_stages(plan, layout)
