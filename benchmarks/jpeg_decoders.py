@@ -6,11 +6,12 @@ the region where it can) and the same crops are cut from its pixels (`crop_torch
 the crops are compared with the CPU stage's (Pillow's pixels): mean, p99 and max absolute
 difference in grey levels, and wall ms per image. Rows:
 
-- `pillow`: the device cropper's decode (`crop_torch.decode_on_device`) with no region: Pillow, whole images
-- `nvimgcodec cpu regions`: the same with the regions: nvImageCodec's CPU decode (`jpeg_region`), else Pillow
-- with CUDA: `nvjpeg (torchvision)`, whole images in one batched call, as `crop_in: pose_device` does;
-  `nvimgcodec <backend> regions`: nvImageCodec's GPU backends (HW_GPU_ONLY, the GPU's JPEG
-  engine; HYBRID_CPU_GPU; GPU_ONLY), the regions in one batched call, on the device
+- `pillow`: the device cropper's decode (`decode_device.decode_on_device`) with no region: Pillow, whole images
+- `pillow regions`: the same with the regions: nvImageCodec's CPU decode (`jpeg_region`), else Pillow
+- with CUDA, each GPU decoder of `images.gpu_decoder` as the device cropper runs it (what it cannot
+  take goes to Pillow): `nvimgcodec` (the GPU's JPEG engine, hybrid for progressive files, CUDA
+  nvJPEG; the regions, batched), `nvjpeg` (torchvision, whole images, batched); and each of
+  nvImageCodec's GPU backends alone (`nvimgcodec HW_GPU_ONLY` ...), with and without fancy upsampling
 
     python benchmarks/jpeg_decoders.py --images 60
 """
@@ -30,65 +31,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from profile_pose import benchmark_tasks  # noqa: E402
+from profile_pose import benchmark_tasks
 
-from raypose.config.spec import PoseSpec  # noqa: E402
-from raypose.imaging.crop_torch import (  # noqa: E402
+from raypose.config.spec import PoseSpec
+from raypose.imaging.crop_torch import ImagesOnDevice
+from raypose.imaging.decode_device import (
     DecodedImage,
-    ImagesOnDevice,
+    NvImageCodecDecoder,
+    NvjpegDecoder,
+    PillowDecoder,
     decode_on_device,
-    gpu_jpeg_decoder,
 )
-from raypose.inputs.fetch import read_images  # noqa: E402
-from raypose.models.routing import resolve_routing  # noqa: E402
-from raypose.pipeline.crop_stage import (  # noqa: E402
+from raypose.inputs.fetch import read_images
+from raypose.models.routing import resolve_routing
+from raypose.pipeline.crop_stage import (
     CropOptions,
     make_crops,
     pairs,
     plan_device_crops,
 )
-from raypose.testing.synthetic import make_checkpoint  # noqa: E402
+from raypose.testing.synthetic import make_checkpoint
 
 INPUT_SIZE = (192, 256)
 
 
 def pillow(images, device):
-    return decode_on_device([replace(image, region=None) for image in images], device, 10**9, nvjpeg=False)
+    return decode_on_device([replace(image, region=None) for image in images], device, 10**9)
 
 
-def cpu_regions(images, device):  # the device cropper's own decode without nvJPEG: regions, else Pillow
-    return decode_on_device(images, device, 10**9, nvjpeg=False)
-
-
-def torchvision_nvjpeg(images, device):  # what `crop_in: pose_device` decodes with on a GPU
-    return decode_on_device(images, device, 10**9, nvjpeg=True)
-
-
-def nvimgcodec_regions(kind: str):
-    from nvidia import nvimgcodec
-
-    decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))])
-
-    def decode(images, device):
-        streams = []
-        for image in images:
-            stream = nvimgcodec.CodeStream(bytes(image.data))
-            if image.region:
-                x0, y0, x1, y1 = image.region
-                stream = stream.get_sub_code_stream(region=nvimgcodec.Region(y0, x0, y1, x1))
-            streams.append(stream)
-        decoded = decoder.decode(streams)
-        torch.cuda.synchronize()
-        out = []
-        for image, pixels in zip(images, decoded):
-            if pixels is None:  # this backend cannot take it: Pillow, as the product would fall back
-                out += pillow([image], device)
-                continue
-            tensor = torch.as_tensor(pixels, device=device).permute(2, 0, 1)
-            out.append(DecodedImage(tensor, image.size, image.region[:2] if image.region else (0, 0)))
-        return out
-
-    return decode
+def decoding_with(decoder: PillowDecoder):
+    """The device cropper's decode with `decoder` (Pillow for what it leaves)."""
+    return lambda images, device: decode_on_device(images, device, 10**9, decoder)
 
 
 def measure(name, decode, images, rows, reference, device) -> dict:
@@ -131,12 +104,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for i, crop in enumerate(cpu.column("crop").to_pylist()):
             if crop is not None:
                 reference[i] = np.frombuffer(crop, np.uint8).reshape(height, width, 3)
-        decoders = [("pillow", pillow), ("nvimgcodec cpu regions", cpu_regions)]
+        decoders = [("pillow", pillow), ("pillow regions", decoding_with(PillowDecoder()))]
         if device.type == "cuda":
-            if gpu_jpeg_decoder() is not None:
-                decoders.append(("nvjpeg (torchvision)", torchvision_nvjpeg))
-            decoders += [(f"nvimgcodec {kind} regions", nvimgcodec_regions(kind))
-                         for kind in ("HW_GPU_ONLY", "HYBRID_CPU_GPU", "GPU_ONLY")]
+            decoders += [(decoder.name, decoding_with(decoder)) for decoder in (NvImageCodecDecoder(), NvjpegDecoder())
+                         if decoder.missing() is None]
+            decoders += [(f"nvimgcodec {kind}{' plain upsampling' if not options else ''}",
+                          decoding_with(NvImageCodecDecoder(backends=(kind,), options=options)))
+                         for kind in ("HW_GPU_ONLY", "HYBRID_CPU_GPU", "GPU_ONLY") for options in (":fancy_upsampling=1", "")]
         results = []
         regions = sum(image.region is not None for image in images)
         print(f"{len(images)} images, {rows.num_rows} crops, {regions} decoded as regions where a decoder can; "

@@ -22,11 +22,12 @@ benchmark JPEGs (`testing.synthetic.make_benchmark_dataset`) as resources.crop_i
 
   plan_crops        the CPU stage (tasks): the files' bytes, headers, boxes and crop geometry
   planned_images    the pose actor finds each crop's image in the rows
-  decode            `crop_torch.decode_on_device` (nvJPEG on a GPU with torchvision, else Pillow)
+  decode            `decode_device.decode_on_device` with the decoder a job's layout picks here
+                    (`images.gpu_decoder: auto`: nvImageCodec on a GPU, else Pillow)
   cut_on_device     decode + every crop of the block cut on the device (one cut)
 
 and how far those crops are from the CPU stage's (`make_crops`: Pillow decode, numpy cut):
-bit-identical where the device decodes with Pillow too, nvJPEG's rounding on a GPU.
+bit-identical where the device decodes with Pillow too, the GPU decoder's rounding on a GPU.
 """
 
 from __future__ import annotations
@@ -210,16 +211,17 @@ def resolved(device: str, dtype: str) -> tuple[str, str]:
 
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
     """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
-    from raypose.imaging.crop_torch import decode_on_device, gpu_jpeg_decoder
+    from raypose.imaging.decode_device import decode_on_device
     from raypose.pipeline.crop_stage import cut_on_device, plan_crops, planned_images
+    from raypose.pipeline.layout import device_decoder
 
     tasks = benchmark_tasks(folder, count)
     options = CropOptions(routing=routing)
     size = routing.input_size(routing.default)
-    nvjpeg = device.type == "cuda" and gpu_jpeg_decoder() is not None
+    decoder = device_decoder("auto", device.type)
 
     def cut_all(rows, images, device):
-        table, cut = cut_on_device(rows, images, device, options.max_pixels, nvjpeg)
+        _, cut = cut_on_device(rows, images, device, options.max_pixels, decoder)
         return cut([row for image in images for row in image.rows], size)
 
     rows = plan_crops(tasks, options=options)
@@ -228,19 +230,18 @@ def profile_device_crops(folder: Path, count: int, routing, device: torch.device
     steps = {
         "plan_crops": timed(lambda: plan_crops(tasks, options=options), repeat, device),
         "planned_images": timed(lambda: planned_images(rows), repeat, device),
-        "decode": timed(lambda: decode_on_device(images, device, options.max_pixels, nvjpeg), repeat, device),
+        "decode": timed(lambda: decode_on_device(images, device, options.max_pixels, decoder), repeat, device),
         "cut_on_device": timed(lambda: cut_all(rows, images, device), repeat, device),
     }
-    decoder = "nvJPEG (torchvision)" if nvjpeg else "Pillow"
     print(f"device crops: {count} images ({', '.join(sorted({k.split('_')[-1][:-4] for k in tasks.column('image_key').to_pylist()}))}), "
-          f"{crops} crops, decoded by {decoder}")
+          f"{crops} crops, decoded by {decoder.name}")
     for name, seconds in steps.items():
         print(f"  {name:17s} {seconds * 1e3:9.2f} ms  {count / seconds:8.1f} images/s  {crops / seconds:9.1f} crops/s")
     # The same crops from the CPU stage (Pillow decode, numpy cut): how far the device's are.
     from raypose.pipeline.crop_stage import make_crops
 
     reference = make_crops(tasks, options=options)
-    table, cut = cut_on_device(rows, images, device, options.max_pixels, nvjpeg)
+    table, cut = cut_on_device(rows, images, device, options.max_pixels, decoder)
     good = [i for i, stage in enumerate(table.column("error_stage").to_pylist()) if stage is None]
     width, height = size
     ours = cut(good, (width, height)).cpu().numpy().astype(np.int16)

@@ -95,6 +95,9 @@ class ImagesSpec(_Section):
     max_pixels: PositiveInt = 100_000_000
     jpeg_draft: Flag = False  # decode a JPEG at 1/2-1/8 size when its crops need no more pixels (geometry.jpeg_reduction)
     region_decode: Flag = True  # decode only the part of a JPEG its crops read (imaging/jpeg_region.py): same pixels
+    # With resources.crop_in: pose_device on a GPU, who decodes the JPEGs (imaging/decode_device.py):
+    # auto = nvimgcodec where installed, else nvjpeg where torchvision is, else pillow (Pillow's pixels).
+    gpu_decoder: Literal["auto", "pillow", "nvimgcodec", "nvjpeg"] = "auto"
 
 
 class DetectorSpec(_Section):
@@ -307,6 +310,9 @@ def cross_field_problems(spec: JobSpec) -> list[str]:
         problems.append("boxes.detect_missing: only with boxes.source coco, table or inline (a detector job detects everything)")
     if spec.resources.crop_in == "pose_device" and spec.images.jpeg_draft:
         problems.append("images.jpeg_draft: only where the CPU decodes (resources.crop_in is pose_device)")
+    if spec.images.gpu_decoder in ("nvimgcodec", "nvjpeg") and spec.resources.crop_in != "pose_device":
+        problems.append(f"images.gpu_decoder: {spec.images.gpu_decoder} decodes on the pose device only "
+                        f"(resources.crop_in: pose_device; it is {spec.resources.crop_in})")
     known = sorted(set(EXPERT_SCHEMA) | set(pose.experts))
     if pose.expert not in known:
         problems.append(f"pose.expert: unknown expert {pose.expert!r}; expected one of: {', '.join(known)}")

@@ -1,118 +1,18 @@
-"""Crops on the pose device: images decoded there (nvJPEG, or on the CPU and copied) and cut in torch.
+"""Crops cut on the pose device in torch, from a call's decoded images (`decode_device`).
 
-The crop stage leaves the CPU only the bytes and the geometry (`EncodedImage`); here a
-call's images are decoded in one batched call and laid end to end in one flat buffer
-(`ImagesOnDevice`), and each forward batch's crops are cut from it in one pass with the
-arithmetic of `crop_cpu.crop_image` (same sampling points, same float32 operations, same
-rounding): from the same decoded pixels, the same crops.
+The images are laid end to end in one flat buffer (`ImagesOnDevice`), and each forward
+batch's crops are cut from it in one pass with the arithmetic of `crop_cpu.crop_image` (same
+sampling points, same float32 operations, same rounding): from the same decoded pixels, the
+same crops.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 
-from raypose.errors import ImageError
-from raypose.imaging.decode import decode_image
+from raypose.imaging.decode_device import DecodedImage
 from raypose.imaging.geometry import bilinear_taps, crop_sampling_grid
-from raypose.imaging.jpeg_region import decode_jpeg_region
-
-
-@dataclass
-class EncodedImage:
-    """An image whose crops are cut on the pose device: its bytes, and what its header says."""
-
-    data: bytes | memoryview  # the encoded image
-    size: tuple[int, int]  # (width, height) after EXIF orientation, from the header
-    plain_jpeg: bool  # a GPU JPEG decoder can take it as it is (`decode.probe_image`)
-    rows: list[int] = field(default_factory=list)  # its crop rows in the crop stage's table
-    region: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) its crops read, when decoded alone is exact
-
-
-@dataclass
-class DecodedImage:
-    """An image's pixels on the device, (3, h, w) uint8: the whole image, or the region of it from `origin`."""
-
-    pixels: torch.Tensor
-    size: tuple[int, int]  # (width, height) of the whole image
-    origin: tuple[int, int] = (0, 0)  # where `pixels` start in it
-
-
-def gpu_jpeg_decoder() -> Callable | None:
-    """torchvision's batched nvJPEG decode, or None where torchvision is not installed."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
-
-    def decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-    return decode
-
-
-def decode_on_device(images: list[EncodedImage], device: torch.device, max_pixels: int, nvjpeg: bool) -> list:
-    """Each image as a `DecodedImage` on `device`, or the ImageError it failed with.
-
-    With `nvjpeg` (a GPU, and torchvision), plain JPEGs go to nvJPEG in one call, whole. Otherwise
-    an image with a `region` has only that region decoded (`jpeg_region`: Pillow's pixels); the
-    rest are decoded by Pillow as the CPU stage does; both are copied over.
-    """
-    decoded: list = [None] * len(images)
-    decoder = gpu_jpeg_decoder() if nvjpeg else None
-    if nvjpeg and decoder is None:
-        raise RuntimeError("the job's layout chose nvJPEG, but torchvision is not installed where the pose actor runs")
-    batch = [i for i, image in enumerate(images) if decoder is not None and image.plain_jpeg]
-    if batch:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only bytes: the decoder only reads
-            data = [torch.from_numpy(np.frombuffer(images[i].data, dtype=np.uint8)) for i in batch]
-        try:
-            decoded_batch = decoder(data, device)
-        except Exception:  # one bad image fails the whole call: find it one at a time
-            decoded_batch = []
-            for tensor in data:
-                try:
-                    decoded_batch.extend(decoder([tensor], device))
-                except Exception:
-                    decoded_batch.append(None)  # Pillow says why, below
-        for i, pixels in zip(batch, decoded_batch):
-            if pixels is not None:
-                decoded[i] = _checked(DecodedImage(pixels, images[i].size), images[i])
-    for i, image in enumerate(images):
-        if decoded[i] is not None or image.region is None:
-            continue
-        region = decode_jpeg_region(image.data, image.region)  # None: Pillow decides, below
-        if region is not None:
-            decoded[i] = DecodedImage(_to_device(region, device), image.size, image.region[:2])
-    for i, image in enumerate(images):
-        if decoded[i] is not None:
-            continue
-        try:
-            rgb = np.asarray(decode_image(image.data, max_pixels))
-        except ImageError as exc:
-            decoded[i] = exc
-            continue
-        decoded[i] = _checked(DecodedImage(_to_device(rgb, device), image.size), image)
-    return decoded
-
-
-def _to_device(rgb: np.ndarray, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # a read-only array: it is only read
-        return torch.from_numpy(rgb).to(device).permute(2, 0, 1)
-
-
-def _checked(image: DecodedImage, encoded: EncodedImage) -> DecodedImage | ImageError:
-    """The decoded image, or an ImageError when its pixels are not the size its header says."""
-    height, width = image.pixels.shape[1:]
-    if (width, height) != encoded.size:
-        return ImageError(f"decoded to {width}x{height} but its header says {encoded.size[0]}x{encoded.size[1]}")
-    return image
 
 
 class ImagesOnDevice:

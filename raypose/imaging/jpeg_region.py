@@ -30,18 +30,40 @@ import numpy as np
 _DECODE_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def library_output():
+    """One nvImageCodec call at a time in this process, what it writes to stderr held back: yields a
+    function returning those words."""
+    with _DECODE_LOCK, _captured_stderr() as said:
+        yield said
+
+
+def nvimgcodec_decoder(device_id: int, backends: tuple[str, ...], options: str = ""):
+    """(module, Decoder) for nvImageCodec's `backends` (BackendKind names) on `device_id`; None when
+    the library is not installed. Made once per process and arguments."""
+    return _made_decoder(device_id, tuple(backends), options)
+
+
 @functools.cache
-def _decoder():
-    """The CPU-only decoder, made once per process; None when nvImageCodec is not installed."""
+def _made_decoder(device_id: int, backends: tuple[str, ...], options: str):
     try:
-        with _DECODE_LOCK, _captured_stderr():  # it says, on import, which GPU codec libraries it did not find
+        with library_output():  # it says, on import, which GPU codec libraries it did not find
             from nvidia import nvimgcodec
 
-            decoder = nvimgcodec.Decoder(device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
-                                         backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.CPU_ONLY)])
+            decoder = nvimgcodec.Decoder(
+                device_id=device_id, options=options,
+                backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind)) for kind in backends])
     except ImportError:
         return None
     return nvimgcodec, decoder
+
+
+def _decoder():
+    """The CPU-only decoder; None when nvImageCodec is not installed."""
+    return nvimgcodec_decoder(CPU_ONLY, ("CPU_ONLY",))
+
+
+CPU_ONLY = -99999  # nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY, known before the library is imported
 
 
 def region_decoder_available() -> bool:
@@ -53,11 +75,11 @@ def decode_jpeg_region(data: bytes | memoryview, region: tuple[int, int, int, in
     """The pixels of `region` (x0, y0, x1, y1) of a JPEG as (y1 - y0, x1 - x0, 3) uint8 RGB, or None
     when they cannot be vouched for (no library, a failed decode, any message from the decoder)."""
     loaded = _decoder()
-    if loaded is None or not _ends_with_end_marker(data):
+    if loaded is None or not ends_with_end_marker(data):
         return None
     nvimgcodec, decoder = loaded
     x0, y0, x1, y1 = region
-    with _DECODE_LOCK, _captured_stderr() as said:
+    with library_output() as said:
         try:
             stream = nvimgcodec.CodeStream(bytes(data)).get_sub_code_stream(region=nvimgcodec.Region(y0, x0, y1, x1))
             decoded = decoder.decode(stream)
@@ -69,7 +91,8 @@ def decode_jpeg_region(data: bytes | memoryview, region: tuple[int, int, int, in
     return pixels
 
 
-def _ends_with_end_marker(data: bytes | memoryview) -> bool:
+def ends_with_end_marker(data: bytes | memoryview) -> bool:
+    """Whether a file ends as a whole JPEG does (a decoder of regions or on a GPU may not notice one cut short)."""
     return bytes(data[-64:]).rstrip(b"\x00\r\n ")[-2:] == b"\xff\xd9"
 
 

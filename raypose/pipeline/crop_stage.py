@@ -28,7 +28,8 @@ from PIL import Image
 
 from raypose.errors import ImageError
 from raypose.imaging.crop_cpu import crop_image
-from raypose.imaging.crop_torch import EncodedImage, ImagesOnDevice, decode_on_device
+from raypose.imaging.crop_torch import ImagesOnDevice
+from raypose.imaging.decode_device import EncodedImage, PillowDecoder, decode_on_device
 from raypose.imaging.decode import ImageHeader, decode_image_reduced, probe_image
 from raypose.imaging.geometry import box_geometry, clip_boxes, crops_source_region, jpeg_reduction
 from raypose.imaging.jpeg_region import decode_jpeg_region
@@ -128,17 +129,16 @@ class CpuCropper:
 class DeviceCropper:
     """The pose actor decodes and cuts on its device the crops `plan_crops` tasks planned (rows with `SOURCE_FIELDS`).
 
-    `nvjpeg`: decode plain JPEGs with the GPU's nvJPEG (the layout chose it); otherwise Pillow,
-    copied to the device, as the CPU croppers decode.
+    `decoder`: the layout's (`decode_device`); Pillow's pixels, as the CPU croppers decode, by default.
     """
 
     options: CropOptions
-    nvjpeg: bool = False
+    decoder: PillowDecoder = PillowDecoder()
 
     def __call__(self, rows: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
         images = planned_images(rows)
         try:
-            return cut_on_device(rows, images, device, self.options.max_pixels, self.nvjpeg)
+            return cut_on_device(rows, images, device, self.options.max_pixels, self.decoder)
         except Exception as exc:  # e.g. out of GPU memory: this call's crops fail as rows, the job goes on
             log.exception("cutting %d images' crops on %s failed", len(images), device)
             crop_rows_mask = [e is not None and s is None for e, s in zip(rows.column("expert").to_pylist(),
@@ -226,11 +226,11 @@ def planned_images(rows: pa.Table) -> list[EncodedImage]:
 
 
 def cut_on_device(rows: pa.Table, images: list[EncodedImage], device: torch.device, max_pixels: int,
-                  nvjpeg: bool) -> tuple[pa.Table, Pixels]:
+                  decoder: PillowDecoder = PillowDecoder()) -> tuple[pa.Table, Pixels]:
     """Decode the images on `device` and return the rows (an image that fails to decode: one error row)
     and the pixels function that cuts each forward batch's crops when it asks for them, so no more
     than one batch of crops exists at a time."""
-    decoded = decode_on_device(images, device, max_pixels, nvjpeg)
+    decoded = decode_on_device(images, device, max_pixels, decoder)
     errors = {i: pixels for i, pixels in enumerate(decoded) if isinstance(pixels, ImageError)}
     if errors:
         rows, images = _fail_images(rows, images, errors)

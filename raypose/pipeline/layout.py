@@ -9,11 +9,18 @@ measurements behind each default are in benchmarks/README.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
+from raypose.imaging.decode_device import (
+    NvImageCodecDecoder,
+    NvjpegDecoder,
+    PillowDecoder,
+)
+from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.models.routing import Routing
 from raypose.pipeline.crop_stage import (
     CpuCropper,
@@ -23,7 +30,6 @@ from raypose.pipeline.crop_stage import (
     make_crops,
     plan_crops,
 )
-from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.pipeline.pose_stage import PoseSettings
 
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
@@ -57,7 +63,7 @@ class ActorPool:
     calls: int = 1
 
     @classmethod
-    def sized(cls, size: int | tuple[int, int], cpus: float, gpus: float, calls: int = 1) -> "ActorPool":
+    def sized(cls, size: int | tuple[int, int], cpus: float, gpus: float, calls: int = 1) -> ActorPool:
         """A pool of `size` actors, or of [min, max] (Ray Data then adds actors as work queues up)."""
         low, high = (size, size) if isinstance(size, int) else size
         return cls(min_actors=low, max_actors=high, cpus=cpus, gpus=gpus, calls=calls)
@@ -75,7 +81,7 @@ class CropPlacement:
     task     the CPU stage's function (make_crops, plan_crops) and its keyword arguments, or None
     cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
     rows_per_call  crop rows a pose call takes, or a whole block of image rows (None)
-    decoder  pillow | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
+    decoder  pillow | nvimgcodec | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
     jpeg_regions  whether JPEGs are decoded only where their crops read (`jpeg_region`; Pillow's pixels)
     """
 
@@ -138,7 +144,8 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
         pose=settings,
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
                                   calls=resources.pose_calls_per_actor),
-        crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size),
+        crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size,
+                             gpu_decoder=spec.images.gpu_decoder),
         images_per_task=resources.images_per_crop_task,
         cluster=cluster,
     )
@@ -222,7 +229,8 @@ def _largest(size: int | tuple[int, int]) -> int:
     return size if isinstance(size, int) else size[1]
 
 
-def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int) -> CropPlacement:
+def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int,
+                   gpu_decoder: str = "auto") -> CropPlacement:
     """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
     regions = options.region_decode and not options.jpeg_draft and region_decoder_available()
     if crop_in == "tasks":
@@ -232,16 +240,23 @@ def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int
         # An actor that crops for itself takes a crop task's block at a time.
         return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None,
                              jpeg_regions=regions)
-    nvjpeg = device == "cuda" and _has_torchvision()
+    decoder = device_decoder(gpu_decoder, device)
     # Tasks read the files and plan the crops; the actor decodes and cuts pose.batch_size crops a call.
-    return CropPlacement("pose_device", (plan_crops, {"options": options}), DeviceCropper(options, nvjpeg=nvjpeg),
-                         rows_per_call=batch_size,
-                         decoder="nvjpeg" if nvjpeg else "pillow", jpeg_regions=regions)
+    return CropPlacement("pose_device", (plan_crops, {"options": options}), DeviceCropper(options, decoder=decoder),
+                         rows_per_call=batch_size, decoder=decoder.name, jpeg_regions=regions)
 
 
-def _has_torchvision() -> bool:
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def device_decoder(asked: str, device: str) -> PillowDecoder:
+    """`images.gpu_decoder` resolved for a pose device: auto = nvImageCodec, else nvJPEG, else Pillow (on a CPU)."""
+    gpu_decoders = {decoder.name: decoder for decoder in (NvImageCodecDecoder(), NvjpegDecoder())}
+    if asked == "auto":
+        usable = [decoder for decoder in gpu_decoders.values() if device == "cuda" and decoder.missing() is None]
+        return usable[0] if usable else PillowDecoder()
+    if asked == "pillow":
+        return PillowDecoder()
+    if device != "cuda":
+        raise SpecError(f"images.gpu_decoder: {asked} decodes on a GPU, but the pose actors run on {device}")
+    missing = gpu_decoders[asked].missing()
+    if missing:
+        raise SpecError(f"images.gpu_decoder: {asked}, but {missing} is not installed (pip install 'raypose[gpu]')")
+    return gpu_decoders[asked]

@@ -468,3 +468,12 @@ def test_jpeg_draft_is_refused_where_the_device_decodes():
     spec = with_field("resources", "crop_in", "pose_device")
     spec["images"]["jpeg_draft"] = True
     assert "images.jpeg_draft: only where the CPU decodes" in problems(spec)
+
+
+def test_a_gpu_decoder_is_refused_where_the_device_does_not_decode():
+    spec = with_field("images", "gpu_decoder", "nvimgcodec")
+    assert ("images.gpu_decoder: nvimgcodec decodes on the pose device only (resources.crop_in: pose_device; "
+            "it is auto)") in problems(spec)
+    spec["resources"] = {"crop_in": "pose_device"}
+    assert parse_job_spec(spec).images.gpu_decoder == "nvimgcodec"
+    assert "images.gpu_decoder:" in problems(with_field("images", "gpu_decoder", "dali"))

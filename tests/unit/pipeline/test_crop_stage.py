@@ -287,7 +287,7 @@ def test_planned_crops_cut_the_same_however_the_rows_are_batched_again(images):
 
 
 def test_device_crops_from_a_jpeg_region_equal_the_cpu_stage_from_pillow(tmp_path, monkeypatch):
-    import raypose.imaging.crop_torch as crop_torch
+    import raypose.imaging.decode_device as decode_device
     from raypose.imaging.jpeg_region import region_decoder_available
 
     if not region_decoder_available():
@@ -296,8 +296,8 @@ def test_device_crops_from_a_jpeg_region_equal_the_cpu_stage_from_pillow(tmp_pat
     pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     (tmp_path / "wide.jpg").write_bytes(encode(Image.fromarray(pixels), "JPEG", quality=85))
     regions = []
-    real = crop_torch.decode_jpeg_region
-    monkeypatch.setattr(crop_torch, "decode_jpeg_region", lambda data, region: regions.append(region) or real(data, region))
+    real = decode_device.decode_jpeg_region
+    monkeypatch.setattr(decode_device, "decode_jpeg_region", lambda data, region: regions.append(region) or real(data, region))
     batch = task_table(image_task(tmp_path / "wide.jpg", [[200, 150, 40, 60], [250, 120, 30, 70]], first_annotation=0))
     expected = make_crops(batch, options=replace(DEVICE_OPTIONS, region_decode=False)).to_pylist()
     table, pick = on_device(batch)

@@ -7,6 +7,11 @@ from conftest import routing_for
 
 from raypose.config.spec import parse_job_spec
 from raypose.errors import SpecError
+from raypose.imaging.decode_device import (
+    NvImageCodecDecoder,
+    NvjpegDecoder,
+    PillowDecoder,
+)
 from raypose.pipeline.crop_stage import (
     CpuCropper,
     CropColumn,
@@ -21,9 +26,10 @@ CPU = ClusterShape(gpus=0, node_cpus=2)
 GPU = ClusterShape(gpus=4, node_cpus=16, accelerators=("H100",))
 
 
-def layout(cluster: ClusterShape = CPU, images: int = 128, detecting: bool = False, **sections):
-    raw = {"images": {"path": "/data"}, "boxes": {"path": "/boxes.json"}, "pose": {"model": "/model"},
-           "output": {"path": "/out"}}
+def layout(cluster: ClusterShape = CPU, images: int = 128, detecting: bool = False, gpu_decoder: str = "auto",
+           **sections):
+    raw = {"images": {"path": "/data", "gpu_decoder": gpu_decoder}, "boxes": {"path": "/boxes.json"},
+           "pose": {"model": "/model"}, "output": {"path": "/out"}}
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return resolve_layout(parse_job_spec(raw), ROUTING, cluster, images, detecting=detecting)
@@ -97,8 +103,32 @@ def test_each_crop_placement_is_a_strategy_object():
     assert in_actor.task is None and isinstance(in_actor.cropper, CpuCropper) and in_actor.rows_per_call is None
     assert in_actor.cropper.threads == 1
     assert on_device.task[0] is plan_crops and isinstance(on_device.cropper, DeviceCropper)
-    assert on_device.rows_per_call == 8 and not on_device.cropper.nvjpeg  # Pillow on a CPU
+    assert on_device.rows_per_call == 8 and type(on_device.cropper.decoder) is PillowDecoder  # on a CPU
+    assert on_device.decoder == "pillow"
     assert on_device.jpeg_regions == tasks.jpeg_regions == in_actor.jpeg_regions  # regions decoded alone, each way
+
+
+def test_the_gpu_decoder_is_an_object_chosen_once(monkeypatch):
+    def device(gpu_decoder: str = "auto"):
+        return layout(GPU, gpu_decoder=gpu_decoder, resources={"crop_in": "pose_device"}).crops
+
+    installed = {"nvimgcodec": None, "nvjpeg": None}
+    monkeypatch.setattr(NvImageCodecDecoder, "missing", lambda self: installed["nvimgcodec"])
+    monkeypatch.setattr(NvjpegDecoder, "missing", lambda self: installed["nvjpeg"])
+    chosen = device()
+    assert isinstance(chosen.cropper.decoder, NvImageCodecDecoder) and chosen.decoder == "nvimgcodec"
+    assert chosen.cropper.decoder.backends == ("HW_GPU_ONLY", "HYBRID_CPU_GPU", "GPU_ONLY")
+    installed["nvimgcodec"] = "nvidia-nvjpeg-cu12"
+    assert device().decoder == "nvjpeg"
+    installed["nvjpeg"] = "torchvision"
+    assert device().decoder == "pillow"
+    assert device(gpu_decoder="pillow").decoder == "pillow"
+    with pytest.raises(SpecError, match=r"images.gpu_decoder: nvimgcodec, but nvidia-nvjpeg-cu12 is not installed"):
+        device(gpu_decoder="nvimgcodec")
+    installed["nvjpeg"] = None
+    with pytest.raises(SpecError, match=r"images.gpu_decoder: nvjpeg decodes on a GPU, but the pose actors run on cpu"):
+        layout(CPU, gpu_decoder="nvjpeg", resources={"crop_in": "pose_device"})
+    assert layout(CPU, resources={"crop_in": "pose_device"}).crops.decoder == "pillow"  # auto on a CPU
 
 
 def test_cuda_on_a_cluster_without_gpus_is_a_spec_error_before_any_actor_starts():
