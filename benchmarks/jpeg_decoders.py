@@ -13,7 +13,11 @@ difference in grey levels, and wall ms per image. Rows:
   nvJPEG; the regions, batched), `nvjpeg` (torchvision, whole images, batched); and each of
   nvImageCodec's GPU backends alone (`nvimgcodec HW_GPU_ONLY` ...), with and without fancy upsampling
 
-    python benchmarks/jpeg_decoders.py --images 60
+    python benchmarks/jpeg_decoders.py --images 60 [--model TRAINED_VITPOSE_FOLDER]
+
+With --model (a trained checkpoint: random weights have no clear peaks) each row also gives how
+far the decoder's crops move the model's keypoints from those of Pillow's crops (image pixels,
+over the keypoints it scores >= 0.3 on Pillow's).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from raypose.pipeline.crop_stage import (
 )
 from raypose.testing.synthetic import make_checkpoint
 
-INPUT_SIZE = (192, 256)
+CONFIDENT = 0.3  # keypoint drift is over the keypoints the model scores at least this on Pillow's crops
 
 
 def pillow(images, device):
@@ -64,7 +68,7 @@ def decoding_with(decoder: PillowDecoder):
     return lambda images, device: decode_on_device(images, device, 10**9, decoder)
 
 
-def measure(name, decode, images, rows, reference, device) -> dict:
+def measure(name, decode, images, rows, reference, device, input_size, engine=None) -> dict:
     decode(images[:2], device)  # warm-up: libraries, the device
     started = time.perf_counter()
     decoded = decode(images, device)
@@ -80,26 +84,41 @@ def measure(name, decode, images, rows, reference, device) -> dict:
         image_of[image.rows] = n
     good = [i for i, stage in enumerate(rows.column("error_stage").to_pylist()) if stage is None]
     centers, scales = pairs(rows.column("center")), pairs(rows.column("scale"))
-    crops = on_device.crops(centers[good], scales[good], image_of[good].tolist(), INPUT_SIZE).cpu().numpy()
+    crops = on_device.crops(centers[good], scales[good], image_of[good].tolist(), input_size).cpu().numpy()
     diff = np.abs(crops.astype(np.int16) - reference[good].astype(np.int16))
-    return {"decoder": name, "ms_per_image": 1000 * seconds / len(images), "mean": float(diff.mean()),
-            "p99": float(np.percentile(diff, 99)), "max": int(diff.max())}
+    result = {"decoder": name, "ms_per_image": 1000 * seconds / len(images), "mean": float(diff.mean()),
+              "p99": float(np.percentile(diff, 99)), "max": int(diff.max())}
+    if engine is not None:  # how far the decoder's pixels move a trained model's keypoints, in image pixels
+        expected, scores = engine.estimate(reference[good], centers[good], scales[good])
+        keypoints, _ = engine.estimate(crops, centers[good], scales[good])
+        drift = np.linalg.norm(keypoints - expected, axis=-1)[scores >= CONFIDENT]
+        result.update(drift_mean=float(drift.mean()), drift_p99=float(np.percentile(drift, 99)),
+                      drift_max=float(drift.max()), drift_keypoints=int(drift.size))
+    return result
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--model", default=None,
+                        help="a trained ViTPose checkpoint (folder): also report the keypoint drift each decoder causes")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.out or tmp)
         tasks = read_images(benchmark_tasks(folder, args.images), storage_options={})
-        routing = resolve_routing(PoseSpec(model=str(make_checkpoint(folder / "model"))))  # 192x256 crops
+        routing = resolve_routing(PoseSpec(model=args.model or str(make_checkpoint(folder / "model"))))
+        input_size = routing.input_size(routing.default)
+        engine = None
+        if args.model:
+            from raypose.models.vitpose import PoseEngine
+
+            engine = PoseEngine(routing.experts[routing.default].model, device=str(device), dtype="float32")
         options = CropOptions(routing=routing, max_pixels=10**9)
         rows, images = plan_device_crops(tasks, options)
         cpu = make_crops(tasks, options=CropOptions(routing=routing, max_pixels=10**9, region_decode=False))
-        width, height = INPUT_SIZE
+        width, height = input_size
         reference = np.zeros((cpu.num_rows, height, width, 3), np.uint8)
         for i, crop in enumerate(cpu.column("crop").to_pylist()):
             if crop is not None:
@@ -108,22 +127,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device.type == "cuda":
             decoders += [(decoder.name, decoding_with(decoder)) for decoder in (NvImageCodecDecoder(), NvjpegDecoder())
                          if decoder.missing() is None]
-            decoders += [(f"nvimgcodec {kind}{' plain upsampling' if not options else ''}",
-                          decoding_with(NvImageCodecDecoder(backends=(kind,), options=options)))
-                         for kind in ("HW_GPU_ONLY", "HYBRID_CPU_GPU", "GPU_ONLY") for options in (":fancy_upsampling=1", "")]
+            decoders += [(f"nvimgcodec {kind}{'' if upsampling else ' plain upsampling'}",
+                          decoding_with(NvImageCodecDecoder(backends=(kind,), options=upsampling)))
+                         for kind in ("HW_GPU_ONLY", "HYBRID_CPU_GPU", "GPU_ONLY")
+                         for upsampling in (":fancy_upsampling=1", "")]
         results = []
         regions = sum(image.region is not None for image in images)
         print(f"{len(images)} images, {rows.num_rows} crops, {regions} decoded as regions where a decoder can; "
               f"{device}; crops against the CPU stage's from Pillow, grey levels")
-        print(f"{'decoder':34s} {'ms/image':>9s} {'mean':>7s} {'p99':>5s} {'max':>4s}")
+        print(f"{'decoder':34s} {'ms/image':>9s} {'mean':>7s} {'p99':>5s} {'max':>4s}"
+              + ("  keypoint drift px (mean / p99 / max)" if engine else ""))
         for name, decode in decoders:
             try:
-                result = measure(name, decode, images, rows, reference, device)
+                result = measure(name, decode, images, rows, reference, device, input_size, engine)
             except Exception as exc:  # one decoder's failure is a row, the others still run
                 print(f"{name:34s} failed: {type(exc).__name__}: {exc}")
                 continue
             results.append(result)
-            print(f"{name:34s} {result['ms_per_image']:9.1f} {result['mean']:7.3f} {result['p99']:5.1f} {result['max']:4d}")
+            drift = (f"  {result['drift_mean']:.3f} / {result['drift_p99']:.3f} / {result['drift_max']:.2f} "
+                     f"over {result['drift_keypoints']} keypoints scored >= {CONFIDENT}") if engine else ""
+            print(f"{name:34s} {result['ms_per_image']:9.1f} {result['mean']:7.3f} {result['p99']:5.1f} "
+                  f"{result['max']:4d}{drift}")
     return results
 
 

@@ -15,6 +15,8 @@ crop stage makes it (uint8 crops in a binary Arrow column), then times, median o
                     `synthetic.instant_heatmaps`): all the actor's work per batch but the forward
                     (crop array, copy to the device, normalise, decode the heatmaps, output rows);
                     printed as a fraction of the forward's time too
+  4 in one call     `estimate_rows` on four batches in one call, per batch: on a GPU the next batch
+                    is prepared while one runs, so this nears `forward` when the host keeps up
 
 On a GPU it also prints the forward's ten most expensive kernels (torch.profiler) and, with
 --compile, the forward under `torch.compile`. With --device-crops N it breaks down a block of N
@@ -71,14 +73,18 @@ def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
 
 
 class NoModel:
-    """A stand-in engine whose `estimate` answers at once with zeros."""
+    """A stand-in engine that answers at once with zeros."""
 
     def __init__(self, num_keypoints: int):
         self.num_keypoints = num_keypoints
 
-    def estimate(self, crops, centers, scales, **_) -> tuple[np.ndarray, np.ndarray]:
+    def submit(self, crops, centers, scales, **_) -> tuple[np.ndarray, np.ndarray]:
         n = len(crops)
         return np.zeros((n, self.num_keypoints, 2), np.float32), np.zeros((n, self.num_keypoints), np.float32)
+
+    @staticmethod
+    def collect(submitted):
+        return submitted
 
 
 def with_model(engine: PoseEngine, model, fn):
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         device, n = engine.device, args.batch_size
         width, height = engine.info.input_size
         batch = crop_batch(n, (width, height))
+        block = crop_batch(4 * n, (width, height), seed=1)
         column = batch.column("crop").combine_chunks()
         array = crop_array(column, list(range(n)), (width, height))
         centers = np.tile(np.float32([[60, 120]]), (n, 1))
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                                                           routing, batch, column_pixels(batch)), args.repeat, device),
             "host work": timed(lambda: with_model(engine, instant_heatmaps(engine.info), lambda: estimate_rows(
                 engines, routing, batch, column_pixels(batch))), args.repeat, device),
+            # Per batch of a call of four: batch i+1 is prepared while batch i runs (`PoseEngine.submit`).
+            "4 in one call": timed(lambda: estimate_rows(engines, routing, block, column_pixels(block), batch_size=n),
+                                   args.repeat, device) / 4,
         }
         print(f"{args.preset} on {device} {str(engine.dtype).replace('torch.', '')}, batch {n}, "
               f"attention {engine.model.backbone.config._attn_implementation}, torch threads {torch.get_num_threads()}, "
@@ -171,8 +181,20 @@ def main(argv: list[str] | None = None) -> None:
             def compiled_forward():
                 compiled(pixel_values=pixels)
 
+            started = time.perf_counter()
+            compiled_forward()  # the compile itself (later calls of this batch size reuse it)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            compile_seconds = time.perf_counter() - started
             seconds = timed(compiled_forward, args.repeat, device)
-            print(f"  {'forward compiled':16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s")
+            print(f"  {'forward compiled':16s} {seconds * 1e3:9.2f} ms  {n / seconds:10.1f} crops/s  "
+                  f"(compile {compile_seconds:.1f} s)")
+            saved = rows["forward"] - seconds  # per batch of n crops
+            if saved > 0:
+                print(f"  compile pays for itself after {compile_seconds / saved * n:,.0f} crops "
+                      f"(a 100k-crop job: {100_000 / n * saved - compile_seconds:+.1f} s)")
+            else:
+                print("  compile does not pay: the compiled forward is no faster")
         if args.device_crops:
             profile_device_crops(Path(tmp), args.device_crops, routing, device, args.repeat)
 

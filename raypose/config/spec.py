@@ -179,11 +179,12 @@ class ResourcesSpec(_Section):
     gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16
     # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
-    # pose actors' device (nvJPEG when torchvision has it); auto = pose_actor on CPU, tasks on a GPU.
+    # pose actors' device (images.gpu_decoder); auto = pose_actor on CPU, tasks on a GPU.
     crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = "auto"
-    # Calls a pose actor runs at once: above 1, one call's crops and rows are made while another's
-    # forwards run (forwards never overlap).
-    pose_calls_per_actor: PositiveInt = 1
+    # Calls a pose actor runs at once, in threads: above 1, one call's crops and rows are made while
+    # another's forwards run, and on a GPU one's forward is queued while another's runs (forwards are
+    # submitted one at a time). Default: pipeline.layout (2 on a GPU, 1 on CPU).
+    pose_calls_per_actor: PositiveInt | None = None
     num_cpus: PositiveInt | None = None
 
 

@@ -51,8 +51,12 @@ def bilinear_crops(flat: torch.Tensor, geometry: list, input_size: tuple[int, in
             table[j, 3, part] = (points >= 0) & (points <= limit - 1)
         image_shape[j] = (start, rw, rh)
     device = flat.device
-    table = torch.from_numpy(table).to(device)
-    start, w, h = torch.from_numpy(image_shape).to(device).unbind(1)
+    table, image_shape = torch.from_numpy(table), torch.from_numpy(image_shape)
+    if device.type == "cuda":
+        # Pinned, the copies queue behind the forward in flight instead of waiting for it (`PoseEngine.submit`).
+        table, image_shape = table.pin_memory(), image_shape.pin_memory()
+    table = table.to(device, non_blocking=True)
+    start, w, h = image_shape.to(device, non_blocking=True).unbind(1)
     x0, x1 = table[:, 0, :width].long(), table[:, 1, :width].long()
     y0, y1 = table[:, 0, width:].long(), table[:, 1, width:].long()
     wx = table[:, 2, :width].float()[:, None, :, None]

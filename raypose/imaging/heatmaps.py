@@ -136,7 +136,8 @@ def heatmap_to_image(
     """UDP inverse transform: heatmap (x, y) -> image pixels, for crops given by center/scale."""
     height, width = heatmap_size
     box = scales * PIXEL_STD
-    unit = box / torch.tensor([width - 1.0, height - 1.0], device=box.device)
+    # Divided by Python numbers: a tensor made here would be a host->device copy that waits for the GPU.
+    unit = torch.stack([box[..., 0] / (width - 1.0), box[..., 1] / (height - 1.0)], dim=-1)
     return coords * unit.unsqueeze(1) + (centers - 0.5 * box).unsqueeze(1)
 
 

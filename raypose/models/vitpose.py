@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,15 @@ def _normalization(model: str, revision: str | None, field: str) -> tuple[tuple,
     return tuple(config.get("image_mean", IMAGENET_MEAN)), tuple(config.get("image_std", IMAGENET_STD))
 
 
+@dataclass(frozen=True)
+class SubmittedBatch:
+    """A forward queued on the device: its keypoints and scores land in host memory once `done` has passed."""
+
+    keypoints: torch.Tensor
+    scores: torch.Tensor
+    done: "torch.cuda.Event | None" = None  # None: computed already (a CPU device)
+
+
 class PoseEngine:
     """A loaded ViTPose checkpoint: `estimate` maps uint8 crops and their geometry to keypoints."""
 
@@ -135,7 +145,6 @@ class PoseEngine:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
 
-    @torch.inference_mode()
     def estimate(
         self,
         crops: np.ndarray | torch.Tensor,
@@ -150,6 +159,23 @@ class PoseEngine:
         (`crop_torch`). `flip_pairs` turns on the flip test: the mirrored crops run in the
         same forward pass.
         """
+        return self.collect(self.submit(crops, centers, scales, dataset_index, flip_pairs))
+
+    @torch.inference_mode()
+    def submit(
+        self,
+        crops: np.ndarray | torch.Tensor,
+        centers: np.ndarray,
+        scales: np.ndarray,
+        dataset_index: int | None = None,
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
+    ) -> "SubmittedBatch":
+        """`estimate`'s work queued on the device, to `collect`.
+
+        On a GPU nothing here waits for the device (host memory goes over pinned, the answers
+        come back into pinned memory behind an event), so the caller prepares the next batch,
+        or another thread submits its own, while this one runs.
+        """
         if isinstance(crops, torch.Tensor):
             pixels = crops
         else:
@@ -157,9 +183,9 @@ class PoseEngine:
                 # A read-only view of the crop column (`pose_stage.crop_array`): nothing below writes to it.
                 warnings.simplefilter("ignore", UserWarning)
                 pixels = torch.from_numpy(crops)
-        if self.device.type == "cuda" and pixels.device.type == "cpu":
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32, copy=True)
+        pixels = self._to_device(pixels)
+        geometry = self._to_device(torch.from_numpy(np.stack([centers, scales]).astype(np.float32, copy=False)))
+        pixels = pixels.permute(0, 3, 1, 2).to(torch.float32, copy=True)
         # In place on that copy: the same values with one float copy of the batch, not three.
         pixels = pixels.mul_(self._scale).add_(self._shift).to(self.dtype)
         n = pixels.shape[0]
@@ -167,12 +193,31 @@ class PoseEngine:
             pixels = torch.cat([pixels, pixels.flip(-1)])
         heatmaps = self._heatmaps(pixels, dataset_index)
         if flip_pairs is not None:
-            pairs = torch.tensor(flip_pairs, dtype=torch.long, device=self.device).reshape(-1, 2)
-            heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], pairs))
-        keypoints, scores = decode_heatmaps(
-            heatmaps, torch.from_numpy(centers), torch.from_numpy(scales), decode=self.decode
-        )
-        return keypoints.cpu().numpy(), scores.cpu().numpy()
+            heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], self._pairs(flip_pairs)))
+        keypoints, scores = decode_heatmaps(heatmaps, geometry[0], geometry[1], decode=self.decode)
+        if self.device.type != "cuda":
+            return SubmittedBatch(keypoints, scores)
+        keypoints, scores = keypoints.to("cpu", non_blocking=True), scores.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return SubmittedBatch(keypoints, scores, done)
+
+    @staticmethod
+    def collect(submitted: "SubmittedBatch") -> tuple[np.ndarray, np.ndarray]:
+        """A submitted batch's keypoints and scores on the host: waits for its forward, not for later ones."""
+        if submitted.done is not None:
+            submitted.done.synchronize()
+        return submitted.keypoints.numpy(), submitted.scores.numpy()
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            # A pageable copy would wait for the forwards already queued; a pinned one is queued behind them.
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (one engine per checkpoint, held for the actor's life)
+    def _pairs(self, flip_pairs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        return torch.tensor(flip_pairs, dtype=torch.long).reshape(-1, 2).to(self.device)
 
     def _heatmaps(self, pixels: torch.Tensor, dataset_index: int | None) -> torch.Tensor:
         if self.folded is not None:

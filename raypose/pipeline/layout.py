@@ -35,6 +35,8 @@ from raypose.pipeline.pose_stage import PoseSettings
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
 CPU_BATCH_SIZE = 8
 GPU_BATCH_SIZE = 256
+# Two calls a GPU actor: one's forward is queued while the other's runs or its rows are made.
+GPU_CALLS_PER_ACTOR = 2
 # GPUs without bfloat16 (compute capability below 8.0), as Ray names them (accelerator_type:NAME).
 NO_BF16_GPUS = frozenset({"V100", "T4", "P100", "P40", "P4", "K80", "M60", "Tesla-V100", "Tesla-T4"})
 
@@ -143,7 +145,7 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     layout = Layout(
         pose=settings,
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
-                                  calls=resources.pose_calls_per_actor),
+                                  calls=resources.pose_calls_per_actor or (1 if on_cpu else GPU_CALLS_PER_ACTOR)),
         crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size,
                              gpu_decoder=spec.images.gpu_decoder),
         images_per_task=resources.images_per_crop_task,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
+from typing import ContextManager
 
 import numpy as np
 import pyarrow as pa
@@ -66,18 +68,20 @@ class PoseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, pixels = self.cropper(batch, self.device)
         inject("pose")
-        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap,
-        # their forwards take turns (two at once would only fight over the cores or the GPU).
-        with self._forwards:
-            return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
-                                 batch_size=self.settings.batch_size, worker=self.worker)
+        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap, their
+        # forwards are submitted in turns (two at once would only fight over the cores or the GPU),
+        # and on a GPU one call's next forward is queued while another's runs.
+        return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
+                             batch_size=self.settings.batch_size, worker=self.worker, device_lock=self._forwards)
 
 
 def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,
-                  batch_size: int | None = None, worker: str | None = None) -> pa.Table:
+                  batch_size: int | None = None, worker: str | None = None,
+                  device_lock: ContextManager = contextlib.nullcontext()) -> pa.Table:
     """Run each expert on its own rows (homogeneous forward batches of at most `batch_size`); failed rows pass through.
 
-    `pixels(rows, input_size)` gives the crops of some rows.
+    `pixels(rows, input_size)` gives the crops of some rows; each forward is submitted holding
+    `device_lock` (its crops cut, and on a CPU the forward run) and collected outside it.
     """
     n = batch.num_rows
     experts = batch.column("expert").to_pylist()
@@ -92,21 +96,37 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
     done = []  # (rows, keypoints, scores, keypoint schema) of each forward that ran
     failed = np.zeros(n, bool)
     reasons = np.full(n, None, dtype=object)
+
+    def fail(name: str, rows: list[int], exc: Exception) -> None:  # a failed batch becomes error rows, the job goes on
+        log.error("pose batch of %d crops for expert %s failed", len(rows), name, exc_info=exc)
+        failed[rows], reasons[rows] = True, f"{type(exc).__name__}: {exc}"
+
+    def collect(name: str, rows: list[int], engine: PoseEngine, submitted, schema: str) -> None:
+        try:
+            done.append((rows, *engine.collect(submitted), schema))
+        except Exception as exc:
+            fail(name, rows, exc)
+
+    # One forward in flight: batch i+1's crops are cut and sent while batch i runs (on a GPU).
+    in_flight = None
     for name, rows in forwards:
         expert = routing.experts[name]
         engine = engines[(expert.model.model_id, expert.model.revision)]
-        schema = SCHEMAS[expert.keypoint_schema]
         try:
-            inject("model")
-            keypoints, scores = engine.estimate(
-                pixels(rows, expert.input_size), centers[rows], scales[rows],
-                dataset_index=expert.dataset_index, flip_pairs=schema.flip_pairs if flip_test else None,
-            )
-        except Exception as exc:  # a failed batch becomes error rows, the job goes on
-            log.exception("pose batch of %d crops for expert %s failed", len(rows), name)
-            failed[rows], reasons[rows] = True, f"{type(exc).__name__}: {exc}"
+            with device_lock:
+                inject("model")
+                submitted = engine.submit(
+                    pixels(rows, expert.input_size), centers[rows], scales[rows], dataset_index=expert.dataset_index,
+                    flip_pairs=SCHEMAS[expert.keypoint_schema].flip_pairs if flip_test else None,
+                )
+        except Exception as exc:
+            fail(name, rows, exc)
             continue
-        done.append((rows, keypoints, scores, expert.keypoint_schema))
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = (name, rows, engine, submitted, expert.keypoint_schema)
+    if in_flight is not None:
+        collect(*in_flight)
     if failed.any():
         batch = fail_rows(batch, failed, "pose", reasons)
     box_scores = batch.column("box_score").to_numpy(zero_copy_only=False)

@@ -168,3 +168,18 @@ def test_compiled_engine_gives_the_eager_keypoints(tiny_checkpoint):
     assert_same_keypoints(compiled[0], eager[0], boxes, compiled_engine)
 
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_queued_on_the_gpu_come_back_as_each_alone(tiny_checkpoint):
+    engine = PoseEngine(inspect_model(str(tiny_checkpoint)), device="cuda")
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, 256, (n, 256, 192, 3), dtype=np.uint8) for n in (3, 5)]
+    centers, scales = center_scale_from_boxes(np.array([[10.0, 10.0, 50.0, 90.0]] * 5), engine.info.input_size)
+    alone = [engine.estimate(crops, centers[: len(crops)], scales[: len(crops)]) for crops in batches]
+    queued = [engine.submit(crops, centers[: len(crops)], scales[: len(crops)]) for crops in batches]
+    for expected, submitted in zip(reversed(alone), reversed(queued)):  # the later one first: each waits for its own
+        keypoints, scores = engine.collect(submitted)
+        np.testing.assert_allclose(keypoints, expected[0], atol=1e-4)
+        np.testing.assert_allclose(scores, expected[1], atol=1e-5)

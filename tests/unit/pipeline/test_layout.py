@@ -151,3 +151,9 @@ def test_the_detector_is_laid_out_beside_the_pose_actors():
     described = result.describe()
     assert described["detector"]["max_actors"] == 2 and described["pose"]["device"] == "cuda"
     assert described["crop_in"] == "tasks" and described["decoder"] == "pillow"
+
+
+def test_gpu_actors_run_two_calls_at_once_so_one_forward_is_queued_behind_another():
+    assert layout(GPU).pose_pool.calls == 2 and layout(CPU).pose_pool.calls == 1
+    assert layout(GPU, resources={"pose_calls_per_actor": 1}).pose_pool.calls == 1
+    assert layout(CPU, resources={"pose_calls_per_actor": 3}).pose_pool.calls == 3

@@ -102,7 +102,7 @@ def test_calls_in_threads_crop_together_and_take_turns_at_the_forwards(tiny_chec
 
     stage.cropper = crop_together
     [engine] = stage.engines.values()
-    running, most, estimate = [0], [0], engine.estimate
+    running, most, submit = [0], [0], engine.submit
 
     def counted(*args, **kwargs):
         # ...and each forward runs holding the actor's forward lock, one at a time.
@@ -110,18 +110,45 @@ def test_calls_in_threads_crop_together_and_take_turns_at_the_forwards(tiny_chec
         running[0] += 1
         most[0] = max(most[0], running[0])
         try:
-            return estimate(*args, **kwargs)
+            return submit(*args, **kwargs)
         finally:
             running[0] -= 1
 
-    engine.estimate = counted
+    engine.submit = counted
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(stage, [tasks] * 3))
     assert most[0] == 1
     assert all(result.equals(expected) for result in results)
 
 
-def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_next_forward_is_sent_before_the_last_one_is_waited_for(tiny_checkpoint, tmp_path):
+    boxes = [[20.0, 30.0, 60.0, 150.0], [10.0, 10.0, 80.0, 90.0], [100.0, 20.0, 90.0, 200.0]]
+    whole = stage_for(tiny_checkpoint)
+    crops = crops_for(person_tasks(tmp_path, boxes), whole)
+    stage = stage_for(tiny_checkpoint, batch_size=1)
+    [engine] = stage.engines.values()
+    events, submit, collect = [], engine.submit, engine.collect
+
+    def submitted(*args, **kwargs):
+        events.append("submit")
+        return submit(*args, **kwargs)
+
+    def collected(pending):
+        assert not stage._forwards.locked()  # waiting for a forward leaves the device to the other calls
+        events.append("collect")
+        return collect(pending)
+
+    engine.submit, engine.collect = submitted, collected
+    out = stage(crops)
+    assert events == ["submit", "submit", "collect", "submit", "collect", "collect"]
+    expected = whole(crops)
+    for column in KEYPOINT_COLUMNS:  # the same keypoints as one forward of all three
+        np.testing.assert_allclose(np.asarray(out.column(column).to_pylist()[:3], np.float64),
+                                   np.asarray(expected.column(column).to_pylist()[:3], np.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("step", ["submit", "collect"])
+def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypatch, step):
     stage = stage_for(tiny_checkpoint)
     crops = crops_for(person_tasks(tmp_path, [[20.0, 30.0, 60.0, 150.0]]), stage)
 
@@ -129,7 +156,7 @@ def test_a_failing_batch_becomes_error_rows(tiny_checkpoint, tmp_path, monkeypat
         raise RuntimeError("CUDA error: device-side assert")
 
     [engine] = stage.engines.values()
-    monkeypatch.setattr(engine, "estimate", explode)
+    monkeypatch.setattr(engine, step, explode)
     rows = stage(crops).to_pylist()
     assert [(r["error_stage"], r["error_reason"]) for r in rows] == [
         ("pose", "RuntimeError: CUDA error: device-side assert"),
