@@ -7,7 +7,7 @@ the crops are compared with the CPU stage's (Pillow's pixels): mean, p99 and max
 difference in grey levels, and wall ms per image. Rows:
 
 - `pillow`: the device cropper's decode (`decode_device.decode_on_device`) with no region: Pillow, whole images
-- `pillow regions`: the same with the regions: nvImageCodec's CPU decode (`jpeg_region`), else Pillow
+- `nvimgcodec cpu regions`: the same with the regions: nvImageCodec's CPU decode (`jpeg_region`), else Pillow
 - with CUDA, each GPU decoder of `images.gpu_decoder` as the device cropper runs it (what it cannot
   take goes to Pillow): `nvimgcodec` (the GPU's JPEG engine, hybrid for progressive files, CUDA
   nvJPEG; the regions, batched), `nvjpeg` (torchvision, whole images, batched); and each of
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for i, crop in enumerate(cpu.column("crop").to_pylist()):
             if crop is not None:
                 reference[i] = np.frombuffer(crop, np.uint8).reshape(height, width, 3)
-        decoders = [("pillow", pillow), ("pillow regions", decoding_with(PillowDecoder()))]
+        decoders = [("pillow", pillow), ("nvimgcodec cpu regions", decoding_with(PillowDecoder()))]
         if device.type == "cuda":
             decoders += [(decoder.name, decoding_with(decoder)) for decoder in (NvImageCodecDecoder(), NvjpegDecoder())
                          if decoder.missing() is None]

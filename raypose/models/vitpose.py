@@ -145,21 +145,9 @@ class PoseEngine:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
 
-    def estimate(
-        self,
-        crops: np.ndarray | torch.Tensor,
-        centers: np.ndarray,
-        scales: np.ndarray,
-        dataset_index: int | None = None,
-        flip_pairs: tuple[tuple[int, int], ...] | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Crops (N, H, W, 3) uint8 + centers/scales (N, 2) -> keypoints (N, K, 2) image px, scores (N, K).
-
-        The crops (0-255, uint8 or float; never written to) may already be on the device
-        (`crop_torch`). `flip_pairs` turns on the flip test: the mirrored crops run in the
-        same forward pass.
-        """
-        return self.collect(self.submit(crops, centers, scales, dataset_index, flip_pairs))
+    def estimate(self, *batch, **options) -> tuple[np.ndarray, np.ndarray]:
+        """`submit` and `collect` in one: crops and their geometry in, keypoints (N, K, 2) and scores (N, K) out."""
+        return self.collect(self.submit(*batch, **options))
 
     @torch.inference_mode()
     def submit(
@@ -170,11 +158,13 @@ class PoseEngine:
         dataset_index: int | None = None,
         flip_pairs: tuple[tuple[int, int], ...] | None = None,
     ) -> "SubmittedBatch":
-        """`estimate`'s work queued on the device, to `collect`.
+        """Crops (N, H, W, 3) + centers/scales (N, 2) -> keypoints in image px and scores, queued on the device.
 
-        On a GPU nothing here waits for the device (host memory goes over pinned, the answers
-        come back into pinned memory behind an event), so the caller prepares the next batch,
-        or another thread submits its own, while this one runs.
+        The crops (0-255, uint8 or float; never written to) may already be on the device
+        (`crop_torch`). `flip_pairs` turns on the flip test: the mirrored crops run in the
+        same forward pass. On a GPU nothing here waits for the device (host memory goes over
+        pinned, the answers come back into pinned memory behind an event), so the caller
+        prepares the next batch, or another thread submits its own, while this one runs.
         """
         if isinstance(crops, torch.Tensor):
             pixels = crops

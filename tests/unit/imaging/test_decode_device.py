@@ -169,11 +169,11 @@ def test_gpu_decoders_crops_are_close_to_pillows(decoder):
     rng = np.random.default_rng(4)
     smooth = np.clip(rng.normal(128, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
     data = jpeg(np.asarray(Image.fromarray(smooth).resize((640, 480), Image.BILINEAR)))
-    cuda = torch.device("cuda")
-    [pixels] = decoder.decode_batch([encoded(data, (50, 20, 600, 460))], cuda)
-    assert pixels is not None and pixels.pixels.device.type == "cuda"
     size = (192, 256)
-    centers, scales = center_scale_from_boxes(np.array([[100, 50, 200, 400], [400, 100, 150, 300]], np.float64), size)
+    centers, scales = center_scale_from_boxes(np.array([[100, 50, 200, 300], [400, 100, 150, 300]], np.float64), size)
+    region = crops_source_region([(c, s, size) for c, s in zip(centers, scales)], (640, 480))
+    [pixels] = decoder.decode_batch([encoded(data, region)], torch.device("cuda"))  # no Pillow to fall back to
+    assert pixels is not None and pixels.pixels.device.type == "cuda"
     ours = ImagesOnDevice([pixels]).crops(centers, scales, [0, 0], size).cpu().numpy().astype(int)
     reference = pillow(data)
     expected = np.stack([crop_image(reference, c, s, size) for c, s in zip(centers, scales)]).astype(int)
