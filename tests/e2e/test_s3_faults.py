@@ -424,6 +424,19 @@ def test_images_deleted_after_planning_become_read_errors(ray_session, s3_server
     assert_no_credentials(caplog.text, written_text(fs, "vanishing-images/labels/run"), ray_log_text())
 
 
+def remove_bucket(fs, bucket: str, attempts: int = 20) -> None:
+    """Delete a bucket and its objects, again while the job's write tasks still add parts to it."""
+    for _ in range(attempts):
+        try:
+            fs.rm(bucket, recursive=True)
+        except OSError:  # a part landed between the objects' delete and the bucket's: "not empty"
+            time.sleep(0.1)
+        fs.invalidate_cache()
+        if not fs.exists(bucket):
+            return
+    raise AssertionError(f"{bucket} could not be removed in {attempts} attempts")
+
+
 def test_an_output_bucket_that_vanishes_mid_job_fails_the_job_clearly(
     ray_session, s3_server, tiny_checkpoint, coco_folder, write_job, monkeypatch, caplog
 ):
@@ -439,8 +452,7 @@ def test_an_output_bucket_that_vanishes_mid_job_fails_the_job_clearly(
 
     def take_after_the_bucket_went(self, summaries):
         if fs.exists("vanishing-output"):  # the first parts are reported to the driver: the bucket goes away
-            fs.rm("vanishing-output", recursive=True)
-            fs.invalidate_cache()
+            remove_bucket(fs, "vanishing-output")
         return original(self, summaries)
 
     monkeypatch.setattr(ShardWriter, "take", take_after_the_bucket_went)
