@@ -110,7 +110,7 @@ class SubmittedBatch:
 
     keypoints: torch.Tensor
     scores: torch.Tensor
-    done: "torch.cuda.Event | None" = None  # None: computed already (a CPU device)
+    done: torch.cuda.Event | None = None  # None: computed already (a CPU device)
 
 
 class PoseEngine:
@@ -145,9 +145,16 @@ class PoseEngine:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
 
-    def estimate(self, *batch, **options) -> tuple[np.ndarray, np.ndarray]:
-        """`submit` and `collect` in one: crops and their geometry in, keypoints (N, K, 2) and scores (N, K) out."""
-        return self.collect(self.submit(*batch, **options))
+    def estimate(
+        self,
+        crops: np.ndarray | torch.Tensor,
+        centers: np.ndarray,
+        scales: np.ndarray,
+        dataset_index: int | None = None,
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`submit` and `collect` in one: keypoints (N, K, 2) in image px and scores (N, K)."""
+        return self.collect(self.submit(crops, centers, scales, dataset_index, flip_pairs))
 
     @torch.inference_mode()
     def submit(
@@ -157,7 +164,7 @@ class PoseEngine:
         scales: np.ndarray,
         dataset_index: int | None = None,
         flip_pairs: tuple[tuple[int, int], ...] | None = None,
-    ) -> "SubmittedBatch":
+    ) -> SubmittedBatch:
         """Crops (N, H, W, 3) + centers/scales (N, 2) -> keypoints in image px and scores, queued on the device.
 
         The crops (0-255, uint8 or float; never written to) may already be on the device
@@ -193,7 +200,7 @@ class PoseEngine:
         return SubmittedBatch(keypoints, scores, done)
 
     @staticmethod
-    def collect(submitted: "SubmittedBatch") -> tuple[np.ndarray, np.ndarray]:
+    def collect(submitted: SubmittedBatch) -> tuple[np.ndarray, np.ndarray]:
         """A submitted batch's keypoints and scores on the host: waits for its forward, not for later ones."""
         if submitted.done is not None:
             submitted.done.synchronize()
