@@ -150,6 +150,35 @@ def _cpu_seconds(pid: int, tick: float) -> float | None:
         return None
 
 
+# What a process of a raypose run is, from its name (Ray names a worker after the task or actor it runs).
+_RAY_DATA_HELPERS = ("ray::_StatsActo", "ray::_Autoscali", "ray::ActorLocat", "ray::SplitCoord")
+_RAY_OWN = ("gcs_server", "raylet", "ray::DashboardA", "ray::RuntimeEnv", "process_api")
+
+
+def _process_kind(pid: int, me: int) -> str | None:
+    """The part of the run a process is (driver, pose actors, ...); None for a task worker idle between tasks."""
+    if pid == me:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        if comm == "python":  # Ray's Python daemons keep the interpreter's name: their script says which
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                scripts = [arg for arg in f.read(1000).split(b"\0") if arg.endswith(b".py")]
+            comm = scripts[0].decode(errors="replace").rsplit("/", 1)[-1] if scripts else comm
+    except OSError:
+        return "other"
+    if comm.startswith("ray::MapWorker"):
+        return "actor pools (pose)"
+    if comm.startswith(_RAY_DATA_HELPERS):
+        return "Ray Data helper actors"
+    if comm.startswith(_RAY_OWN) or comm in ("dashboard.py", "log_monitor.py", "monitor.py", "agent_manager.py"):
+        return "Ray's own processes"
+    if comm == "ray::IDLE":
+        return None
+    return "task workers" if comm.startswith("ray::") else "other"
+
+
 def _rss_pss(pid: int, page: int, with_pss: bool = True) -> tuple[int, int]:
     rss = pss = 0
     try:
@@ -220,7 +249,7 @@ class Sampler:
     @contextlib.contextmanager
     def phase(self, name: str):
         stats = {"rss_peak": 0, "pss_peak": 0, "self_rss_peak": 0, "self_pss_peak": 0, "samples": 0, "gpu_util": [], "gpu_mem_peak_mib": None,
-                 "cpu_start": {}, "cpu_last": {}, "wall_start": time.perf_counter()}
+                 "cpu_start": {}, "cpu_last": {}, "kind": {}, "wall_start": time.perf_counter()}
         if self.available:
             for pid in _process_tree(os.getpid()):
                 cpu = _cpu_seconds(pid, self.tick)
@@ -255,6 +284,9 @@ class Sampler:
                 cpu = _cpu_seconds(pid, self.tick)
                 if cpu is not None:
                     stats["cpu_last"][pid] = cpu
+                    kind = _process_kind(pid, me)
+                    if kind is not None or pid not in stats["kind"]:
+                        stats["kind"][pid] = kind or "task workers"
         stats["rss_peak"] = max(stats["rss_peak"], rss)
         stats["pss_peak"] = max(stats["pss_peak"], pss)
         stats["samples"] += 1
@@ -284,11 +316,18 @@ class Sampler:
         if own:
             stats = {**stats, "rss_peak": stats["self_rss_peak"], "pss_peak": stats["self_pss_peak"]}
         util = stats.get("gpu_util") or []
-        cpu = sum(last - stats["cpu_start"].get(pid, 0.0) for pid, last in stats.get("cpu_last", {}).items())
+        used = {pid: last - stats["cpu_start"].get(pid, 0.0) for pid, last in stats.get("cpu_last", {}).items()}
+        cpu = sum(used.values())
+        by_kind: dict[str, float] = {}
+        for pid, seconds in used.items():
+            kind = stats.get("kind", {}).get(pid, "other")
+            by_kind[kind] = by_kind.get(kind, 0.0) + seconds
         wall = stats.get("wall_seconds")
         return {
             "cpu_seconds_tree": round(cpu, 2) if stats.get("cpu_last") else None,
             "cores_busy_mean": round(cpu / wall, 2) if stats.get("cpu_last") and wall else None,
+            "cpu_seconds_by_process": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])
+                                       if v >= 0.05},
             "peak_rss_tree_mib": round(stats["rss_peak"] / 2**20, 1) if stats["rss_peak"] else None,
             "peak_pss_tree_mib": round(stats["pss_peak"] / 2**20, 1) if stats["pss_peak"] else None,
             "memory_samples": stats["samples"],
@@ -840,6 +879,11 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
         print(f"raypose stages: {stages} at {_fmt(t.get('pose_crops_per_busy_second'), '.2f')} crops/busy-s "
               f"(threads {t.get('pose_threads')}); from its first batch {_fmt(t.get('crops_per_second_first_pose_to_end'))} "
               f"crops/s to the end; last batch to end {_fmt(t.get('seconds_last_pose_to_end'), '.2f')} s", file=file)
+    if main and main.get("cpu_seconds_by_process"):
+        parts = ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in main["cpu_seconds_by_process"].items())
+        forward = ceil_cpu * main["crops"] if (ceil_cpu := rows.get("ceiling", {}).get("cpu_seconds_per_crop")) else None
+        print(f"raypose CPU-s by process (plan, Ray start and pipeline): {parts}; of {main['cpu_seconds_tree']:.1f}"
+              + (f", the forward alone at the ceiling's CPU-s per crop {forward:.1f}" if forward else ""), file=file)
     scale = result.get("scale")
     if scale:
         print(f"linearity: {scale['n']} -> {scale['n4']} images: time x{scale['time_ratio']:.2f} for "

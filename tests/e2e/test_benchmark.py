@@ -42,12 +42,16 @@ def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
     assert rows["raypose"]["x_reference"] > 0 and rows["raypose"]["x_ceiling"] > 0
     assert result["raypose"]["errors"] == 0
     assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
+    by_process = result["raypose"]["cpu_seconds_by_process"]  # where the run's CPU went, by kind of process
+    assert by_process["driver"] > 0 and by_process.get("actor pools (pose)", 0) > 0, by_process
+    assert sum(by_process.values()) <= result["raypose"]["cpu_seconds_tree"] + 0.05 * len(by_process)
 
     written = json.loads(json_path.read_text())
     assert set(written["rows"]) >= {"reference", "ceiling", "raypose"}
     assert written["config"]["preset"] == "tiny" and written["config"]["batch_size"] == 4
     table = capsys.readouterr().out
     assert "reference" in table and "ceiling" in table and "x ceiling" in table
+    assert "the forward alone at the ceiling's CPU-s per crop" in table
 
 
 def test_dtype_drift_smoke(capsys):
