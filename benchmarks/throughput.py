@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--persons", default="1-8", help="people per image, MIN-MAX")
     p.add_argument("--box-heights", default="0.3-0.8", help="person height as a fraction of image height, MIN-MAX")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-copies", type=int, default=1,
+                   help="each of the N images K times (hard links under other names, the same boxes): a job of "
+                        "N*K images for a steady state of 100k+ crops without drawing them all; every row sees them")
     p.add_argument("--batch-size", type=int, default=None, help="pose.batch_size (default: the spec's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -106,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--rows: unknown {sorted(unknown)}; choose from {ROWS}")
     if args.images < 1:
         p.error("--images: expected a positive integer")
+    if args.image_copies < 1:
+        p.error("--image-copies: expected a positive integer")
     return args
 
 
@@ -353,11 +358,40 @@ def prepare_inputs(args: argparse.Namespace, counts: list[int]) -> dict[str, Any
             pool, n, sizes=args.size_list, persons=args.person_range, box_heights=args.height_range, seed=args.seed,
             workers=_usable_cores(),
         )
+        if args.image_copies > 1:
+            manifest, boxes = image_copies(pool, manifest, boxes, args.image_copies)
         sets[n] = {"manifest": manifest, "boxes": boxes, "folder": pool}
     checkpoint = out / "checkpoints" / f"{args.preset}-seed{args.seed}"
     if not (checkpoint / "config.json").exists():
         make_checkpoint(checkpoint, preset=args.preset, seed=args.seed)
     return {"sets": sets, "checkpoint": checkpoint, "seconds": time.perf_counter() - started}
+
+
+def image_copies(pool: Path, manifest: Path, boxes: Path, copies: int) -> tuple[Path, Path]:
+    """The manifest's images `copies` times: copy k of images/NAME is a hard link copies/k/images/NAME
+    (same bytes, no new drawing or disk), with the same boxes; the new manifest and COCO file."""
+    keys = manifest.read_text().split()
+    coco = json.loads(boxes.read_text())
+    images, annotations = list(coco["images"]), list(coco["annotations"])
+    image_ids = len(images)
+    all_keys = list(keys)
+    for copy in range(1, copies):
+        for key in keys:
+            link = pool / "copies" / str(copy) / key
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.link(pool / key, link)
+            all_keys.append(f"copies/{copy}/{key}")
+        shift = copy * image_ids
+        images += [{**image, "id": image["id"] + shift, "file_name": f"copies/{copy}/{image['file_name']}"}
+                   for image in coco["images"]]
+        annotations += [{**ann, "id": len(annotations) + i + 1, "image_id": ann["image_id"] + shift}
+                        for i, ann in enumerate(coco["annotations"])]
+    stem = f"{len(keys)}x{copies}"
+    repeated_manifest, repeated_boxes = pool / f"images-{stem}.txt", pool / f"boxes-{stem}.json"
+    repeated_manifest.write_text("".join(f"{key}\n" for key in all_keys))
+    repeated_boxes.write_text(json.dumps({**coco, "images": images, "annotations": annotations}))
+    return repeated_manifest, repeated_boxes
 
 
 def _coco_images(boxes_path: Path) -> list[tuple[str, list[list[float]]]]:
@@ -839,7 +873,8 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     cfg = result["config"]
     resolved = rows.get("ceiling") or rows.get("reference") or {}
     device, dtype = resolved.get("device", cfg["device"]), resolved.get("dtype", cfg["dtype"])
-    print(f"\nraypose throughput: preset {cfg['preset']}, {cfg['images']} images, batch {cfg['batch_size']}, "
+    print(f"\nraypose throughput: preset {cfg['preset']}, {cfg['images']} images"
+          f"{' x ' + str(cfg['image_copies']) + ' copies' if cfg.get('image_copies', 1) > 1 else ''}, batch {cfg['batch_size']}, "
           f"{device} {dtype}, flip_test {cfg['flip_test']}, jpeg_draft {cfg['jpeg_draft']}, "
           f"overrides {cfg['overrides'] or 'none'}; {result['machine']['cpu']} "
           f"({result['machine']['usable_cores']} cores){', ' + result['machine']['gpu'] if 'gpu' in result['machine'] else ''}",
@@ -932,7 +967,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ceiling_processes, ceiling_threads = layout.pose_pool.max_actors, pose.threads
     result: dict[str, Any] = {
         "config": {
-            "preset": args.preset, "images": n, "sizes": args.sizes, "persons": args.persons,
+            "preset": args.preset, "images": n, "image_copies": args.image_copies, "sizes": args.sizes, "persons": args.persons,
             "box_heights": args.box_heights, "seed": args.seed, "batch_size": batch_size,
             "dtype": pose.dtype, "device": pose.device, "flip_test": pose.flip_test,
             "resources": spec.resources.model_dump(), "overrides": args.overrides,

@@ -30,7 +30,7 @@ def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
     bench = load_benchmark()
     json_path = tmp_path / "result.json"
     result = bench.main([
-        "--preset", "tiny", "--images", "3", "--sizes", "320x240,240x320", "--persons", "1-2",
+        "--preset", "tiny", "--images", "3", "--image-copies", "2", "--sizes", "320x240,240x320", "--persons", "1-2",
         "--batch-size", "4", "--device", "cpu", "--ceiling-min-seconds", "0.1",
         "--out", str(tmp_path / "bench"), "--json", str(json_path),
     ])
@@ -39,6 +39,7 @@ def test_benchmark_smoke_writes_all_rows(ray_session, tmp_path, capsys):
         assert name in rows, name
         assert rows[name]["crops"] > 0 and rows[name]["crops_per_second"] > 0, (name, rows[name])
     assert rows["raypose"]["crops"] == rows["reference"]["crops"]  # same images and boxes
+    assert rows["raypose"]["crops"] == result["inputs"]["crops"] and result["raypose"]["images"] == 6  # both copies
     assert rows["raypose"]["x_reference"] > 0 and rows["raypose"]["x_ceiling"] > 0
     assert result["raypose"]["errors"] == 0
     assert ray_session.is_initialized()  # the session's Ray was reused, not shut down
@@ -87,3 +88,30 @@ def test_ceiling_in_processes_adds_their_rates(tiny_checkpoint):
     result = bench.run_ceiling(expert, pose, bs=2, n_crops=4, threads=1, min_seconds=0.1, processes=2)
     assert result["processes"] == 2 and result["threads"] == 1 and result["crops"] >= 8
     assert result["crops_per_second"] == pytest.approx(sum(result["crops_per_second_each"]), rel=0.01)
+
+
+def test_image_copies_link_the_images_under_new_names_with_the_same_boxes(tmp_path):
+    from raypose.testing.synthetic import make_benchmark_dataset
+
+    bench = load_benchmark()
+    manifest, boxes = make_benchmark_dataset(tmp_path, 2, sizes=((64, 48),), persons=(1, 3))
+    repeated_manifest, repeated_boxes = bench.image_copies(tmp_path, manifest, boxes, 3)
+    keys = repeated_manifest.read_text().split()
+    original = json.loads(boxes.read_text())
+    coco = json.loads(repeated_boxes.read_text())
+    assert len(keys) == len(set(keys)) == 6 and keys[:2] == manifest.read_text().split()
+    assert [image["file_name"] for image in coco["images"]] == keys
+    copied_from = {key: key.split("/", 2)[2] if key.startswith("copies/") else key for key in keys}
+    assert all((tmp_path / key).stat().st_ino == (tmp_path / copied_from[key]).stat().st_ino for key in keys)
+    assert len(coco["annotations"]) == 3 * len(original["annotations"])
+    assert len({ann["id"] for ann in coco["annotations"]}) == len(coco["annotations"])
+    original_boxes, repeated = _boxes_by_name(original), _boxes_by_name(coco)
+    assert {key: repeated[key] for key in keys} == {key: original_boxes[copied_from[key]] for key in keys}
+
+
+def _boxes_by_name(coco: dict) -> dict[str, list]:
+    names = {image["id"]: image["file_name"] for image in coco["images"]}
+    by_name: dict[str, list] = {}
+    for ann in coco["annotations"]:
+        by_name.setdefault(names[ann["image_id"]], []).append(ann["bbox"])
+    return {name: sorted(boxes) for name, boxes in by_name.items()}
