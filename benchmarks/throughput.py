@@ -373,7 +373,7 @@ def image_copies(pool: Path, manifest: Path, boxes: Path, copies: int) -> tuple[
     keys = manifest.read_text().split()
     coco = json.loads(boxes.read_text())
     images, annotations = list(coco["images"]), list(coco["annotations"])
-    image_ids = len(images)
+    last_id = max((image["id"] for image in images), default=0)
     all_keys = list(keys)
     for copy in range(1, copies):
         for key in keys:
@@ -382,7 +382,7 @@ def image_copies(pool: Path, manifest: Path, boxes: Path, copies: int) -> tuple[
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.link(pool / key, link)
             all_keys.append(f"copies/{copy}/{key}")
-        shift = copy * image_ids
+        shift = copy * last_id
         images += [{**image, "id": image["id"] + shift, "file_name": f"copies/{copy}/{image['file_name']}"}
                    for image in coco["images"]]
         annotations += [{**ann, "id": len(annotations) + i + 1, "image_id": ann["image_id"] + shift}

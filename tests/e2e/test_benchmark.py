@@ -1,4 +1,4 @@
-"""The throughput benchmark in CI size: tiny preset, three small images, all three rows, JSON written.
+"""The throughput benchmark in CI size: tiny preset, three small images twice over, all three rows, JSON written.
 
 A smoke test of benchmarks/throughput.py (its figures are not asserted: timings on shared CI
 machines mean nothing). It runs on the session's Ray, which the benchmark reuses. And one each
