@@ -33,6 +33,7 @@ out=${1:-gpu-out}
 model=${2:-}
 deadline=${GPU_CHECK_SECONDS:-560}
 work=${GPU_CHECK_WORK:-/tmp/gpu-check-work}
+py=${PYTHON:-python3}  # on the lent image, python3 is the interpreter that holds torch
 export PYTHONUNBUFFERED=1
 mkdir -p "$out" "$work"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/steps.txt"
@@ -54,15 +55,15 @@ step() {
     echo "$name rc=$rc $((SECONDS - started))s (limit ${limit}s)" | tee -a "$out/steps.txt"
 }
 
-step gpu-tests 75 python -m pytest -q -m gpu tests/unit
-step profile_pose 110 python benchmarks/profile_pose.py --preset vitpose-base --device cuda --dtype bfloat16 \
+step gpu-tests 75 "$py" -m pytest -q -m gpu tests/unit
+step profile_pose 110 "$py" benchmarks/profile_pose.py --preset vitpose-base --device cuda --dtype bfloat16 \
     --batch-size 256 --compile --device-crops 256
-step jpeg_decoders 60 python benchmarks/jpeg_decoders.py --images 60 --out "$work/decoders" ${model:+--model "$model"}
-step throughput-mixed 150 python benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 24 \
+step jpeg_decoders 60 "$py" benchmarks/jpeg_decoders.py --images 60 --out "$work/decoders" ${model:+--model "$model"}
+step throughput-mixed 150 "$py" benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 24 \
     --out "$work" --rows ceiling,raypose,host --json "$work/throughput-mixed.json"
-step throughput-coco 80 python benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 16 \
+step throughput-coco 80 "$py" benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 16 \
     --workload coco --out "$work" --rows ceiling,raypose --json "$work/throughput-coco.json"
-step throughput-device 80 python benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 24 \
+step throughput-device 80 "$py" benchmarks/throughput.py --preset vitpose-base --images 1024 --image-copies 24 \
     --out "$work" --rows raypose --set resources.crop_in=pose_device --json "$work/throughput-device.json"
 if ls "$work"/*.json > /dev/null 2>&1; then tar czf "$out/json.tgz" -C "$work" $(cd "$work" && ls *.json); fi
 cat "$out/steps.txt"
