@@ -373,7 +373,8 @@ def image_copies(pool: Path, manifest: Path, boxes: Path, copies: int) -> tuple[
     keys = manifest.read_text().split()
     coco = json.loads(boxes.read_text())
     images, annotations = list(coco["images"]), list(coco["annotations"])
-    last_id = max((image["id"] for image in images), default=0)
+    last_image = max((image["id"] for image in images), default=0)
+    last_annotation = max((ann["id"] for ann in annotations), default=0)
     all_keys = list(keys)
     for copy in range(1, copies):
         for key in keys:
@@ -382,11 +383,10 @@ def image_copies(pool: Path, manifest: Path, boxes: Path, copies: int) -> tuple[
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.link(pool / key, link)
             all_keys.append(f"copies/{copy}/{key}")
-        shift = copy * last_id
-        images += [{**image, "id": image["id"] + shift, "file_name": f"copies/{copy}/{image['file_name']}"}
+        images += [{**image, "id": image["id"] + copy * last_image, "file_name": f"copies/{copy}/{image['file_name']}"}
                    for image in coco["images"]]
-        annotations += [{**ann, "id": len(annotations) + i + 1, "image_id": ann["image_id"] + shift}
-                        for i, ann in enumerate(coco["annotations"])]
+        annotations += [{**ann, "id": ann["id"] + copy * last_annotation, "image_id": ann["image_id"] + copy * last_image}
+                        for ann in coco["annotations"]]
     stem = f"{len(keys)}x{copies}"
     repeated_manifest, repeated_boxes = pool / f"images-{stem}.txt", pool / f"boxes-{stem}.json"
     repeated_manifest.write_text("".join(f"{key}\n" for key in all_keys))
@@ -967,7 +967,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ceiling_processes, ceiling_threads = layout.pose_pool.max_actors, pose.threads
     result: dict[str, Any] = {
         "config": {
-            "preset": args.preset, "images": n, "image_copies": args.image_copies, "sizes": args.sizes, "persons": args.persons,
+            "preset": args.preset, "images": n, "image_copies": args.image_copies, "sizes": args.sizes,
+            "persons": args.persons,
             "box_heights": args.box_heights, "seed": args.seed, "batch_size": batch_size,
             "dtype": pose.dtype, "device": pose.device, "flip_test": pose.flip_test,
             "resources": spec.resources.model_dump(), "overrides": args.overrides,
