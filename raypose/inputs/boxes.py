@@ -590,7 +590,7 @@ def _box_table_chunks(source, path: str, boxes: BoxesSpec, rows: int = 1 << 18):
         if path.lower().endswith((".jsonl", ".ndjson", ".json")):
             yield pa_json.read_json(source)
             return
-        parquet = pq.ParquetFile(source)
+        parquet = pq.ParquetFile(source, pre_buffer=False)  # a row group read whole would be held beside the join
         names = parquet.schema_arrow.names
         _check_columns(names, boxes)
         used = (boxes.image_key_column, boxes.bbox_column, boxes.score_column, boxes.category_column, "annotation_id")

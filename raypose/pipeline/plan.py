@@ -9,8 +9,8 @@ image tasks to `_plan/` as it is cut; a plan made to check (`raypose validate`) 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
-from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
 from raypose.inputs.arrays import NotSorted
+from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
 from raypose.inputs.listing import iter_images, list_images
 from raypose.inputs.storage import uri_of
 from raypose.output.lease import Lease
