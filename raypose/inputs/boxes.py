@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import KeySequence, ascending, filtered
+from raypose.inputs.names import escaped
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -137,7 +138,8 @@ def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
     wanted = _category_ids(names, boxes)
     images = {}
     for image in coco["images"]:
-        key = posixpath.normpath(str(image["file_name"])) if image.get("file_name") else None
+        # escaped: a file_name Python wrote from os.listdir holds its non-UTF-8 bytes as surrogates (docs/names.md)
+        key = escaped(posixpath.normpath(str(image["file_name"]))) if image.get("file_name") else None
         if key is None:
             raise SpecError(f"boxes.path: image id {image.get('id')} has no file_name")
         images[image["id"]] = (key, image.get("width"), image.get("height"))

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from raypose.errors import ImageError
-from raypose.inputs.storage import with_retries
+from raypose.inputs.storage import open_listed
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
-    """Read one object's bytes; missing or unreadable objects raise ImageError."""
+    """Read one listed object's bytes (its URI taken literally); missing or unreadable objects raise ImageError."""
     try:
-        with fsspec.open(uri, "rb", **with_retries(uri, storage_options)) as f:
+        fs, path = open_listed(uri, storage_options)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as exc:
         raise ImageError("not found in storage", stage="read") from exc

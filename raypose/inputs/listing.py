@@ -1,9 +1,15 @@
-"""Listing: the images under a directory, glob or manifest (or inside tar/Parquet containers), with stable keys."""
+"""Listing: the images under a directory, glob or manifest (or inside tar/Parquet containers), with stable keys.
+
+Any name storage holds is listed: bytes that are not UTF-8 are `%XX` in keys and URIs (`names`),
+a path that exists is taken as a path even with glob characters in it, and names that cannot be
+images (a null Parquet key, a tar's links and duplicates) are error rows, not silent gaps.
+"""
 
 from __future__ import annotations
 
 import posixpath
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -12,13 +18,24 @@ import pyarrow.compute as pc
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.names import escaped, name_array
 from raypose.inputs.storage import open_url, uri_of
+from raypose.schema import ERRORS_SCHEMA
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
 GLOB_CHARS = "*?["
 
 
-def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
+@dataclass(frozen=True)
+class Listing:
+    """What listing found: the images, sorted by key, and what it could not take as an image."""
+
+    images: pa.Table  # image_key, image_uri [, container, offset, length [, inline boxes]]
+    errors: pa.Table = field(default_factory=ERRORS_SCHEMA.empty_table)  # stage "list", one row a name
+    counts: dict[str, int] = field(default_factory=dict)  # what was passed over, by kind (docs/names.md)
+
+
+def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
     """List (image_key, image_uri) under a directory, glob or manifest, sorted by key.
 
     Keys are stable across runs: the path relative to the directory (or to the glob's
@@ -30,7 +47,7 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 
         files = _list_files(images, CONTAINER_SUFFIXES[images.format], f"{images.format} files")
-        table = list_container_images(images, boxes, files.column("image_uri").to_pylist())
+        table, errors, counts = list_container_images(images, boxes, files.column("image_uri").to_pylist())
         if not table.num_rows:
             raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
         table = table.sort_by("image_key")
@@ -39,8 +56,18 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
         if pc.any(repeated).as_py():
             duplicate = keys[pc.index(repeated, True).as_py()].as_py()
             raise SpecError(f"images.path: image key {duplicate!r} appears more than once in the {images.format} files")
-        return table
-    return _list_files(images, tuple(s.lower() for s in images.extensions), "images")
+        return Listing(table, listing_errors(errors), counts)
+    return Listing(_list_files(images, tuple(s.lower() for s in images.extensions), "images"))
+
+
+def listing_errors(rows: list[dict]) -> pa.Table:
+    """Error-table rows (stage `list`) for names that are not images: dicts of image_key, image_uri, reason."""
+    n = len(rows)
+    return pa.table({
+        "job_id": pa.nulls(n, pa.string()), "image_key": [r["image_key"] for r in rows],
+        "image_uri": [r["image_uri"] for r in rows], "instance_index": pa.nulls(n, pa.int32()),
+        "stage": ["list"] * n, "reason": [r["reason"] for r in rows],
+    }, schema=ERRORS_SCHEMA)
 
 
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
@@ -49,15 +76,15 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)
     else:
-        if any(c in images.path for c in GLOB_CHARS):
-            base = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
-            found = _call(fs.glob, root, url=images.path)
+        # A path that exists is a path (a folder named "photos [2023]"); a glob only where none does.
+        if any(c in images.path for c in GLOB_CHARS) and not _call(fs.isdir, root, url=images.path):
+            base, found = _glob_base(root), _call(fs.glob, root, url=images.path)
         else:
             if not _call(fs.isdir, root, url=images.path):
                 raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
             base, found = root, _call(fs.find, root, url=images.path)
-        keys = pa.array([posixpath.relpath(p, base) for p in found], pa.string())
-        paths = pa.array(found, pa.string())
+        paths = name_array(found)
+        keys = _relative_keys(paths, found, base)
     table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
     wanted = pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
                      pc.invert(pc.match_substring_regex(keys, HIDDEN)))
@@ -65,6 +92,36 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder a glob's keys are relative to: its parts before the first with a wildcard, where a
+    one-character class such as `[[]` or `[*]` is that character (how a glob names a literal `[`)."""
+    parts = []
+    for part in pattern.split("/"):
+        literal = SINGLE_CHARACTER_CLASS.sub(r"\1", part)
+        if any(c in SINGLE_CHARACTER_CLASS.sub("", part) for c in GLOB_CHARS):
+            break
+        parts.append(literal)
+    return "/".join(parts[:-1] if len(parts) == len(pattern.split("/")) else parts)
+
+
+SINGLE_CHARACTER_CLASS = re.compile(r"\[([^\]])\]")
+
+
+def _relative_keys(paths: pa.Array, found: list[str], base: str) -> pa.Array:
+    """Each found path relative to `base`, as `posixpath.relpath` gives it: a byte slice where that is the
+    same (every path under `base/`, with no `.`, `..` or empty part to normalise), else relpath one by one."""
+    prefix = base.rstrip("/") + "/"
+    if prefix != "/" and pc.all(pc.starts_with(paths, prefix)).as_py() is not False:
+        sliced = pc.binary_slice(paths.cast(pa.binary()), len(prefix.encode()), (1 << 31) - 1).cast(pa.string())
+        if not pc.any(pc.match_substring_regex(sliced, NOT_NORMAL)).as_py():
+            return sliced
+    return name_array([posixpath.relpath(p, base) for p in found])
+
+
+# A part relpath would change: empty ("a//b", a leading or trailing "/"), "." or "..".
+NOT_NORMAL = r"(^|/)(\.{1,2})?(/|$)"
 
 
 def _call(fn, *args, url: str):
@@ -133,15 +190,20 @@ WHITESPACE_BYTES = np.array([9, 10, 11, 12, 13, 28, 29, 30, 31, 32], np.uint8)  
 
 
 def _manifest_lines(f) -> pa.Array:
-    """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting)."""
+    """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting);
+    a line that is not UTF-8 is kept, its undecodable bytes `%XX` as in any listed name (`names`)."""
     from pyarrow import csv
 
     table = csv.read_csv(
         f, read_options=csv.ReadOptions(column_names=["line"]),
         parse_options=csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-        convert_options=csv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
+        convert_options=csv.ConvertOptions(column_types={"line": pa.binary()}, strings_can_be_null=False),
     )
-    return table.column("line").combine_chunks()
+    lines = table.column("line").combine_chunks()
+    try:
+        return lines.cast(pa.string())  # checks the UTF-8, as reading the column as strings would
+    except pa.ArrowInvalid:
+        return name_array([line.decode("utf-8", "surrogateescape") for line in lines.to_pylist()])
 
 
 def _put(values: pa.Array, at: np.ndarray, new: list[str]) -> pa.Array:

@@ -110,7 +110,8 @@ def _previous_run(spec: JobSpec, store: OutputStore) -> dict[str, Any] | None:
 
 def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """The listed images joined with their boxes: image tasks, listing errors and counts."""
-    images = list_images(spec.images, spec.boxes)
+    listing = list_images(spec.images, spec.boxes)
+    images = listing.images
     _release_unused()
     if spec.boxes.source == "detector":
         box_set = BoxSet.empty("detector")
@@ -120,6 +121,7 @@ def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, di
         box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
     _release_unused()
     tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
+    missing, counts = pa.concat_tables([listing.errors, missing]), {**counts, **listing.counts}
     if not counts["boxes"] and not counts["boxes_without_image"] and not counts["images_to_detect"]:
         raise SpecError(
             f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "

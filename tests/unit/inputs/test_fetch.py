@@ -21,7 +21,7 @@ MAX_PIXELS = 1_000_000
 
 def test_read_bytes_odd_file_names(tmp_path):
     path = save_image(tmp_path / "odd names" / "a photo é ü 写真.jpg", size=(5, 4), color=(200, 100, 50))
-    [(key, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path / "odd names"))))
+    [(key, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path / "odd names"))).images)
     assert key == "a photo é ü 写真.jpg"
     assert uri.startswith("file://")
     data = read_bytes(uri, {})
@@ -54,7 +54,7 @@ def decode_error(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageError:
 def test_decode_non_image_named_jpg_through_storage(tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_text("this is a text file with a .jpg name")
-    [(_, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path))))
+    [(_, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path))).images)
     error = decode_error(read_bytes(uri, {}))
     assert "unknown format" in str(error) and error.stage == "decode"
 
