@@ -12,7 +12,7 @@ import json
 import posixpath
 import tarfile
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +63,26 @@ def read_container_bytes(task: dict, storage_options: dict[str, Any], image_colu
     return value["bytes"] if isinstance(value, dict) else value
 
 
+def read_container_image(container: str, inside: str, storage_options: dict[str, Any], image_column: str,
+                         cache: dict) -> bytes:
+    """The bytes of `CONTAINER#INSIDE` as an image_uri names them: a tar's member by its key (found as the
+    listing finds it: the last of its name, a hard link through its target), or a Parquet file's row."""
+    if not container.lower().endswith(CONTAINER_SUFFIXES["webdataset"]):
+        return read_container_bytes({"container": container, "offset": int(inside), "length": None},
+                                    storage_options, image_column, cache.setdefault("parquet", {}))
+    members = cache.setdefault("tar", {})
+    if container not in members:
+        fs, path = open_listed(container, storage_options)
+        with fs.open(path, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            members[container] = {name: (data.offset_data, data.size) for name, _, data in _tar_entries(tar)
+                                  if not isinstance(data, str)}
+    if inside not in members[container]:
+        raise FileNotFoundError(f"no member {inside!r} in {container}")
+    offset, length = members[container][inside]
+    return read_container_bytes({"container": container, "offset": offset, "length": length},
+                                storage_options, image_column, {})
+
+
 # What a tar holds besides images, counted in the manifest: folders, and the samples' other fields
 # (.json, .txt, .cls; links and special files not named as images).
 TAR_COUNTS = ("tar_directories", "tar_other_members")
@@ -78,21 +98,16 @@ def _tar_images(fs, path: str, uri: str, images: ImagesSpec, boxes: BoxesSpec | 
     suffixes = tuple(s.lower() for s in images.extensions)
     inline = boxes is not None and boxes.source == "inline"
     found: dict[str, dict] = {}
-    files: dict[str, tarfile.TarInfo] = {}  # regular members by name: what hard links point at
     annotations = {}
     with fs.open(path, "rb", block_size=1 << 16) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-        for member in tar:
-            name = posixpath.normpath(escaped(member.name))
+        for name, member, data in _tar_entries(tar):
             is_image = name.lower().endswith(suffixes)
-            data = _tar_data(member, files)
             if isinstance(data, str):
                 if is_image:
                     errors.append({"image_key": name, "image_uri": f"{uri}#{name}", "reason": data})
                 else:
                     counts["tar_directories" if member.isdir() else "tar_other_members"] += 1
-                continue
-            files[name] = data
-            if is_image:
+            elif is_image:
                 if name in found:
                     errors.append({"image_key": name, "image_uri": f"{uri}#{name}", "reason": (
                         f"tar member {name!r} at byte {found[name]['offset']} is followed by another of the same "
@@ -108,6 +123,18 @@ def _tar_images(fs, path: str, uri: str, images: ImagesSpec, boxes: BoxesSpec | 
         for row in rows:
             row.update(_inline_boxes(annotations.get(row["image_key"].rsplit(".", 1)[0]) or {}, boxes))
     return rows
+
+
+def _tar_entries(tar: tarfile.TarFile) -> Iterator[tuple[str, tarfile.TarInfo, tarfile.TarInfo | str]]:
+    """Each member of an open tar: its name as keyed (`%XX`-escaped, normalised), the member, and the
+    regular member that holds its bytes or why none does."""
+    files: dict[str, tarfile.TarInfo] = {}  # regular members by name: what hard links point at
+    for member in tar:
+        name = posixpath.normpath(escaped(member.name))
+        data = _tar_data(member, files)
+        if not isinstance(data, str):
+            files[name] = data
+        yield name, member, data
 
 
 def _tar_data(member: tarfile.TarInfo, files: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | str:

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
-from raypose.inputs.fetch import read_task_bytes
+from raypose.errors import ImageError
+from raypose.inputs.fetch import read_image, read_task_bytes
 from raypose.inputs.listing import list_images
 
 runner = CliRunner()
@@ -38,6 +39,9 @@ def test_parquet_listing_keys_from_image_path_without_reading_bytes(parquet_imag
     row = table.to_pylist()[1]
     assert row["image_uri"].endswith("part-1.parquet#0") and row["length"] is None
     assert read_task_bytes(row, {}, "image", {}) == (coco_folder / "images" / "img_0001.jpg").read_bytes()
+    assert read_image(row["image_uri"], {}) == (coco_folder / "images" / "img_0001.jpg").read_bytes()
+    with pytest.raises(ImageError, match="cannot read from .*part-1.parquet: IndexError"):
+        read_image(row["image_uri"].replace("#0", "#7"), {})
 
 
 def test_parquet_without_names_keys_by_file_and_row(tmp_path, coco_folder):
@@ -87,9 +91,13 @@ def test_tar_members_that_are_not_images_are_error_rows_or_counted(tmp_path, coc
     images = {row["image_key"]: row for row in listing.images.to_pylist()}
     assert sorted(images) == ["imgs/a.jpg", "imgs/a.png", "imgs/caf%E9.jpg", "imgs/hard.jpg"]
     expected = {"imgs/a.jpg": jpg, "imgs/a.png": png, "imgs/caf%E9.jpg": png, "imgs/hard.jpg": png}
+    cache: dict = {}
     for key, row in images.items():
         assert row["image_uri"] == f"file://{tmp_path}/shard.tar#{key}"
         assert read_task_bytes(row, {}, "image", {}) == expected[key]
+        assert read_image(row["image_uri"], {}, cache=cache) == expected[key]  # as render and export read it
+    with pytest.raises(ImageError, match="not found in storage: no member 'imgs/soft.jpg'"):
+        read_image(f"file://{tmp_path}/shard.tar#imgs/soft.jpg", {})
     assert images["imgs/a.jpg"]["bbox"] == images["imgs/a.png"]["bbox"] == [[1, 2, 3, 4]]  # one sample, two images
 
     errors = {(row["image_key"], row["stage"]): row["reason"] for row in listing.errors.to_pylist()}

@@ -9,7 +9,7 @@ from conftest import listed, save_image
 from raypose.config.spec import ImagesSpec
 from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
-from raypose.inputs.fetch import read_bytes, read_images
+from raypose.inputs.fetch import read_bytes, read_image, read_images
 from raypose.inputs.listing import list_images
 from raypose.schema import IMAGE_TASK_SCHEMA
 
@@ -70,3 +70,13 @@ def test_read_images_attaches_bytes_and_turns_a_failed_read_into_the_rows_error(
     assert got[0]["image_bytes"] == path.read_bytes() and got[0]["error_stage"] is None
     assert (got[1]["image_bytes"], got[1]["error_stage"], got[1]["error_reason"]) == (None, "read", "not found in storage")
     assert got[2]["image_bytes"] is None and got[2]["error_stage"] is None  # no box: nothing to read
+
+
+def test_read_image_of_files_of_their_own_even_named_like_a_tar_member(tmp_path):
+    for name in ("a.jpg", "x.tar#y.jpg", "p.parquet#3"):
+        path = tmp_path / name
+        path.write_bytes(name.encode())
+        assert read_image(f"file://{path}", {}) == path.read_bytes()
+    with pytest.raises(ImageError, match="not found in storage") as info:
+        read_image(f"file://{tmp_path}/gone.tar#y.jpg", {})
+    assert info.value.stage == "read"
