@@ -45,8 +45,7 @@ def list_container_images(images: ImagesSpec, boxes: BoxesSpec | None,
         except Exception as exc:  # a container that cannot be listed is a job-level problem
             raise SpecError(f"images.path: cannot list {container}: {type(exc).__name__}: {exc}") from exc
     table = pa.Table.from_pylist(rows) if rows else pa.table({"image_key": pa.array([], pa.string())})
-    counts_of_format = {"webdataset": {name: counts[name] for name in TAR_COUNTS}}.get(images.format, {})
-    return table, errors, counts_of_format
+    return table, errors, {name: counts[name] for name in TAR_COUNTS} if images.format == "webdataset" else {}
 
 
 def read_container_bytes(task: dict, storage_options: dict[str, Any], image_column: str, cache: dict) -> bytes:

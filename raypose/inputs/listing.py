@@ -77,12 +77,12 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
         keys, paths = _list_manifest(fs, root)
     else:
         # A path that exists is a path (a folder named "photos [2023]"); a glob only where none does.
-        if any(c in images.path for c in GLOB_CHARS) and not _call(fs.isdir, root, url=images.path):
+        if _call(fs.isdir, root, url=images.path):
+            base, found = root, _call(fs.find, root, url=images.path)
+        elif any(c in images.path for c in GLOB_CHARS):
             base, found = _glob_base(root), _call(fs.glob, root, url=images.path)
         else:
-            if not _call(fs.isdir, root, url=images.path):
-                raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
-            base, found = root, _call(fs.find, root, url=images.path)
+            raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
         paths = name_array(found)
         keys = _relative_keys(paths, found, base)
     table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
