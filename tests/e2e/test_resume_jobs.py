@@ -215,8 +215,8 @@ def test_a_job_over_its_error_budget_fails_clearly(full_run, many_images, tiny_c
     assert read_json(tmp_path / "out" / "manifest.json")["status"] == "failed"
 
 
-def test_a_write_task_that_cannot_write_ends_the_job_with_the_documented_line(many_images, tiny_checkpoint, tmp_path,
-                                                                              monkeypatch):
+def test_a_write_task_that_cannot_write_ends_the_job_with_the_documented_line(ray_session, coco_folder, tiny_checkpoint,
+                                                                              tmp_path, monkeypatch):
     # The write tasks' folder becomes unusable once the run has started (as a full disk or lost permission
     # would, but portable: a file where the parts' folder goes fails even for root).
     from raypose.output.writer import ShardWriter
@@ -230,7 +230,7 @@ def test_a_write_task_that_cannot_write_ends_the_job_with_the_documented_line(ma
 
     monkeypatch.setattr(ShardWriter, "write_listing_errors", then_block_the_parts_folder)
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps(spec_for(many_images, tiny_checkpoint, out)))
+    job.write_text(json.dumps(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, out)))
     result = runner.invoke(app, ["submit", str(job)])
     assert result.exit_code == 1, result.output
     [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]

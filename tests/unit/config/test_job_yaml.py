@@ -60,7 +60,7 @@ def test_a_bomb_given_with_set_is_refused_naming_the_key(tmp_path):
     "a0: &a0 {" + ", ".join(f"k{i}: v" for i in range(9)) + "}\n"
     + "".join(f"a{n}: &a{n} {{{', '.join(f'<<: *a{n - 1}' for _ in range(9))}, x{n}: 1}}\n" for n in range(1, 10)),
     "a: &a [1, *a]\n",  # an alias inside itself: endless once expanded
-])
+], ids=["merge keys", "self reference"])
 def test_merge_keys_and_self_reference_count_as_their_expansion(text):
     with pytest.raises(SpecError, match="more than 10,000 values"):
         load_bounded_yaml(text, "job.yaml")
