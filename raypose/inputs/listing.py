@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import ascending, filtered
-from raypose.inputs.names import escaped, name_array
+from raypose.inputs.names import name_array
 from raypose.inputs.storage import open_url, uri_of
 from raypose.schema import ERRORS_SCHEMA
 

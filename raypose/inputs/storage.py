@@ -77,8 +77,8 @@ def open_url(url: str, storage_options: dict[str, Any] | None, field: str,
 
 
 def open_listed(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    """(filesystem, path) of a URI the listing recorded, taken literally: no glob (`*?[`), no `::` chaining,
-    and a local name's `%XX` escapes as the bytes they stand for (`names.on_disk`) where the name is not on disk as written."""
+    """(filesystem, path) of a URI the listing recorded, taken literally: no glob (`*?[`), no `::` chaining;
+    a local name's `%XX` escapes read as the bytes they stand for where it is not on disk as written (`names.on_disk`)."""
     protocol = split_protocol(uri)[0] or "file"
     cls = fsspec.get_filesystem_class(protocol)
     fs = fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **with_retries(uri, storage_options)})

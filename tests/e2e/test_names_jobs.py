@@ -24,7 +24,8 @@ def test_job_over_a_folder_of_odd_names(ray_session, coco_folder, tiny_checkpoin
     # the boxes file as Python writes it from os.listdir (the Latin-1 byte as the surrogate "\udce9").
     folder = tmp_path / "photos [2023]"
     folder.mkdir()
-    renamed = {"img_0000.jpg": os.fsdecode(b"caf\xe9.jpg"), "img_0001.jpg": "co::lon.jpg", "img_0002.jpg": "star*[1].jpg"}
+    renamed = {"img_0000.jpg": os.fsdecode(b"caf\xe9.jpg"), "img_0001.jpg": "co::lon.jpg",
+               "img_0002.jpg": "star*[1].jpg"}
     for old, new in renamed.items():
         with open(os.fsencode(folder) + b"/" + os.fsencode(new), "wb") as f:
             f.write((coco_folder / "images" / old).read_bytes())
@@ -78,7 +79,8 @@ def test_webdataset_job_accounts_for_every_member(ray_session, coco_folder, tiny
     job = write_job(spec)
 
     result = runner.invoke(app, ["validate", str(job)])
-    assert result.exit_code == 0 and result.stdout.startswith("ok: 4 images (4 with boxes, 0 without), 9 boxes"), result.output
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("ok: 4 images (4 with boxes, 0 without), 9 boxes"), result.output
     result = runner.invoke(app, ["submit", str(job)])
     assert result.exit_code == 0, result.output
 
