@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +25,7 @@ from raypose.inputs.storage import open_url, uri_of
 from raypose.schema import ERRORS_SCHEMA
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
+MANIFEST_BLOCK_BYTES = 1 << 22  # a streamed manifest is read this much at a time
 GLOB_CHARS = "*?["
 
 
@@ -50,6 +53,7 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
         table, errors, counts = list_container_images(images, boxes, files.column("image_uri").to_pylist())
         if not table.num_rows:
             raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
+        table = _with_container_facts(table, files)
         table = table.sort_by("image_key")
         keys = table.column("image_key")
         repeated = pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1)) if len(keys) > 1 else pa.array([], pa.bool_())
@@ -70,25 +74,108 @@ def listing_errors(rows: list[dict]) -> pa.Table:
     }, schema=ERRORS_SCHEMA)
 
 
+def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: int = 1 << 16) -> ListedChunks:
+    """The listing (as `list_images` gives it) in key order, at most `chunk_rows` images at a time.
+
+    A manifest whose lines are sorted is read a block at a time and never held whole (the way a
+    plan of 100M images stays small); any other listing is made whole, then handed out in chunks.
+    """
+    if images.format == "files":
+        fs, root = open_url(images.path, images.storage_options, "images.path")
+        if root.lower().endswith(MANIFEST_SUFFIXES):
+            streamed = _sorted_manifest_chunks(fs, root, images, chunk_rows)
+            first = next(streamed, None)
+            if first is not None:  # None: not sorted, or empty: listed whole below
+                return ListedChunks(chain([first], streamed))  # a manifest's lines are all images' names
+    listing = list_images(images, boxes)
+    table = listing.images
+    return ListedChunks((table.slice(start, chunk_rows) for start in range(0, table.num_rows, chunk_rows)),
+                        listing.errors, listing.counts)
+
+
+class ListedChunks:
+    """`iter_images`' chunks of images (iterate it), with the error rows and counts of what the listing could
+    not take as an image (`Listing`'s), known before the first chunk."""
+
+    def __init__(self, chunks: Iterable[pa.Table], errors: pa.Table | None = None, counts: dict[str, int] | None = None):
+        self.chunks = iter(chunks)
+        self.errors = ERRORS_SCHEMA.empty_table() if errors is None else errors
+        self.counts = counts or {}
+
+    def __iter__(self) -> ListedChunks:
+        return self
+
+    def __next__(self) -> pa.Table:
+        return next(self.chunks)
+
+
+class ListingNotSorted(Exception):
+    """A manifest streamed in key order turned out not to be sorted past its first block (the plan lists it whole)."""
+
+
+def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
+    """A manifest's images by blocks of lines, while they come in key order; yields nothing if the first block
+    is not sorted, and raises ListingNotSorted if a later one is not."""
+    from pyarrow import csv
+
+    suffixes = tuple(s.lower() for s in images.extensions)
+    carried = None  # the last image so far: the next block may list it again (the last listing of a key wins)
+    listed = 0
+    try:
+        f = fs.open(manifest, "rb")
+        reader = csv.open_csv(f, read_options=csv.ReadOptions(column_names=["line"], block_size=MANIFEST_BLOCK_BYTES),
+                              parse_options=MANIFEST_PARSE, convert_options=MANIFEST_CONVERT)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
+    with f:
+        for batch in reader:
+            keys, paths = _manifest_entries(fs, manifest, _text_lines(batch.column(0)))
+            table = _wanted(pa.table({"image_key": keys, "image_uri": _uris(fs, paths),
+                                      "image_size": pa.nulls(len(keys), pa.int64()),
+                                      "image_version": pa.nulls(len(keys), pa.string())}), suffixes)
+            if carried is not None:
+                table = pa.concat_tables([carried, table]).combine_chunks()
+            keys = table.column("image_key").combine_chunks() if table.num_rows else pa.array([], pa.string())
+            if not ascending(keys):
+                if listed == 0:
+                    return
+                raise ListingNotSorted(manifest)
+            table = _last_of_each_key(table)
+            if not table.num_rows:
+                continue
+            carried = table.slice(table.num_rows - 1)
+            for start in range(0, table.num_rows - 1, chunk_rows):
+                chunk = table.slice(start, min(chunk_rows, table.num_rows - 1 - start))
+                listed += chunk.num_rows
+                yield chunk
+    if carried is not None:
+        yield carried
+    elif listed == 0:
+        raise SpecError(f"images.path: no images under {images.path} (looked for {', '.join(suffixes)})")
+
+
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
     """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)
+        sizes, versions = pa.nulls(len(keys), pa.int64()), pa.nulls(len(keys), pa.string())
     else:
         # A path that exists is a path (a folder named "photos [2023]"); a glob only where none does.
         if _call(fs.isdir, root, url=images.path):
-            base, found = root, _call(fs.find, root, url=images.path)
+            base, found = root, _call(fs.find, root, detail=True, url=images.path)
         elif any(c in images.path for c in GLOB_CHARS):
-            base, found = _glob_base(root), _call(fs.glob, root, url=images.path)
+            base, found = _glob_base(root), _call(fs.glob, root, detail=True, url=images.path)
         else:
             raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
-        paths = name_array(found)
-        keys = _relative_keys(paths, found, base)
-    table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
-    wanted = pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
-                     pc.invert(pc.match_substring_regex(keys, HIDDEN)))
-    table = _last_of_each_key(filtered(table, wanted))  # a manifest that lists an image twice must not label it twice
+        found = {path: info for path, info in found.items() if info.get("type") != "directory"}
+        names = list(found)
+        paths = name_array(names)
+        keys = _relative_keys(paths, names, base)
+        sizes, versions = object_facts(found.values())
+    table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths), "image_size": sizes,
+                      "image_version": versions})
+    table = _last_of_each_key(_wanted(table, suffixes))  # a manifest that lists an image twice must not label it twice
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
@@ -124,9 +211,39 @@ def _relative_keys(paths: pa.Array, found: list[str], base: str) -> pa.Array:
 NOT_NORMAL = r"(^|/)(\.{1,2})?(/|$)"
 
 
-def _call(fn, *args, url: str):
+def _with_container_facts(table: pa.Table, files: pa.Table) -> pa.Table:
+    """An image inside a tar or Parquet file changes when its container does: its version is the container's
+    (and its size a tar member's length)."""
+    at = pc.index_in(table.column("container"), files.column("image_uri"))
+    version = pc.take(files.column("image_version"), at)
+    size = table.column("length") if "length" in table.column_names else pa.nulls(table.num_rows, pa.int64())
+    return table.append_column("image_size", pc.cast(size, pa.int64())).append_column("image_version", version)
+
+
+def object_facts(infos) -> tuple[pa.Array, pa.Array]:
+    """What a store's listing says of each object's content: its size, and a version (ETag, generation, mtime)."""
+    infos = list(infos)
+    sizes = pa.array([info.get("size") for info in infos], pa.int64())
+    versions = pa.array([_version_of(info) for info in infos], pa.string())
+    return sizes, versions
+
+
+# Listing fields that change when an object's content does, by store: S3 and Azure ETags, GCS generations,
+# modification times (local disk, and stores without the others).
+VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def _version_of(info: dict) -> str | None:
+    for name in VERSION_FIELDS:
+        value = info.get(name)
+        if value is not None:
+            return f"{name}:{value}"
+    return None
+
+
+def _call(fn, *args, url: str, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except FileNotFoundError as exc:
         raise SpecError(f"images.path: {url} does not exist") from exc
     except PermissionError as exc:
@@ -135,14 +252,27 @@ def _call(fn, *args, url: str):
         raise SpecError(f"images.path: cannot list {url}: {exc}") from exc
 
 
+def _wanted(table: pa.Table, suffixes: tuple[str, ...]) -> pa.Table:
+    """The listed files that are images: a wanted suffix, and no hidden part in the key."""
+    keys = table.column("image_key")
+    return filtered(table, pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
+                                   pc.invert(pc.match_substring_regex(keys, HIDDEN))))
+
+
 def _list_manifest(fs, manifest: str) -> tuple[pa.Array, pa.Array]:
-    """A manifest's (keys, paths): URLs keyed by what follows `://`, absolute paths by themselves without
-    the leading `/`, relative ones by their normalised path and read from the manifest's folder."""
+    """A manifest's (keys, paths) (`_manifest_entries`), read whole."""
     try:
         with fs.open(manifest, "rb") as f:
             lines = _manifest_lines(f)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
+    return _manifest_entries(fs, manifest, lines)
+
+
+def _manifest_entries(fs, manifest: str, lines: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Manifest lines as (keys, paths): URLs keyed by what follows `://`, absolute paths by themselves without
+    the leading `/`, relative ones by their normalised path and read from the manifest's folder."""
+    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
     # At millions of lines each copy of the column costs more than the compute: copy only what changes.
     if _may_need_trim(lines):
         lines = pc.utf8_trim_whitespace(lines)
@@ -194,16 +324,28 @@ def _manifest_lines(f) -> pa.Array:
     a line that is not UTF-8 is kept, its undecodable bytes `%XX` as in any listed name (`names`)."""
     from pyarrow import csv
 
-    table = csv.read_csv(
-        f, read_options=csv.ReadOptions(column_names=["line"]),
-        parse_options=csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-        convert_options=csv.ConvertOptions(column_types={"line": pa.binary()}, strings_can_be_null=False),
-    )
-    lines = table.column("line").combine_chunks()
+    table = csv.read_csv(f, read_options=csv.ReadOptions(column_names=["line"]), parse_options=MANIFEST_PARSE,
+                         convert_options=MANIFEST_CONVERT)
+    return _text_lines(table.column("line").combine_chunks())
+
+
+def _text_lines(lines: pa.Array) -> pa.Array:
+    """Manifest lines read as bytes, as strings: checked as UTF-8 at once (as Arrow's reader would), and where
+    one is not, its undecodable bytes written `%XX` as in any listed name (`names`)."""
     try:
-        return lines.cast(pa.string())  # checks the UTF-8, as reading the column as strings would
+        return lines.cast(pa.string())
     except pa.ArrowInvalid:
         return name_array([line.decode("utf-8", "surrogateescape") for line in lines.to_pylist()])
+
+
+def _manifest_csv():
+    from pyarrow import csv
+
+    return (csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+            csv.ConvertOptions(column_types={"line": pa.binary()}, strings_can_be_null=False))
+
+
+MANIFEST_PARSE, MANIFEST_CONVERT = _manifest_csv()  # one column a line: no delimiter, quoting or nulls
 
 
 def _put(values: pa.Array, at: np.ndarray, new: list[str]) -> pa.Array:
