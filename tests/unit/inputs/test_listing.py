@@ -13,7 +13,7 @@ from conftest import listed, save_image
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.fetch import read_bytes
-from raypose.inputs.listing import list_images
+from raypose.inputs.listing import iter_images, list_images
 
 # --- list_images ----------------------------------------------------------------------------
 
@@ -183,6 +183,8 @@ def test_manifest_lines_that_are_not_utf8_are_escaped_as_listed_names(odd_names)
     images = list_images(ImagesSpec(path=str(manifest))).images
     assert images.column("image_key").to_pylist() == ["photos [2023]/caf%E9.jpg", "photos [2023]/co::lon.jpg"]
     assert read_bytes(images.column("image_uri")[0].as_py(), {}) == (odd_names.parent / "latin1.jpg").read_bytes()
+    streamed = pa.concat_tables(iter_images(ImagesSpec(path=str(manifest)), chunk_rows=1))  # sorted: read by blocks
+    assert streamed.column("image_key").to_pylist() == images.column("image_key").to_pylist()
 
 
 def test_a_sorted_manifest_streams_in_chunks_and_an_unsorted_one_is_listed_whole(tmp_path, monkeypatch):
