@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.inventory import is_inventory, list_inventory
 from raypose.inputs.names import name_array
 from raypose.inputs.storage import open_url, uri_of
 from raypose.schema import ERRORS_SCHEMA
@@ -157,13 +158,19 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
     """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
+    if is_inventory(root):
+        table = _last_of_each_key(_wanted(list_inventory(images), suffixes))
+        if not table.num_rows:
+            raise SpecError(f"images.path: no {what} in the inventory {images.path} under "
+                            f"images.inventory_prefix {images.inventory_prefix!r} (looked for {', '.join(suffixes)})")
+        return table
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)
         sizes, versions = pa.nulls(len(keys), pa.int64()), pa.nulls(len(keys), pa.string())
     else:
         # A path that exists is a path (a folder named "photos [2023]"); a glob only where none does.
         if _call(fs.isdir, root, url=images.path):
-            base, found = root, _call(fs.find, root, detail=True, url=images.path)
+            base, found = root, _call(find_in_parallel, fs, root, url=images.path)
         elif any(c in images.path for c in GLOB_CHARS):
             base, found = _glob_base(root), _call(fs.glob, root, detail=True, url=images.path)
         else:
@@ -211,6 +218,27 @@ def _relative_keys(paths: pa.Array, found: list[str], base: str) -> pa.Array:
 NOT_NORMAL = r"(^|/)(\.{1,2})?(/|$)"
 
 
+# Sub-prefixes listed at once: a bucket of millions of objects takes hours to list with one paginated
+# listing; its sub-prefixes listed side by side take that divided by this, within the store's request limits.
+LISTING_THREADS = 16
+
+
+def find_in_parallel(fs, root: str) -> dict[str, dict]:
+    """Every file under `root` with its details (as `fs.find(root, detail=True)`), its first-level sub-prefixes
+    listed side by side (one paginated listing each instead of one for the whole tree)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    top = fs.ls(root, detail=True)
+    found = {entry["name"]: entry for entry in top if entry.get("type") != "directory"}
+    folders = [entry["name"] for entry in top if entry.get("type") == "directory"]
+    if len(folders) < 2:
+        return {**found, **(fs.find(folders[0], detail=True) if folders else {})}
+    with ThreadPoolExecutor(max_workers=min(LISTING_THREADS, len(folders)), thread_name_prefix="raypose-list") as pool:
+        for listed in pool.map(lambda folder: fs.find(folder, detail=True), folders):
+            found.update(listed)
+    return found
+
+
 def _with_container_facts(table: pa.Table, files: pa.Table) -> pa.Table:
     """An image inside a tar or Parquet file changes when its container does: its version is the container's
     (and its size a tar member's length)."""
@@ -236,8 +264,8 @@ VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_m
 def _version_of(info: dict) -> str | None:
     for name in VERSION_FIELDS:
         value = info.get(name)
-        if value is not None:
-            return f"{name}:{value}"
+        if value is not None:  # ETags as S3 Inventory writes them: without the quotes a listing gives
+            return f"ETag:{str(value).strip(chr(34))}" if name.lower() == "etag" else f"{name}:{value}"
     return None
 
 
