@@ -61,11 +61,11 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
         if pc.any(repeated).as_py():
             duplicate = keys[pc.index(repeated, True).as_py()].as_py()
             raise SpecError(f"images.path: image key {duplicate!r} appears more than once in the {images.format} files")
-        return Listing(table, listing_errors(errors), counts)
+        return Listing(table, _error_rows(errors), counts)
     return Listing(_list_files(images, tuple(s.lower() for s in images.extensions), "images"))
 
 
-def listing_errors(rows: list[dict]) -> pa.Table:
+def _error_rows(rows: list[dict]) -> pa.Table:
     """Error-table rows (stage `list`) for names that are not images: dicts of image_key, image_uri, reason."""
     n = len(rows)
     return pa.table({
