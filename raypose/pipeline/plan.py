@@ -51,7 +51,7 @@ class JobPlan:
     spec: JobSpec
     routing: Routing
     detector: DetectorInfo | None  # when some images need detection
-    missing: pa.Table  # errors for boxes whose image is not in storage
+    missing: pa.Table  # errors for boxes whose image is not in storage, and names listing could not take as images
     counts: dict[str, int]
     store: OutputStore
     shards: ShardPlan
@@ -146,7 +146,8 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
     if lease is not None:
         lease.name(shards.job_id)
     counts.update(images=shards.images, images_kept=shards.kept,
-                  images_superseded=sum(len(keys) for keys in shards.superseded.values()))
+                  images_superseded=sum(len(keys) for keys in shards.superseded.values()), **listing.counts)
+    missing = pa.concat_tables([listing.errors, missing])  # names the listing could not take as images, first
     return JobPlan(spec=spec, routing=routing, detector=detector, missing=missing, counts=counts, store=store,
                    shards=shards, previous=state.previous, force=force, lease=lease, started=started)
 
@@ -253,7 +254,7 @@ def _box_stream(spec: JobSpec, stream: bool) -> BoxStream | None:
 
 
 def _whole_listing(spec: JobSpec) -> list[pa.Table]:
-    table = list_images(spec.images, spec.boxes)
+    table = list_images(spec.images, spec.boxes).images
     return [table.slice(start, CHUNK_ROWS) for start in range(0, table.num_rows, CHUNK_ROWS)]
 
 
