@@ -204,7 +204,7 @@ def test_every_problem_is_listed_in_one_error():
     raw = minimal()
     raw["pose"]["batch_size"] = "abc"
     raw["pose"]["dtype"] = "fp8"
-    raw["output"]["mode"] = "append"
+    raw["output"]["mode"] = "sometimes"
     raw["colour"] = "red"
     del raw["images"]["path"]
     message = problems(raw)
