@@ -206,7 +206,7 @@ class _submit_errors_as_exit(_errors_as_exit):
         raise typer.Exit(exc.exit_code)
 
 
-# --- Reading a job's output back: export, render, inspect (raypose/output/) ---
+# --- Reading a job's output back: export, render, inspect (raypose/review/) ---
 
 OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]
 StorageOpt = Annotated[
@@ -228,8 +228,8 @@ def export_coco_command(
     debug: DebugOpt = False,
 ) -> None:
     """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
-    from raypose.output.export import export_coco
-    from raypose.output.reading import parse_storage_options
+    from raypose.review.export import export_coco
+    from raypose.review.reading import parse_storage_options
 
     with _errors_as_exit(debug):
         done = export_coco(output, to, results, gt=gt, min_score=min_score,
@@ -258,8 +258,9 @@ def render_command(
     debug: DebugOpt = False,
 ) -> None:
     """Draw a job's images for review, worst first, with a QA page (index.html) and a page per image."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.render import Selection, render_output
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.render import render_output
+    from raypose.review.selection import Selection
 
     selection = Selection(sample=sample, order=order, min_score=min_score, max_score=max_score, expert=expert,
                           category=category, seed=seed)
@@ -282,8 +283,8 @@ def inspect_command(
     debug: DebugOpt = False,
 ) -> None:
     """Summarize a job: status, model, counts, errors by stage and reason, keypoint scores, speed, spec."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.summary import format_json, format_text, summarize
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.summary import format_json, format_text, summarize
 
     with _errors_as_exit(debug):
         summary = summarize(output, storage_options=parse_storage_options(storage_option))

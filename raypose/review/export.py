@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from raypose.output.reading import JobOutput, OutputError, open_fs, write_bytes
+from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
 
 COLUMNS = [
     "image_key", "image_width", "image_height", "instance_index", "annotation_id", "category", "bbox",

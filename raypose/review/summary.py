@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 import yaml
 
-from raypose.output.reading import JobOutput
 from raypose.output.writer import ERRORS_DIR
+from raypose.review.reading import JobOutput
 
 # Histogram bin edges over keypoint scores; scores below 0 count in the first bin, above 1 in the last.
 SCORE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
