@@ -81,6 +81,14 @@ POSE_FIELDS = [
     pa.field("instance_score", pa.float32()),
 ]
 
+# How far the plain and the mirrored crop's predictions disagree (`imaging/uncertainty.py`);
+# null where pose.uncertainty is off.
+UNCERTAINTY_FIELDS = [
+    pa.field("keypoint_flip_error", pa.list_(pa.float32())),  # per keypoint, in input-crop pixels
+    pa.field("flip_oks", pa.float32()),
+    pa.field("instance_doubt", pa.float32()),  # 1 - instance_score x flip_oks: review highest first
+]
+
 RUN_FIELDS = [
     pa.field("model_id", pa.string()),
     pa.field("model_revision", pa.string()),
@@ -105,10 +113,10 @@ CROP_SCHEMA = pa.schema(
 # Which pose actor made a row ("node id:pid"): the writer tallies the layout that ran.
 WORKER_FIELD = pa.field("pose_worker", pa.string())
 
-POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD])
+POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD] + UNCERTAINTY_FIELDS)
 
 KEYPOINTS_SCHEMA = pa.schema(
-    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2]
+    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS
 )
 
 ERRORS_SCHEMA = pa.schema(
