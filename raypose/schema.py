@@ -130,6 +130,28 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# Reviewers' corrections (`raypose import`): one row per instance an annotation covered, keyed to
+# the keypoints table's (image_key, instance_index), or to a new instance the reviewer added.
+CORRECTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("instance_index", pa.int32()),  # null: an instance the reviewer added
+        pa.field("new_instance", pa.string()),  # the added instance's id in the tool (its box region)
+        pa.field("category", pa.string()),
+        pa.field("keypoint_schema", pa.string()),
+        pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh in image pixels
+        pa.field("keypoint_x", pa.list_(pa.float32())),  # NaN where not labelled
+        pa.field("keypoint_y", pa.list_(pa.float32())),
+        pa.field("keypoint_visibility", pa.list_(pa.int8())),  # COCO v: 2 labelled, 0 not
+        pa.field("deleted", pa.bool_()),  # the reviewer removed the instance (not a person, a duplicate, ...)
+        pa.field("reviewer", pa.string()),
+        pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
+        pa.field("tool", pa.string()),  # label-studio
+        pa.field("task_id", pa.string()),
+        pa.field("annotation_id", pa.string()),
+        pa.field("job_id", pa.string()),  # the run whose rows were corrected
+    ]
+)
 
 # What a failure that stands for its whole image leaves empty: nothing is known of its boxes.
 IMAGE_FAILURE_NULLS = (

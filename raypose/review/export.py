@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from raypose.review.corrections import latest_corrections
 from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
 
 COLUMNS = [
@@ -50,14 +51,18 @@ def export_coco(
     gt: str | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
+    corrections: str = "use",
 ) -> dict[str, Any]:
     """Write the COCO dataset to `to` and/or the COCO results to `results`; return counts."""
     if not to and not results:
         raise OutputError("export coco: give --to (the dataset) and/or --results (the results file)")
     if not math.isfinite(min_score):
         raise OutputError(f"--min-score: expected a number, got {min_score}")
+    if corrections not in ("use", "skip"):
+        raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
     job = JobOutput.open(output, storage_options)
-    dataset, result_list = coco_from_output(job, gt=gt, min_score=min_score, storage_options=storage_options)
+    dataset, result_list = coco_from_output(job, gt=gt, min_score=min_score, storage_options=storage_options,
+                                            corrections=corrections == "use")
     if to:
         write_bytes(to, _dumps(dataset), storage_options, "--to")
     if results:
@@ -67,6 +72,7 @@ def export_coco(
         "annotations": len(dataset["annotations"]),
         "results": len(result_list),
         "categories": len(dataset["categories"]),
+        "corrected": dataset["info"]["corrections"],
         "to": to,
         "results_path": results,
     }
@@ -78,24 +84,49 @@ def coco_from_output(
     gt: str | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
+    corrections: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(COCO keypoints dataset, COCO results list) for a job's output."""
+    """(COCO keypoints dataset, COCO results list) for a job's output.
+
+    With `corrections`, the dataset takes each reviewed instance from the corrections table
+    (`raypose import`) in place of its prediction, leaves out the instances reviewers deleted and
+    adds those they drew; the results file stays the model's predictions (to score them against
+    the corrected dataset).
+    """
     table = job.read(COLUMNS)
     rows = table.to_pylist() if table is not None else []
     rows.sort(key=lambda r: (r["image_key"], r["instance_index"] if r["instance_index"] is not None else -1))
     gt_data = _load_gt(gt, storage_options) if gt else None
+    reviewed = latest_corrections(job) if corrections else []
+    by_instance = {(c["image_key"], c["instance_index"]): c for c in reviewed if c["instance_index"] is not None}
+    added = [c for c in reviewed if c["instance_index"] is None and not c["deleted"]
+             and any(r["image_key"] == c["image_key"] for r in rows)]
 
     image_ids = _image_ids(rows, gt_data, gt)
     categories, category_ids = _categories(rows, job, gt_data)
     images: dict[str, dict[str, Any]] = {}
     annotations, results = [], []
-    for row, ann_id in zip(rows, _annotation_ids(rows)):
+    ids = _annotation_ids(rows)
+    for row, ann_id in zip(rows, ids):
         key = row["image_key"]
         images.setdefault(key, {"id": image_ids[key], "file_name": key, "width": row["image_width"],
                                 "height": row["image_height"]})
         annotation, result = _coco_instance(row, ann_id, image_ids[key], category_ids[row["category"]], min_score)
-        annotations.append(annotation)
         results.append(result)
+        correction = by_instance.get((key, row["instance_index"]))
+        if correction is not None and correction["deleted"]:
+            continue
+        if correction is not None:
+            annotation = _corrected(annotation, correction)
+        annotations.append(annotation)
+    next_id = max(ids, default=0) + 1  # drawn instances after every predicted one: no predicted id moves
+    for correction in added:
+        if correction["category"] not in category_ids:
+            continue  # a category no prediction has (labelstudio refuses these at import)
+        annotation = {"id": next_id, "image_id": image_ids[correction["image_key"]],
+                      "category_id": category_ids[correction["category"]], "iscrowd": 0, "score": 1.0}
+        annotations.append(_corrected(annotation, correction))
+        next_id += 1
 
     manifest = job.manifest or {}
     dataset = {
@@ -105,6 +136,7 @@ def coco_from_output(
             "models": {name: {"model": e.get("model"), "revision": e.get("revision")}
                        for name, e in job.experts.items()},
             "keypoint_min_score": min_score,
+            "corrections": len(by_instance) + len(added),
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "licenses": [],
@@ -138,6 +170,16 @@ def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
                   "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "keypoints": flat_gt,
                   "num_keypoints": int(labeled.sum()), "score": score}
     return annotation, {"image_id": image_id, "category_id": category_id, "keypoints": flat_res, "score": score}
+
+
+def _corrected(annotation: dict[str, Any], correction: dict[str, Any]) -> dict[str, Any]:
+    """A COCO annotation with the reviewer's box and keypoints (labelled ones v=2, others [0, 0, 0])."""
+    bbox = [round(float(v), 2) for v in correction["bbox"]] if correction["bbox"] is not None else annotation["bbox"]
+    flat: list[float] = []
+    for x, y, v in zip(correction["keypoint_x"], correction["keypoint_y"], correction["keypoint_visibility"]):
+        flat += [round(float(x), 2), round(float(y), 2), int(v)] if v > 0 else [0, 0, 0]
+    return {**annotation, "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "keypoints": flat,
+            "num_keypoints": sum(1 for v in correction["keypoint_visibility"] if v > 0)}
 
 
 def _load_gt(gt: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:

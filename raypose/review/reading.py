@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
-from raypose.errors import RayposeError
+from raypose.errors import ImageError, RayposeError
+from raypose.inputs.fetch import read_bytes
 from raypose.inputs.storage import open_url
 from raypose.output.writer import KEYPOINTS_DIR, MANIFEST_FILE, SCHEMAS_FILE
 
@@ -85,6 +86,11 @@ class JobOutput:
     def experts(self) -> dict[str, dict[str, Any]]:
         """Expert -> {model, revision, keypoint_schema, input_size, ...}, as the manifest records them."""
         return {name: dict(e) for name, e in (self.manifest or {}).get("experts", {}).items()}
+
+    @property
+    def image_column(self) -> str:
+        """The Parquet column images were read from (`images.image_column`), for images inside Parquet files."""
+        return ((self.manifest or {}).get("spec") or {}).get("images", {}).get("image_column") or "image"
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -157,3 +163,27 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, w
             f.write(data)
     except Exception as exc:
         raise OutputError(f"{what}: cannot write {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_image_bytes(uri: str, storage_options: dict[str, Any] | None, image_column: str = "image") -> bytes:
+    """An image's bytes from its `image_uri`: a file of its own, a tar member (`...tar#member`) or a Parquet
+    row (`...parquet#row`, from `image_column`); ImageError (stage read) when it cannot be read."""
+    container, sep, member = uri.rpartition("#")
+    kind = container.lower().rsplit(".", 1)[-1] if sep else None
+    if kind not in ("tar", "parquet"):
+        return read_bytes(uri, storage_options or {})
+    try:
+        fs, path = open_url(container, storage_options, "image_uri", error=OutputError)
+        with fs.open(path, "rb") as f:
+            if kind == "tar":
+                import tarfile
+
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    found = tar.extractfile(tar.getmember(member))
+                    return found.read()
+            import pyarrow.parquet as pq
+
+            value = pq.read_table(f, columns=[image_column]).column(image_column)[int(member)].as_py()
+            return value["bytes"] if isinstance(value, dict) else value
+    except Exception as exc:  # a missing member or row is this image's error, as a missing file is
+        raise ImageError(f"cannot read {member!r} from {container}: {type(exc).__name__}: {exc}", stage="read") from exc

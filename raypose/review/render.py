@@ -23,16 +23,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pyarrow.dataset as ds
 from PIL import Image
 
 from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
-from raypose.inputs.fetch import read_bytes
 from raypose.review.drawing import THUMB_SIZE, draw_instances, instance_colours
 from raypose.review.qa_page import Rendered, write_pages
-from raypose.review.reading import JobOutput, OutputError, open_fs
-from raypose.review.selection import ORDERS, Selection, choose_images
+from raypose.review.reading import JobOutput, OutputError, open_fs, read_image_bytes
+from raypose.review.selection import Selection, choose_images, rows_of
 
 COLUMNS = [
     "image_key", "image_uri", "image_width", "image_height", "instance_index", "bbox", "keypoint_schema",
@@ -53,13 +51,10 @@ def render_output(
     workers: int = 4,
 ) -> list[Rendered]:
     """Draw the chosen images of a job into `out` (local path or URL), write the QA page; return what was rendered."""
-    if selection.sample < 1:
-        raise OutputError(f"--sample: expected a positive number of images, got {selection.sample}")
-    if selection.order not in ORDERS:
-        raise OutputError(f"--order: expected one of {', '.join(ORDERS)}, got {selection.order!r}")
+    selection.check()
     job = JobOutput.open(output, storage_options)
     chosen, matching = choose_images(job, selection)
-    rows_by_key = _rows_of(job, chosen)
+    rows_by_key = rows_of(job, chosen, COLUMNS)
     out_fs, out_root = open_fs(out, storage_options, "--out")
     try:
         for folder in ("images", "thumbs", "view"):
@@ -77,18 +72,6 @@ def render_output(
     write_pages(rendered, job, out_fs, out_root, names, selection=selection, matching=matching,
                 keypoint_threshold=keypoint_threshold)
     return rendered
-
-
-def _rows_of(job: JobOutput, keys: list[str]) -> dict[str, list[dict]]:
-    """Every instance row of the chosen images, by key, in instance order."""
-    rows_by_key: dict[str, list[dict]] = {k: [] for k in keys}
-    if keys:
-        table = job.dataset().to_table(columns=COLUMNS, filter=ds.field("image_key").isin(keys))
-        for row in table.to_pylist():
-            rows_by_key[row["image_key"]].append(row)
-    for rows in rows_by_key.values():
-        rows.sort(key=lambda r: r["instance_index"] if r["instance_index"] is not None else -1)
-    return rows_by_key
 
 
 def safe_name(key: str, max_len: int = 80) -> str:
@@ -130,7 +113,7 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         result.problem = "no image_uri in the table; give --images"
         return result
     try:
-        image = decode_image(read_bytes(uri, storage_options), MAX_PIXELS)
+        image = decode_image(read_image_bytes(uri, storage_options, job.image_column), MAX_PIXELS)
     except ImageError as exc:
         result.problem = f"{exc.stage}: {exc}"
         return result

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import yaml
 
 from raypose.output.writer import ERRORS_DIR
+from raypose.review.corrections import review_summary
 from raypose.review.reading import JobOutput
 
 # Histogram bin edges over keypoint scores; scores below 0 count in the first bin, above 1 in the last.
@@ -64,6 +65,7 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None) -> dic
             "median": float(np.median(scores)) if scores.size else None,
         },
         "keypoint_scores": instances.keypoint_scores(job.schemas),
+        "review": review_summary(job),  # corrections imported from labeling tools (raypose import), or None
         "throughput": manifest.get("throughput", {}),
         "seconds": manifest.get("seconds", {}),
         "versions": manifest.get("versions", {}),
@@ -170,6 +172,8 @@ def format_text(summary: dict[str, Any]) -> str:
     """The summary as aligned plain-text tables."""
     sections = [_head_lines(summary), _expert_lines(summary), _count_lines(summary), _error_lines(summary)]
     sections += [_keypoint_score_lines(name, schema) for name, schema in summary["keypoint_scores"].items()]
+    if summary.get("review"):
+        sections.append(_review_lines(summary["review"]))
     if summary["warnings"]:
         sections.append(["warnings"] + [f"  ! {w}" for w in summary["warnings"]])
     if summary["spec"] is not None:
@@ -236,6 +240,17 @@ def _keypoint_score_lines(name: str, schema: dict[str, Any]) -> list[str]:
         [[str(k["index"]), k["name"], _num(k["mean"], 3)] + [str(v) for v in k["histogram"]] for k in schema["keypoints"]],
         indent=2,
     )
+
+
+def _review_lines(review: dict[str, Any]) -> list[str]:
+    lines = [f"review: {review['reviewed']} instances reviewed, {review['deleted']} deleted, {review['added']} added "
+             f"({', '.join(review['reviewers']) or 'reviewer unknown'})"]
+    for name, schema in review["by_schema"].items():
+        lines += [f"  mean correction per keypoint, {name} ({schema['instances']} instances)"] + _table(
+            ["keypoint", "labelled", "pixels", "of box"],
+            [[k["name"], str(k["labelled"]), _num(k["mean_pixels"]), _num(k["mean_fraction_of_box"], 3)]
+             for k in schema["keypoints"]], indent=4)
+    return lines
 
 
 def _kv(pairs: list[tuple[str, str]]) -> list[str]:
