@@ -294,6 +294,43 @@ def export_label_studio_command(
                f"-> {out.rstrip('/')}/tasks.json, label_config.xml")
 
 
+@export_app.command("cvat")
+def export_cvat_command(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for cvat_labels.json, annotations/ (and images/).")],
+    sample: SampleOpt = 100,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
+    seed: SeedOpt = 0,
+    keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    corrections: Annotated[str, typer.Option("--corrections", help="use: reviewed instances from corrections/; skip: predictions only.")] = "use",
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ to create the CVAT task from.")] = False,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """CVAT: COCO Keypoints 1.0 annotations for the chosen images, and the skeleton labels to create first."""
+    from raypose.review.cvat import export_cvat
+    from raypose.review.reading import OutputError, parse_storage_options
+    from raypose.review.selection import Selection
+
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
+    with _errors_as_exit(debug):
+        if corrections not in ("use", "skip"):
+            raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
+        done = export_cvat(output, out, selection=selection, min_score=keypoint_min_score,
+                           corrections=corrections == "use", copy_images=copy_images,
+                           storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations of {done['matching']} matching "
+               f"images -> {out.rstrip('/')}/cvat_labels.json, annotations/person_keypoints_default.json")
+
+
 import_app = typer.Typer(help="Take reviewers' corrections back into a job's output (its corrections/ table).",
                          no_args_is_help=True)
 app.add_typer(import_app, name="import")

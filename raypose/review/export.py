@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as ds
 
 from raypose.review.corrections import latest_corrections
 from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
@@ -85,15 +86,16 @@ def coco_from_output(
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
     corrections: bool = True,
+    keys: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(COCO keypoints dataset, COCO results list) for a job's output.
+    """(COCO keypoints dataset, COCO results list) for a job's output (or only the images `keys` names).
 
     With `corrections`, the dataset takes each reviewed instance from the corrections table
     (`raypose import`) in place of its prediction, leaves out the instances reviewers deleted and
     adds those they drew; the results file stays the model's predictions (to score them against
     the corrected dataset).
     """
-    table = job.read(COLUMNS)
+    table = job.read(COLUMNS, filter=ds.field("image_key").isin(keys) if keys is not None else None)
     rows = table.to_pylist() if table is not None else []
     rows.sort(key=lambda r: (r["image_key"], r["instance_index"] if r["instance_index"] is not None else -1))
     gt_data = _load_gt(gt, storage_options) if gt else None

@@ -30,11 +30,10 @@ from datetime import datetime, timezone
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from raypose.errors import ImageError
+from raypose.review.copies import copy_images as copy_images_to
 from raypose.review.corrections import write_corrections
 from raypose.review.drawing import instance_colours, keypoint_sides, side_colour
-from raypose.review.reading import JobOutput, OutputError, open_fs, read_image_bytes, write_bytes
-from raypose.review.render import unique_names
+from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
 from raypose.review.selection import Selection, choose_images, rows_of
 
 TOOL = "label-studio"
@@ -96,22 +95,14 @@ def export_label_studio(
     rows_by_key = rows_of(job, keys, [c for c in COLUMNS if c in job.dataset().schema.names] if keys else COLUMNS)
     categories = {row["category"]: job.schema(row["keypoint_schema"])
                   for rows in rows_by_key.values() for row in rows if row["keypoint_schema"]}
-    names = unique_names(keys)
-    tasks, problems = [], []
-    out_fs, out_root = open_fs(out, storage_options, "--out")
-    for key in keys:
-        rows = [r for r in rows_by_key[key] if r["keypoint_schema"]]
-        url = rows[0]["image_uri"]
-        if copy_images:
-            try:
-                data = read_image_bytes(url, storage_options, job.image_column)
-            except ImageError as exc:
-                problems.append(f"{key}: {exc}")
-                continue
-            file = names[key] + _extension(key)
-            _write(out_fs, posixpath.join(out_root, "images", file), data)
-            url = url_prefix + file
-        tasks.append(task_for(key, url, rows, job, min_score, selection.by))
+    first = {key: next(r for r in rows_by_key[key] if r["keypoint_schema"]) for key in keys}
+    urls = {key: row["image_uri"] for key, row in first.items()}
+    problems: list[str] = []
+    if copy_images:
+        copied, problems = copy_images_to(job, urls, out, storage_options)
+        urls = {key: url_prefix + name for key, name in copied.items()}
+    tasks = [task_for(key, urls[key], [r for r in rows_by_key[key] if r["keypoint_schema"]], job, min_score, selection.by)
+             for key in keys if key in urls]
     write_bytes(posixpath.join(out.rstrip("/"), "tasks.json"), json.dumps(tasks, indent=1).encode(), storage_options,
                 "--out")
     write_bytes(posixpath.join(out.rstrip("/"), "label_config.xml"), label_config(categories).encode(),
@@ -333,16 +324,5 @@ def _highest(rows: list[dict], column: str) -> float | None:
     return round(max(values), 6) if values else None
 
 
-def _extension(key: str) -> str:
-    ext = posixpath.splitext(key)[1].lower()
-    return ext if re.fullmatch(r"\.[a-z0-9]{1,5}", ext) else ".jpg"
-
-
 def _hex(colour: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % colour
-
-
-def _write(fs, path: str, data: bytes) -> None:
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)

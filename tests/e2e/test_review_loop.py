@@ -203,3 +203,26 @@ def test_copied_images_and_the_label_studio_sdk_itself(output, tmp_path):
     done = subprocess.run([python, "-c", check, tmp_path / "ls" / "label_config.xml", tmp_path / "ls" / "tasks.json"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cvat_gets_coco_keypoints_and_the_skeleton_labels_to_import_them_onto(output, tmp_path):
+    from pycocotools.coco import COCO
+
+    invoke("export", "cvat", output, "--out", tmp_path / "cvat", "--by", "instance_doubt", "--copy-images")
+    labels = json.loads((tmp_path / "cvat" / "cvat_labels.json").read_text())
+    annotations = tmp_path / "cvat" / "annotations" / "person_keypoints_default.json"
+    dataset = json.loads(annotations.read_text())
+    COCO(str(annotations))  # pycocotools loads it, as CVAT's COCO importer (datumaro) does
+    categories = {c["name"]: c for c in dataset["categories"]}
+    assert {label["name"] for label in labels} == set(categories) == {"person", "dog"}
+    for label in labels:
+        # as CVAT's dataset manager reads a skeleton (cvat/apps/dataset_manager/bindings.py): circles are the
+        # points in order, lines the joints between 1-based node ids
+        svg = ET.fromstring("<root>" + label["svg"] + "</root>")
+        points = [el.attrib["data-label-name"] for el in svg if el.tag == "circle"]
+        joints = [[int(el.attrib["data-node-from"]), int(el.attrib["data-node-to"])] for el in svg if el.tag == "line"]
+        assert label["type"] == "skeleton" and [s["name"] for s in label["sublabels"]] == points
+        assert points == categories[label["name"]]["keypoints"] and joints == categories[label["name"]]["skeleton"]
+    for image in dataset["images"]:
+        assert (tmp_path / "cvat" / "images" / image["file_name"]).exists()
+    assert len(dataset["annotations"]) == pq.read_table(output / "keypoints").num_rows
