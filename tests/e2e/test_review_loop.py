@@ -226,3 +226,13 @@ def test_cvat_gets_coco_keypoints_and_the_skeleton_labels_to_import_them_onto(ou
     for image in dataset["images"]:
         assert (tmp_path / "cvat" / "images" / image["file_name"]).exists()
     assert len(dataset["annotations"]) == pq.read_table(output / "keypoints").num_rows
+
+
+def test_render_chooses_by_flip_oks_and_refuses_a_column_the_output_lacks(output, tmp_path):
+    rows = pq.read_table(output / "keypoints").to_pylist()
+    worst = min(rows, key=lambda r: r["flip_oks"])["image_key"]
+    invoke("render", output, "--out", tmp_path / "qa", "--by", "flip_oks", "--sample", "1")
+    page = (tmp_path / "qa" / "index.html").read_text()
+    assert "worst first by flip_oks" in page and worst in page
+    bad = runner.invoke(app, ["render", str(output), "--out", str(tmp_path / "qa2"), "--by", "flip"])
+    assert bad.exit_code == 2 and "--by: expected one of instance_score, flip_oks, instance_doubt" in bad.stderr
