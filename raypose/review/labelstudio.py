@@ -15,9 +15,11 @@
 
 Region ids carry the instance: `rp-<instance_index>-box` and `rp-<instance_index>-<keypoint>`.
 `raypose import label-studio` reads a project's JSON export back: each annotation's regions
-go back to their instance by those ids; a region the reviewer drew (another id) goes to the one
-box that contains it (a keypoint) or stands for a new instance (a box); anything it cannot place
-is reported, never guessed. An instance whose regions the reviewer all deleted is marked deleted.
+go back to their instance by those ids, or (a region the tool re-identified) by being exactly
+where one instance's box or keypoint of that name was predicted; a keypoint the reviewer drew goes
+to the one box that contains it, a box the reviewer drew stands for a new instance; anything it
+cannot place is reported, never guessed. An instance whose regions the reviewer all deleted is
+marked deleted.
 """
 
 from __future__ import annotations
@@ -210,8 +212,9 @@ def corrections_of(annotation: dict, predicted: list[dict], category_schema: dic
         if region.get("type") not in ("rectanglelabels", "keypointlabels"):
             continue
         match = REGION_ID.match(str(region.get("id", "")))
-        if match and int(match.group(1)) in by_index:
-            slot = instances.setdefault(f"i{match.group(1)}", {"box": None, "points": {}})
+        index = int(match.group(1)) if match and int(match.group(1)) in by_index else _unmoved(region, predicted, job)
+        if index is not None:
+            slot = instances.setdefault(f"i{index}", {"box": None, "points": {}})
         elif region["type"] == "rectanglelabels":
             slot = instances.setdefault(f"new:{region.get('id')}", {"box": None, "points": {}})
         else:
@@ -264,6 +267,26 @@ def corrections_of(annotation: dict, predicted: list[dict], category_schema: dic
                          "category": row["category"], "keypoint_schema": row["keypoint_schema"], "bbox": None,
                          "keypoint_x": None, "keypoint_y": None, "keypoint_visibility": None, "deleted": True})
     return rows, problems
+
+
+def _unmoved(region: dict, predicted: list[dict], job: JobOutput) -> int | None:
+    """The one instance whose predicted box, or keypoint of that name, is exactly where this region is (a region
+    the tool gave an id of its own without moving it); else None."""
+    width, height = predicted[0]["image_width"], predicted[0]["image_height"]
+    value = region.get("value") or {}
+    if region["type"] == "rectanglelabels":
+        box = [value.get(k, math.nan) * size / 100 for k, size in (("x", width), ("y", height), ("width", width),
+                                                                   ("height", height))]
+        found = [r["instance_index"] for r in predicted if _same(box, r["bbox"])]
+    else:
+        point = _point(region, width, height)
+        label = (value.get("keypointlabels") or [None])[0]
+        found = []
+        for r in predicted:
+            names = job.schema(r["keypoint_schema"])["keypoints"]
+            if label in names and _same(point, (r["keypoint_x"][names.index(label)], r["keypoint_y"][names.index(label)])):
+                found.append(r["instance_index"])
+    return found[0] if len(found) == 1 else None
 
 
 def _take(slot: dict, region: dict, width: int, height: int, problems: list[str]) -> None:

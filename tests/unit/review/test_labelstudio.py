@@ -72,3 +72,13 @@ def test_what_cannot_be_placed_is_reported_and_a_removed_instance_is_deleted():
     assert drawn["instance_index"] is None and drawn["keypoint_visibility"][1] == 2 and drawn["bbox"] == [150.0, 5.0, 40.0, 40.0]
     gone, _ = corrections_of({"result": [box("rp-0-box", rows[0]["bbox"])]}, rows, {"person": "coco17"}, JOB)
     assert [(r["instance_index"], r["deleted"]) for r in gone] == [(0, False), (1, True)]
+
+
+def test_regions_the_tool_gave_ids_of_its_own_find_their_instance_where_they_were_predicted():
+    rows = [predicted(0, [10.0, 10.0, 60.0, 80.0]), predicted(1, [40.0, 10.0, 60.0, 80.0])]
+    result = [box("q1", rows[0]["bbox"]), box("q2", rows[1]["bbox"]),
+              keypoint("q3", "nose", rows[1]["keypoint_x"][0], rows[1]["keypoint_y"][0]),  # unmoved, overlap
+              keypoint("q4", "left_eye", 20.0, 20.0)]  # moved, in box 0 only
+    got, problems = corrections_of({"result": result}, rows, {"person": "coco17"}, JOB)
+    assert problems == [] and [r["instance_index"] for r in got] == [0, 1] and not any(r["deleted"] for r in got)
+    assert got[1]["keypoint_visibility"][0] == 2 and got[0]["keypoint_visibility"][1] == 2
