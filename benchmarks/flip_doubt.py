@@ -23,7 +23,8 @@ well each ordering finds them: AUROC, the precision of the worst 10% and 20%, an
 rank correlation with 1 - OKS; for `1 - instance_score` (today's `render --order worst`),
 `1 - flip_oks`, `instance_doubt` and the mean keypoint flip error; also the same on the
 instances whose keypoint scores are high (instance_score above its median), where scores
-alone are sure and disagreement must do the work. A JSON of the figures goes to --json.
+alone are sure and disagreement must do the work; and what `flip_views` costs per crop on
+this CPU (`decode_cost`). A JSON of the figures goes to --json.
 """
 
 from __future__ import annotations
@@ -272,6 +273,33 @@ def evaluate(checkpoint: Path, n: int, seed: int, hard: float, wrong_below: floa
     }
 
 
+def decode_cost(batch: int, repeat: int) -> dict:
+    """CPU ms per crop that `flip_views` adds to a flip-test forward of ViTPose's shape (256x192 crops, 17 64x48
+    heatmaps): `PoseEngine.submit` with the network replaced by `synthetic.instant_heatmaps` (heatmaps at once),
+    so all that is timed is normalizing, flipping back, averaging and decoding; best of `repeat`."""
+    from raypose.models.vitpose import PoseEngine, inspect_model
+    from raypose.testing.synthetic import instant_heatmaps, make_checkpoint
+
+    folder = Path("bench-out/checkpoints/vitpose-tiny-flip-cost")
+    if not (folder / "model.safetensors").exists():
+        make_checkpoint(folder)
+    engine = PoseEngine(inspect_model(str(folder)))
+    engine.model = instant_heatmaps(engine.info)
+    crops = np.random.default_rng(0).integers(0, 256, (batch, 256, 192, 3), dtype=np.uint8)
+    centers, scales = center_scale_from_boxes(np.tile([[10.0, 10.0, 90.0, 160.0]], (batch, 1)), engine.info.input_size)
+    timings = {}
+    for name, views in (("flip test", False), ("flip test + flip_views", True)):
+        best = math.inf
+        for _ in range(repeat):
+            started = time.process_time()
+            submitted = engine.submit(crops, centers, scales, flip_pairs=COCO17.flip_pairs, flip_views=views)
+            engine.collect(submitted), engine.collect_views(submitted)
+            best = min(best, time.process_time() - started)
+        timings[name] = 1000 * best / batch
+    return {"batch": batch, "cpu_ms_per_crop": timings,
+            "added_cpu_ms_per_crop": timings["flip test + flip_views"] - timings["flip test"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2500, help="training steps")
@@ -291,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = folder / f"flip-doubt-vitpose-s{args.seed}-{args.steps}-{args.train}"
     if not (checkpoint / "model.safetensors").exists():
         checkpoint = train(folder, args.steps, args.batch, args.seed, args.hard, args.train)
-    result = {"args": vars(args), **evaluate(checkpoint, args.test, args.seed, args.hard, args.wrong)}
+    result = {"args": vars(args), **evaluate(checkpoint, args.test, args.seed, args.hard, args.wrong),
+              "cost": decode_cost(8, 5)}
+    cost = result["cost"]
+    print(f"flip_views cost: {cost['cpu_ms_per_crop']} CPU ms per crop at batch 8 (all but the forward); "
+          f"added {cost['added_cpu_ms_per_crop']:.2f} ms per crop")
     print(f"{result['instances']} test instances, {result['wrong']} wrong (OKS < {args.wrong}), "
           f"mean OKS {result['mean_oks']:.3f}")
     for part in ("all", "high_score_half"):
