@@ -175,8 +175,9 @@ def import_label_studio(output: str, export: str, storage_options: dict[str, Any
         raise OutputError(f"EXPORT: {export} is not a Label Studio JSON export (a list of tasks with data and "
                           "annotations; export the project as JSON, not JSON-MIN)")
     keys = sorted({str(t["data"].get("image_key")) for t in tasks if t["data"].get("image_key") is not None})
-    predicted = rows_of(job, keys, ["image_key", "instance_index", "category", "keypoint_schema", "bbox",
-                                    "keypoint_x", "keypoint_y", "image_width", "image_height"])
+    columns = ["image_key", "instance_index", "category", "keypoint_schema", "bbox", "keypoint_x", "keypoint_y",
+               "image_width", "image_height"]
+    predicted = {key: [r for r in rows if r["keypoint_schema"]] for key, rows in rows_of(job, keys, columns).items()}
     category_schema = {r["category"]: r["keypoint_schema"] for rows in predicted.values() for r in rows
                        if r["keypoint_schema"]}
     job_id = (job.manifest or {}).get("job_id")
@@ -328,7 +329,7 @@ def _time(annotation: dict) -> datetime:
     stamp = annotation.get("updated_at") or annotation.get("created_at")
     try:
         moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except ValueError:
+    except ValueError:  # an annotation without a time sorts before every dated one
         return datetime(1970, 1, 1, tzinfo=timezone.utc)
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
