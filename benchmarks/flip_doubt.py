@@ -14,14 +14,15 @@ other people overlap the box, a block hides a limb, the background is noisy. Tra
 the usual flip augmentation (mirror, swap left/right), UDP Gaussian targets and MSE, on a
 fixed set of --train drawn instances (--steps batches drawn from it); the test
 set is labelled through raypose's own path (`PoseEngine.submit` with the flip test and
-`flip_views`: crops cut by `crop_image`, DARK decode, `keypoint_flip_errors`, `flip_oks`,
-`instance_doubts`), and each instance's real error is its OKS to the known joints (COCO
-sigmas, the box's area).
+`flip_views`: crops cut by `crop_image`, DARK decode, `keypoint_flip_errors`,
+`flip_agreements`, `instance_doubts`), and each instance's real error is its OKS to the known
+joints (COCO sigmas, the box's area).
 
 It reports, for the instances whose pseudo-label is wrong (OKS < --wrong, default 0.5), how
 well each ordering finds them: AUROC, the precision of the worst 10% and 20%, and Spearman's
 rank correlation with 1 - OKS; for `1 - instance_score` (today's `render --order worst`),
-`1 - flip_oks`, `instance_doubt` and the mean keypoint flip error; also the same on the
+`1 - flip_oks`, `instance_doubt`, `1 - instance_score x flip_oks` (the first candidate for the
+doubt) and the mean keypoint flip error; also the same on the
 instances whose keypoint scores are high (instance_score above its median), where scores
 alone are sure and disagreement must do the work; and what `flip_views` costs per crop on
 this CPU (`decode_cost`). A JSON of the figures goes to --json.
@@ -45,7 +46,12 @@ from raypose.imaging.crop_cpu import crop_image  # noqa: E402
 from raypose.imaging.geometry import PIXEL_STD, center_scale_from_boxes  # noqa: E402
 from raypose.imaging.heatmaps import instance_scores  # noqa: E402
 from raypose.imaging.keypoint_schemas import COCO17  # noqa: E402
-from raypose.imaging.uncertainty import flip_oks, instance_doubts, keypoint_flip_errors  # noqa: E402
+from raypose.imaging.uncertainty import (  # noqa: E402
+    flip_agreements,
+    flip_oks,
+    instance_doubts,
+    keypoint_flip_errors,
+)
 
 INPUT = (96, 128)  # (width, height) of the model's crops
 HEATMAP = (24, 32)
@@ -250,12 +256,14 @@ def evaluate(checkpoint: Path, n: int, seed: int, hard: float, wrong_below: floa
     truth = flip_oks(keypoints, joints, areas, COCO17.sigmas)  # OKS of the label to the known joints
     wrong = truth < wrong_below
     instance = instance_scores(scores, np.full(n, np.nan))
-    oks = flip_oks(views[0], views[1], areas, COCO17.sigmas)
+    agreements = flip_agreements(views[0], views[1], areas, COCO17.sigmas)
+    oks = agreements.mean(axis=1)
     errors = keypoint_flip_errors(views[0], views[1], scales, INPUT)
     orderings = {
         "1 - instance_score": 1 - instance,
         "1 - flip_oks": 1 - oks,
-        "instance_doubt": instance_doubts(instance, oks),
+        "instance_doubt": instance_doubts(scores, agreements, np.full(n, np.nan)),
+        "1 - instance_score x flip_oks": 1 - instance * oks,  # the first candidate, for comparison
         "mean keypoint_flip_error": errors.mean(axis=1),
     }
     confident = instance >= np.median(instance)

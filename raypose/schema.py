@@ -86,7 +86,7 @@ POSE_FIELDS = [
 UNCERTAINTY_FIELDS = [
     pa.field("keypoint_flip_error", pa.list_(pa.float32())),  # per keypoint, in input-crop pixels
     pa.field("flip_oks", pa.float32()),
-    pa.field("instance_doubt", pa.float32()),  # 1 - instance_score x flip_oks: review highest first
+    pa.field("instance_doubt", pa.float32()),  # 1 - box score x mean(keypoint score x flip agreement): highest first
 ]
 
 RUN_FIELDS = [

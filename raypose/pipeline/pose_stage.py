@@ -16,7 +16,7 @@ import torch
 
 from raypose.imaging.heatmaps import instance_scores
 from raypose.imaging.keypoint_schemas import SCHEMAS
-from raypose.imaging.uncertainty import flip_oks, instance_doubts, keypoint_flip_errors
+from raypose.imaging.uncertainty import flip_agreements, instance_doubts, keypoint_flip_errors
 from raypose.models.routing import Routing
 from raypose.models.vitpose import PoseEngine
 from raypose.pipeline.crop_stage import CropColumn, Pixels, pairs
@@ -99,7 +99,7 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
         step = batch_size or len(rows)
         forwards += [(name, rows[start : start + step]) for start in range(0, len(rows), step)]
     areas = _box_areas(batch.column("bbox"))
-    done = []  # (rows, keypoints, scores, keypoint schema, flip (errors, oks) or None) of each forward that ran
+    done = []  # (rows, keypoints, scores, keypoint schema, flip (errors, agreements) or None) of each forward that ran
     failed = np.zeros(n, bool)
     reasons = np.full(n, None, dtype=object)
 
@@ -114,7 +114,7 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
             flip = None
             if views is not None:
                 flip = (keypoint_flip_errors(views[0], views[1], scales[rows], routing.experts[name].input_size),
-                        flip_oks(views[0], views[1], areas[rows], SCHEMAS[schema].sigmas))
+                        flip_agreements(views[0], views[1], areas[rows], SCHEMAS[schema].sigmas))
             done.append((rows, keypoints, scores, schema, flip))
         except Exception as exc:
             fail(name, rows, exc)
@@ -169,13 +169,14 @@ def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
     xs, ys, ss, errors = (np.empty(offsets[-1], np.float32) for _ in range(4))
-    instance, oks = np.zeros(n, np.float32), np.ones(n, np.float32)
+    instance, oks, doubt = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
     for rows, keypoints, scores, _, flip in done:
         at = offsets[rows][:, None] + np.arange(keypoints.shape[1])
         xs[at], ys[at], ss[at] = keypoints[..., 0], keypoints[..., 1], scores
         instance[rows] = instance_scores(scores, box_scores[rows])
         if flip is not None:
-            errors[at], oks[rows] = flip
+            errors[at], oks[rows] = flip[0], flip[1].mean(axis=1)
+            doubt[rows] = instance_doubts(scores, flip[1], box_scores[rows])
     missing = lengths == 0
     lists = {name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=pa.array(missing))
              for name, values in (("keypoint_x", xs), ("keypoint_y", ys), ("keypoint_score", ss))}
@@ -187,7 +188,7 @@ def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict
         "instance_score": pa.array(instance, pa.float32(), mask=missing),
         "keypoint_flip_error": pa.ListArray.from_arrays(pa.array(offsets), pa.array(errors), mask=no_flip),
         "flip_oks": pa.array(oks, pa.float32(), mask=~flipped),
-        "instance_doubt": pa.array(instance_doubts(instance, oks), pa.float32(), mask=~flipped),
+        "instance_doubt": pa.array(doubt, pa.float32(), mask=~flipped),
     }
 
 

@@ -7,7 +7,13 @@ import pytest
 
 from raypose.imaging.geometry import center_scale_from_boxes
 from raypose.imaging.keypoint_schemas import COCO17
-from raypose.imaging.uncertainty import UNIFORM_SIGMA, flip_oks, instance_doubts, keypoint_flip_errors
+from raypose.imaging.uncertainty import (
+    UNIFORM_SIGMA,
+    flip_agreements,
+    flip_oks,
+    instance_doubts,
+    keypoint_flip_errors,
+)
 
 INPUT = (192, 256)  # ViTPose's (width, height)
 
@@ -58,9 +64,16 @@ def test_a_schema_without_sigmas_uses_the_mean_coco_sigma_for_every_keypoint():
     assert 0 < uniform[0] < 1
 
 
-def test_the_doubt_orders_as_the_score_where_the_views_agree_and_raises_a_confident_disagreement():
-    scores = np.array([0.9, 0.6, 0.9, 0.3])
-    oks = np.array([1.0, 1.0, 0.4, 1.0])  # the third is confident, but its mirror image says otherwise
-    doubt = instance_doubts(scores, oks)
-    np.testing.assert_allclose(doubt, [0.1, 0.4, 0.64, 0.7], rtol=1e-6)
-    assert list(np.argsort(-doubt)) == [3, 2, 1, 0]
+def test_the_doubt_trusts_a_keypoint_as_far_as_its_peak_and_its_mirror_image_agree():
+    scores = np.array([[0.9, 0.9], [0.6, 0.6], [0.9, 0.9], [0.9, 0.9]])
+    agreements = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # the third: confident, one point disputed
+    box_scores = np.array([np.nan, np.nan, np.nan, 0.5])  # ground-truth boxes count as 1
+    doubt = instance_doubts(scores, agreements, box_scores)
+    np.testing.assert_allclose(doubt, [0.1, 0.4, 0.55, 0.55], rtol=1e-6)
+    assert list(np.argsort(-doubt, kind="stable")) == [2, 3, 1, 0]
+    plain = predictions(n=1)
+    mirrored = plain.copy()
+    mirrored[0, 3] += 8.0
+    agreement = flip_agreements(plain, mirrored, np.array([3000.0]), COCO17.sigmas)
+    assert agreement[0, 3] < 1 and (np.delete(agreement, 3, axis=1) == 1).all()
+    np.testing.assert_allclose(flip_oks(plain, mirrored, np.array([3000.0]), COCO17.sigmas), agreement.mean(1))
