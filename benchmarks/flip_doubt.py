@@ -19,7 +19,8 @@ set is labelled through raypose's own path (`PoseEngine.submit` with the flip te
 joints (COCO sigmas, the box's area).
 
 It reports, for the instances whose pseudo-label is wrong (OKS < --wrong, default 0.5), how
-well each ordering finds them: AUROC, the precision of the worst 10% and 20%, and Spearman's
+well each ordering finds them: AUROC (and a bootstrap 95% interval of its gain over
+instance_score), the precision of the worst 10% and 20%, and Spearman's
 rank correlation with 1 - OKS; for `1 - instance_score` (today's `render --order worst`),
 `1 - flip_oks`, `instance_doubt`, `1 - instance_score x flip_oks` (the first candidate for the
 doubt) and the mean keypoint flip error; also the same on the
@@ -268,10 +269,17 @@ def evaluate(checkpoint: Path, n: int, seed: int, hard: float, wrong_below: floa
     }
     confident = instance >= np.median(instance)
 
+    resamples = [np.random.default_rng(i).integers(0, n, n) for i in range(200)]
+
     def table(mask: np.ndarray) -> dict:
+        base = orderings["1 - instance_score"]
         return {name: {"auroc": auroc(d[mask], wrong[mask]), "precision_worst_10pct": precision_at(d[mask], wrong[mask], 0.1),
                        "precision_worst_20pct": precision_at(d[mask], wrong[mask], 0.2),
-                       "spearman_with_1_minus_oks": spearman(d[mask], 1 - truth[mask])}
+                       "spearman_with_1_minus_oks": spearman(d[mask], 1 - truth[mask]),
+                       # a bootstrap over the instances: how sure the AUROC gain over instance_score is
+                       "auroc_gain_95pct": list(np.percentile(
+                           [auroc(d[r][mask[r]], wrong[r][mask[r]]) - auroc(base[r][mask[r]], wrong[r][mask[r]])
+                            for r in resamples], [2.5, 97.5]))}
                 for name, d in orderings.items()}
 
     return {
@@ -338,9 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = {k: v for k, v in result[part].items() if isinstance(v, dict)}
         print(f"\n{part}" + (f" ({result[part]['instances']} instances, {result[part]['wrong']} wrong)"
                             if part != "all" else ""))
-        print(f"{'ordering':28s} {'AUROC':>7s} {'prec@10%':>9s} {'prec@20%':>9s} {'spearman':>9s}")
+        print(f"{'ordering':30s} {'AUROC':>7s} {'gain 95%':>16s} {'prec@10%':>9s} {'prec@20%':>9s} {'spearman':>9s}")
         for name, m in rows.items():
-            print(f"{name:28s} {m['auroc']:7.3f} {m['precision_worst_10pct']:9.3f} "
+            low, high = m["auroc_gain_95pct"]
+            print(f"{name:30s} {m['auroc']:7.3f} {f'[{low:+.3f}, {high:+.3f}]':>16s} {m['precision_worst_10pct']:9.3f} "
                   f"{m['precision_worst_20pct']:9.3f} {m['spearman_with_1_minus_oks']:9.3f}")
     Path(args.json or folder / "flip_doubt.json").write_text(json.dumps(result, indent=2))
 
