@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow.dataset as ds
 
 from raypose.review.corrections import latest_corrections
-from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
+from raypose.review.reading import JobOutput, OutputError, read_json_file, write_bytes
 
 COLUMNS = [
     "image_key", "image_width", "image_height", "instance_index", "annotation_id", "category", "bbox",
@@ -156,8 +156,7 @@ def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
     x = np.asarray(row["keypoint_x"], np.float64)
     y = np.asarray(row["keypoint_y"], np.float64)
     s = np.asarray(row["keypoint_score"], np.float64)
-    labeled = (s > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(s)
-    labeled &= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+    labeled = labelled_keypoints(x, y, s, width, height, min_score)
     xr, yr = _round(x, 2), _round(y, 2)
     flat_gt: list[float] = []
     flat_res: list[float] = []
@@ -174,6 +173,13 @@ def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
     return annotation, {"image_id": image_id, "category_id": category_id, "keypoints": flat_res, "score": score}
 
 
+def labelled_keypoints(x: np.ndarray, y: np.ndarray, scores: np.ndarray, width: int, height: int,
+                       min_score: float) -> np.ndarray:
+    """Which keypoints an export labels (v=2): scored above `min_score`, finite, inside the image."""
+    labelled = (scores > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(scores)
+    return labelled & (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+
+
 def _corrected(annotation: dict[str, Any], correction: dict[str, Any]) -> dict[str, Any]:
     """A COCO annotation with the reviewer's box and keypoints (labelled ones v=2, others [0, 0, 0])."""
     bbox = [round(float(v), 2) for v in correction["bbox"]] if correction["bbox"] is not None else annotation["bbox"]
@@ -185,15 +191,7 @@ def _corrected(annotation: dict[str, Any], correction: dict[str, Any]) -> dict[s
 
 
 def _load_gt(gt: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    fs, path = open_fs(gt, storage_options, "--gt")
-    try:
-        data = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise OutputError(f"--gt: {gt} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"--gt: {gt} is not valid JSON: {exc}") from exc
-    except Exception as exc:
-        raise OutputError(f"--gt: cannot read {gt}: {type(exc).__name__}: {exc}") from exc
+    data = read_json_file(gt, storage_options, "--gt")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise OutputError(f"--gt: {gt} is not a COCO annotations file (no 'images' list)")
     return data

@@ -32,10 +32,13 @@ from datetime import datetime, timezone
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+import numpy as np
+
 from raypose.review.copies import copy_images as copy_images_to
 from raypose.review.corrections import write_corrections
 from raypose.review.drawing import instance_colours, keypoint_sides, side_colour
-from raypose.review.reading import JobOutput, OutputError, open_fs, write_bytes
+from raypose.review.export import labelled_keypoints
+from raypose.review.reading import JobOutput, OutputError, read_json_file, write_bytes
 from raypose.review.selection import Selection, choose_images, rows_of
 
 TOOL = "label-studio"
@@ -139,24 +142,16 @@ def _instance_regions(row: dict, schema: dict, min_score: float) -> list[dict]:
                           "height": 100 * bh / height, "rotation": 0, "rectanglelabels": [row["category"]]}}]
     if row["instance_score"] is not None:
         regions[0]["score"] = round(float(row["instance_score"]), 6)
-    shown = set()
-    for k, (x, y, s) in enumerate(zip(row["keypoint_x"], row["keypoint_y"], row["keypoint_score"])):
-        if _labelled(x, y, s, width, height, min_score):
-            shown.add(k)
-            regions.append({"id": f"rp-{index}-{k}", "from_name": KEYPOINTS, "type": "keypointlabels", **common,
-                            "score": round(float(s), 6),
-                            "value": {"x": 100 * x / width, "y": 100 * y / height, "width": POINT_SIZE,
-                                      "keypointlabels": [schema["keypoints"][k]]}})
+    x, y, s = (np.asarray(row[c], np.float64) for c in ("keypoint_x", "keypoint_y", "keypoint_score"))
+    shown = set(np.flatnonzero(labelled_keypoints(x, y, s, width, height, min_score)).tolist())
+    for k in sorted(shown):
+        regions.append({"id": f"rp-{index}-{k}", "from_name": KEYPOINTS, "type": "keypointlabels", **common,
+                        "score": round(float(s[k]), 6),
+                        "value": {"x": 100 * float(x[k]) / width, "y": 100 * float(y[k]) / height, "width": POINT_SIZE,
+                                  "keypointlabels": [schema["keypoints"][k]]}})
     regions += [{"type": "relation", "from_id": f"rp-{index}-{a}", "to_id": f"rp-{index}-{b}", "direction": "bi",
                  "labels": [RELATIONS]} for a, b in schema["skeleton"] if a in shown and b in shown]
     return regions
-
-
-def _labelled(x, y, score, width, height, min_score: float) -> bool:
-    """As `export coco` labels a keypoint: scored above `min_score`, finite, inside the image."""
-    values = (x, y, score)
-    return (all(v is not None and math.isfinite(v) for v in values) and score > min_score
-            and 0 <= x <= width and 0 <= y <= height)
 
 
 # --- the reviewers' export back ---------------------------------------------------------------
@@ -164,13 +159,7 @@ def _labelled(x, y, score, width, height, min_score: float) -> bool:
 def import_label_studio(output: str, export: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a Label Studio JSON export into the output's corrections table; return counts and what was not placed."""
     job = JobOutput.open(output, storage_options)
-    fs, path = open_fs(export, storage_options, "EXPORT")
-    try:
-        tasks = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise OutputError(f"EXPORT: {export} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"EXPORT: {export} is not JSON: {exc}") from exc
+    tasks = read_json_file(export, storage_options, "EXPORT")
     if not isinstance(tasks, list) or any(not isinstance(t, dict) or "data" not in t for t in tasks):
         raise OutputError(f"EXPORT: {export} is not a Label Studio JSON export (a list of tasks with data and "
                           "annotations; export the project as JSON, not JSON-MIN)")

@@ -152,6 +152,19 @@ def _read_json(fs, path: str) -> dict[str, Any] | None:
         raise OutputError(f"OUTPUT: {posixpath.basename(path)} is not valid JSON: {exc}") from exc
 
 
+def read_json_file(url: str, storage_options: dict[str, Any] | None, what: str) -> Any:
+    """A JSON file's content; an OutputError naming `what` when it is missing, unreadable or not JSON."""
+    fs, path = open_fs(url, storage_options, what)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise OutputError(f"{what}: {url} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{what}: {url} is not valid JSON: {exc}") from exc
+    except Exception as exc:
+        raise OutputError(f"{what}: cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, what: str) -> None:
     """Write one file to a local path or URL, making parent folders where that means something."""
     fs, path = open_fs(url, storage_options, what)
