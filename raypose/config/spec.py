@@ -195,7 +195,7 @@ class OutputSpec(_Section):
     """Where the Parquet goes."""
 
     path: Text
-    mode: Literal["error", "overwrite", "resume"] = "error"
+    mode: Literal["error", "overwrite", "resume", "append"] = "error"
     storage_options: Options | None = None
     images_per_shard: PositiveInt = 10_000
     row_group_size: PositiveInt = 65_536
