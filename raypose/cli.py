@@ -249,6 +249,9 @@ def export_coco_command(
                           storage_options=parse_storage_options(storage_option), corrections=corrections)
     written = [p for p in (done["to"], done["results_path"]) if p]
     corrected = f", {done['corrected']} from reviewers' corrections" if done["corrected"] else ""
+    if done["stale"]:
+        typer.echo(f"warning: {done['stale']} corrections left out: their images were relabelled since the review",
+                   err=True)
     typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations{corrected}, "
                f"{done['categories']} categories -> {', '.join(written)}")
 

@@ -152,7 +152,7 @@ CORRECTIONS_SCHEMA = pa.schema(
         pa.field("tool", pa.string()),  # label-studio
         pa.field("task_id", pa.string()),
         pa.field("annotation_id", pa.string()),
-        pa.field("job_id", pa.string()),  # the run whose rows were corrected
+        pa.field("job_id", pa.string()),  # the run that wrote the corrected rows: a rewritten image's no longer match
     ]
 )
 

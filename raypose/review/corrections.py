@@ -68,17 +68,35 @@ def write_corrections(job: JobOutput, rows: list[dict]) -> int:
     return new.num_rows
 
 
+def current_corrections(reviewed: list[dict], rows: list[dict]) -> tuple[list[dict], int]:
+    """The corrections of these rows' images that still apply, and how many no longer do: a correction holds for
+    the run that wrote its rows (`job_id`); an image relabelled since (append, a changed image) has new rows."""
+    instance_job = {(r["image_key"], r["instance_index"]): r["job_id"] for r in rows}
+    image_job = {r["image_key"]: r["job_id"] for r in rows}
+    current, stale = [], 0
+    for c in reviewed:
+        if c["image_key"] not in image_job:
+            continue  # an image this export does not cover
+        written_by = image_job[c["image_key"]] if c["instance_index"] is None else \
+            instance_job.get((c["image_key"], c["instance_index"]))
+        if written_by == c["job_id"]:
+            current.append(c)
+        else:
+            stale += 1
+    return current, stale
+
+
 def review_summary(job: JobOutput) -> dict | None:
     """How many instances reviewers saw, deleted and added, and per keypoint name how far they moved the
     predictions (image pixels, and as a fraction of the box's size sqrt(w x h)): the pseudo-labels' real error."""
-    reviewed = latest_corrections(job)
-    if not reviewed:
+    every = latest_corrections(job)
+    if not every:
         return None
+    columns = ["image_key", "instance_index", "keypoint_schema", "bbox", "keypoint_x", "keypoint_y", "job_id"]
+    rows = [r for rows in rows_of(job, sorted({c["image_key"] for c in every}), columns).values() for r in rows]
+    reviewed, stale = current_corrections(every, rows)
     kept = [c for c in reviewed if c["instance_index"] is not None and not c["deleted"]]
-    keys = sorted({c["image_key"] for c in kept})
-    predicted = {(r["image_key"], r["instance_index"]): r
-                 for rows in rows_of(job, keys, ["image_key", "instance_index", "keypoint_schema", "bbox", "keypoint_x",
-                                                 "keypoint_y"]).values() for r in rows}
+    predicted = {(r["image_key"], r["instance_index"]): r for r in rows}
     per_schema: dict[str, dict] = {}
     for correction in kept:
         row = predicted.get((correction["image_key"], correction["instance_index"]))
@@ -105,4 +123,4 @@ def review_summary(job: JobOutput) -> dict | None:
             for k in range(len(names))]}
     return {"reviewed": len(kept), "deleted": sum(1 for c in reviewed if c["deleted"]),
             "added": sum(1 for c in reviewed if c["instance_index"] is None and not c["deleted"]),
-            "reviewers": sorted({c["reviewer"] for c in reviewed if c["reviewer"]}), "by_schema": schemas}
+            "stale": stale, "reviewers": sorted({c["reviewer"] for c in reviewed if c["reviewer"]}), "by_schema": schemas}

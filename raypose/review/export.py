@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as ds
 
-from raypose.review.corrections import latest_corrections
+from raypose.review.corrections import current_corrections, latest_corrections
 from raypose.review.reading import JobOutput, OutputError, read_json_file, write_bytes
 
 COLUMNS = [
     "image_key", "image_width", "image_height", "instance_index", "annotation_id", "category", "bbox",
-    "box_score", "keypoint_schema", "keypoint_x", "keypoint_y", "keypoint_score", "instance_score",
+    "box_score", "keypoint_schema", "keypoint_x", "keypoint_y", "keypoint_score", "instance_score", "job_id",
 ]  # fmt: skip
 
 DEFAULT_MIN_SCORE = 0.2  # the same floor as the instance score's (mmpose's rescoring)
@@ -74,6 +74,7 @@ def export_coco(
         "results": len(result_list),
         "categories": len(dataset["categories"]),
         "corrected": dataset["info"]["corrections"],
+        "stale": dataset["info"]["corrections_stale"],
         "to": to,
         "results_path": results,
     }
@@ -99,10 +100,9 @@ def coco_from_output(
     rows = table.to_pylist() if table is not None else []
     rows.sort(key=lambda r: (r["image_key"], r["instance_index"] if r["instance_index"] is not None else -1))
     gt_data = _load_gt(gt, storage_options) if gt else None
-    reviewed = latest_corrections(job) if corrections else []
+    reviewed, stale = current_corrections(latest_corrections(job) if corrections else [], rows)
     by_instance = {(c["image_key"], c["instance_index"]): c for c in reviewed if c["instance_index"] is not None}
-    added = [c for c in reviewed if c["instance_index"] is None and not c["deleted"]
-             and any(r["image_key"] == c["image_key"] for r in rows)]
+    added = [c for c in reviewed if c["instance_index"] is None and not c["deleted"]]
 
     image_ids = _image_ids(rows, gt_data, gt)
     categories, category_ids = _categories(rows, job, gt_data)
@@ -139,6 +139,7 @@ def coco_from_output(
                        for name, e in job.experts.items()},
             "keypoint_min_score": min_score,
             "corrections": len(by_instance) + len(added),
+            "corrections_stale": stale,
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "licenses": [],

@@ -165,11 +165,10 @@ def import_label_studio(output: str, export: str, storage_options: dict[str, Any
                           "annotations; export the project as JSON, not JSON-MIN)")
     keys = sorted({str(t["data"].get("image_key")) for t in tasks if t["data"].get("image_key") is not None})
     columns = ["image_key", "instance_index", "category", "keypoint_schema", "bbox", "keypoint_x", "keypoint_y",
-               "image_width", "image_height"]
+               "image_width", "image_height", "job_id"]
     predicted = {key: [r for r in rows if r["keypoint_schema"]] for key, rows in rows_of(job, keys, columns).items()}
     category_schema = {r["category"]: r["keypoint_schema"] for rows in predicted.values() for r in rows
                        if r["keypoint_schema"]}
-    job_id = (job.manifest or {}).get("job_id")
     rows, problems, annotations = [], [], 0
     for task in tasks:
         key = task["data"].get("image_key")
@@ -183,7 +182,7 @@ def import_label_studio(output: str, export: str, storage_options: dict[str, Any
             got, unplaced = corrections_of(annotation, predicted[str(key)], category_schema, job)
             problems += [f"task {task.get('id')} ({key}), annotation {annotation.get('id')}: {p}" for p in unplaced]
             meta = {"reviewer": _reviewer(annotation), "reviewed_at": _time(annotation), "tool": TOOL,
-                    "task_id": _text(task.get("id")), "annotation_id": _text(annotation.get("id")), "job_id": job_id}
+                    "task_id": _text(task.get("id")), "annotation_id": _text(annotation.get("id"))}
             rows += [{**r, **meta} for r in got]
     added = write_corrections(job, rows)
     return {"tasks": len(tasks), "annotations": annotations, "instances": len(rows), "added": added,
@@ -249,13 +248,15 @@ def corrections_of(annotation: dict, predicted: list[dict], category_schema: dic
             xs[k], ys[k], vs[k] = x, y, 2
         rows.append({"image_key": predicted[0]["image_key"], "instance_index": index, "new_instance": new_instance,
                      "category": category, "keypoint_schema": schema_name, "bbox": box, "keypoint_x": xs,
-                     "keypoint_y": ys, "keypoint_visibility": vs, "deleted": False})
+                     "keypoint_y": ys, "keypoint_visibility": vs, "deleted": False,
+                     "job_id": (row if index is not None else predicted[0])["job_id"]})
     # Every predicted instance the annotation no longer shows was removed by the reviewer.
     for index, row in sorted(by_index.items()):
         if f"i{index}" not in instances:
             rows.append({"image_key": row["image_key"], "instance_index": index, "new_instance": None,
                          "category": row["category"], "keypoint_schema": row["keypoint_schema"], "bbox": None,
-                         "keypoint_x": None, "keypoint_y": None, "keypoint_visibility": None, "deleted": True})
+                         "keypoint_x": None, "keypoint_y": None, "keypoint_visibility": None, "deleted": True,
+                         "job_id": row["job_id"]})
     return rows, problems
 
 

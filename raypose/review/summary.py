@@ -243,8 +243,9 @@ def _keypoint_score_lines(name: str, schema: dict[str, Any]) -> list[str]:
 
 
 def _review_lines(review: dict[str, Any]) -> list[str]:
+    stale = f"; {review['stale']} corrections of images relabelled since left out" if review["stale"] else ""
     lines = [f"review: {review['reviewed']} instances reviewed, {review['deleted']} deleted, {review['added']} added "
-             f"({', '.join(review['reviewers']) or 'reviewer unknown'})"]
+             f"({', '.join(review['reviewers']) or 'reviewer unknown'}){stale}"]
     for name, schema in review["by_schema"].items():
         lines += [f"  mean correction per keypoint, {name} ({schema['instances']} instances)"] + _table(
             ["keypoint", "labelled", "pixels", "of box"],

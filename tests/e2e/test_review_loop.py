@@ -185,6 +185,20 @@ def test_label_studio_round_trip_changes_exactly_the_edited_instances(output, tm
     text = invoke("inspect", output).stdout
     assert f"review: {len(covered) - 1} instances reviewed, 1 deleted, 1 added" in text
 
+    # a correction made on rows another run has rewritten since (append, a changed image) no longer applies
+    from raypose.review.corrections import read_corrections, write_corrections
+    from raypose.review.reading import JobOutput
+
+    job = JobOutput.open(str(output))
+    [moved_correction] = [r for r in read_corrections(job).to_pylist()
+                          if (r["image_key"], r["instance_index"]) == (moved_row["image_key"], 0)]
+    write_corrections(job, [{**moved_correction, "job_id": "an-older-run", "annotation_id": "9999",
+                             "reviewed_at": moved_correction["reviewed_at"].replace(year=2027)}])
+    later = runner.invoke(app, ["export", "coco", str(output), "--to", str(tmp_path / "later.json")])
+    assert later.exit_code == 0 and "1 corrections left out: their images were relabelled" in later.stderr
+    later_by_id = {a["id"]: a for a in json.loads((tmp_path / "later.json").read_text())["annotations"]}
+    assert later_by_id[moved_row["annotation_id"]] == old_by_id[moved_row["annotation_id"]]
+
 
 def test_copied_images_are_served_from_the_export_folder(output, tmp_path):
     invoke("export", "label-studio", output, "--out", tmp_path / "ls", "--copy-images", "--sample", "2")

@@ -19,7 +19,7 @@ W, H = 200, 100
 def predicted(index: int, box: list[float]) -> dict:
     return {"image_key": "a.jpg", "instance_index": index, "category": "person", "keypoint_schema": "coco17",
             "bbox": box, "keypoint_x": [box[0] + 1.234567 + k for k in range(17)],
-            "keypoint_y": [box[1] + 2.5] * 17, "image_width": W, "image_height": H}
+            "keypoint_y": [box[1] + 2.5] * 17, "image_width": W, "image_height": H, "job_id": "run-1"}
 
 
 def keypoint(region_id: str, name: str, x: float, y: float) -> dict:
@@ -56,6 +56,7 @@ def test_regions_go_back_to_their_instances_and_unmoved_points_keep_the_predicti
     assert first["keypoint_visibility"].count(2) == 3 and math.isnan(first["keypoint_x"][1])
     assert first["bbox"] == rows[0]["bbox"] and not first["deleted"]
     assert second["keypoint_visibility"].count(2) == 1
+    assert {r["job_id"] for r in got} == {"run-1"}  # the run whose rows were corrected
 
 
 def test_what_cannot_be_placed_is_reported_and_a_removed_instance_is_deleted():
