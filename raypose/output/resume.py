@@ -57,12 +57,14 @@ JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cl
 # Outputs written before (shards as fixed key ranges, or hashed) are refused by resume and append, naming the fix.
 LAYOUT = 2
 
-# The spec fields that decide a job's rows (an allow-list: resources, batch sizes, limits,
-# output layout and credentials do not). The device and dtype the layout resolves, and the
-# decoder, are added to the key from the layout.
+# The spec fields that decide how a job's rows are made (an allow-list: resources, batch sizes, limits,
+# output layout and credentials do not). Where the images and boxes are (images.path, boxes.path) is not
+# among them: which images an output holds, and with which boxes, is each image's input fingerprint's
+# to say, so a growing bucket can be read through a listing one night and an inventory the next. The
+# device and dtype the layout resolves, and the decoder, are added to the key from the layout.
 RESULT_FIELDS = {
-    "images": ("path", "format", "image_column", "key_column", "extensions", "max_pixels", "jpeg_draft"),
-    "boxes": ("source", "path", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
+    "images": ("format", "image_column", "key_column", "extensions", "max_pixels", "jpeg_draft"),
+    "boxes": ("source", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
               "image_key_column", "bbox_column", "score_column", "category_column"),
     "boxes.detector": ("model", "revision", "threshold", "max_per_image", "min_size", "nms_iou"),
     "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode"),
