@@ -1,7 +1,8 @@
 """`raypose render`: a job's images with their boxes and skeletons drawn, chosen for review, and a QA page.
 
-Images are chosen from the keypoints table (filtered by expert, category and instance score)
-and ordered worst first by their lowest instance score (or best first, by name, or at random);
+Images are chosen from the keypoints table (`selection.py`: filtered by expert, category and a
+score range) and ordered worst first by their lowest instance score, or by flip_oks or
+instance_doubt (`--by`), or best first, by name, or at random;
 each is drawn with PIL.ImageDraw on the decoded image (EXIF orientation applied, as the job saw
 it): every instance in a colour of its own (box, label, skeleton), the skeleton's left side
 lighter and its right side darker, keypoints and limbs above `keypoint_threshold`. The pictures
