@@ -218,7 +218,7 @@ class _submit_errors_as_exit(_errors_as_exit):
         raise typer.Exit(exc.exit_code)
 
 
-# --- Reading a job's output back: export, render, inspect (raypose/output/) ---
+# --- Reading a job's output back: export, render, inspect (raypose/review/) ---
 
 OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]
 StorageOpt = Annotated[
@@ -236,19 +236,132 @@ def export_coco_command(
     results: Annotated[Optional[str], typer.Option("--results", help="Write COCO results (for COCOeval) here.")] = None,
     gt: Annotated[Optional[str], typer.Option("--gt", help="COCO file the boxes came from: image and category ids.")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    corrections: Annotated[
+        str, typer.Option("--corrections", help="use: reviewed instances from corrections/ (raypose import); skip: predictions only.")
+    ] = "use",
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
-    from raypose.output.export import export_coco
-    from raypose.output.reading import parse_storage_options
+    from raypose.review.export import export_coco
+    from raypose.review.reading import parse_storage_options
 
     with _errors_as_exit(debug):
         done = export_coco(output, to, results, gt=gt, min_score=min_score,
-                          storage_options=parse_storage_options(storage_option))
+                          storage_options=parse_storage_options(storage_option), corrections=corrections)
     written = [p for p in (done["to"], done["results_path"]) if p]
-    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations, "
+    corrected = f", {done['corrected']} from reviewers' corrections" if done["corrected"] else ""
+    if done["stale"]:
+        typer.echo(f"warning: {done['stale']} corrections left out: their images were relabelled since the review",
+                   err=True)
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations{corrected}, "
                f"{done['categories']} categories -> {', '.join(written)}")
+
+
+SampleOpt = Annotated[int, typer.Option("--sample", help="How many images.")]
+OrderOpt = Annotated[str, typer.Option("--order", help="worst (lowest --by score first), best, name or random.")]
+ByOpt = Annotated[str, typer.Option("--by", help="What worst and the score range go by: instance_score, flip_oks or instance_doubt (highest is worst).")]
+MinScoreOpt = Annotated[Optional[float], typer.Option("--min-score", help="Only images with an instance whose --by score is at least this.")]
+MaxScoreOpt = Annotated[Optional[float], typer.Option("--max-score", help="Only images with an instance whose --by score is at most this.")]
+ExpertOpt = Annotated[Optional[str], typer.Option("--expert", help="Only images with an instance of this expert.")]
+CategoryOpt = Annotated[Optional[str], typer.Option("--category", help="Only images with an instance of this category.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --order random.")]
+
+
+@export_app.command("label-studio")
+def export_label_studio_command(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for tasks.json, label_config.xml (and images/).")],
+    sample: SampleOpt = 100,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
+    seed: SeedOpt = 0,
+    keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are shown (as export coco labels them).")] = 0.2,
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ (tar members and Parquet rows too).")] = False,
+    url_prefix: Annotated[str, typer.Option("--url-prefix", help="With --copy-images: the tasks' image URL before the file name.")] = "/data/local-files/?d=images/",
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Label Studio tasks with raypose's predictions for the chosen images, and the labeling config (skeleton included)."""
+    from raypose.review.labelstudio import export_label_studio
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.selection import Selection
+
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
+    with _errors_as_exit(debug):
+        done = export_label_studio(output, out, selection=selection, min_score=keypoint_min_score,
+                                   copy_images=copy_images, url_prefix=url_prefix,
+                                   storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(f"exported: {done['tasks']} tasks ({done['instances']} instances) of {done['matching']} matching images "
+               f"-> {out.rstrip('/')}/tasks.json, label_config.xml")
+
+
+@export_app.command("cvat")
+def export_cvat_command(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for cvat_labels.json, annotations/ (and images/).")],
+    sample: SampleOpt = 100,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
+    seed: SeedOpt = 0,
+    keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    corrections: Annotated[str, typer.Option("--corrections", help="use: reviewed instances from corrections/; skip: predictions only.")] = "use",
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ to create the CVAT task from.")] = False,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """CVAT: COCO Keypoints 1.0 annotations for the chosen images, and the skeleton labels to create first."""
+    from raypose.review.cvat import export_cvat
+    from raypose.review.reading import OutputError, parse_storage_options
+    from raypose.review.selection import Selection
+
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
+    with _errors_as_exit(debug):
+        if corrections not in ("use", "skip"):
+            raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
+        done = export_cvat(output, out, selection=selection, min_score=keypoint_min_score,
+                           corrections=corrections == "use", copy_images=copy_images,
+                           storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations of {done['matching']} matching "
+               f"images -> {out.rstrip('/')}/cvat_labels.json, annotations/person_keypoints_default.json")
+
+
+import_app = typer.Typer(help="Take reviewers' corrections back into a job's output (its corrections/ table).",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("label-studio")
+def import_label_studio_command(
+    output: OutputArg,
+    export: Annotated[str, typer.Argument(help="A Label Studio project's JSON export (tasks with annotations).")],
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Add a Label Studio export's annotations to OUTPUT/corrections/ (importing one export twice changes nothing)."""
+    from raypose.review.labelstudio import import_label_studio
+    from raypose.review.reading import parse_storage_options
+
+    with _errors_as_exit(debug):
+        done = import_label_studio(output, export, storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"not placed: {problem}", err=True)
+    typer.echo(f"imported: {done['annotations']} annotations of {done['tasks']} tasks, {done['instances']} instances; "
+               f"{done['added']} new correction rows, {len(done['problems'])} items not placed")
 
 
 @app.command("render")
@@ -256,24 +369,26 @@ def render_command(
     output: OutputArg,
     out: Annotated[str, typer.Option("--out", help="Folder for the QA page (index.html), its pictures and pages.")],
     images: Annotated[Optional[str], typer.Option("--images", help="Read images from here + image_key instead of image_uri.")] = None,
-    sample: Annotated[int, typer.Option("--sample", help="How many images to draw.")] = 50,
-    order: Annotated[str, typer.Option("--order", help="worst (lowest instance score first), best, name or random.")] = "worst",
-    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Only images with an instance scored at least this.")] = None,
-    max_score: Annotated[Optional[float], typer.Option("--max-score", help="Only images with an instance scored at most this.")] = None,
-    expert: Annotated[Optional[str], typer.Option("--expert", help="Only images with an instance of this expert.")] = None,
-    category: Annotated[Optional[str], typer.Option("--category", help="Only images with an instance of this category.")] = None,
+    sample: SampleOpt = 50,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
     keypoint_threshold: Annotated[
         float, typer.Option("--keypoint-threshold", help="Draw keypoints and limbs scored above this.")
     ] = 0.3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of --order random.")] = 0,
+    seed: SeedOpt = 0,
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a job's images for review, worst first, with a QA page (index.html) and a page per image."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.render import Selection, render_output
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.render import render_output
+    from raypose.review.selection import Selection
 
-    selection = Selection(sample=sample, order=order, min_score=min_score, max_score=max_score, expert=expert,
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
                           category=category, seed=seed)
     with _errors_as_exit(debug):
         rendered = render_output(output, out, images=images, selection=selection,
@@ -294,8 +409,8 @@ def inspect_command(
     debug: DebugOpt = False,
 ) -> None:
     """Summarize a job: status, model, counts, errors by stage and reason, keypoint scores, speed, spec."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.summary import format_json, format_text, summarize
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.summary import format_json, format_text, summarize
 
     with _errors_as_exit(debug):
         summary = summarize(output, storage_options=parse_storage_options(storage_option))

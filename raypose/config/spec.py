@@ -167,6 +167,9 @@ class PoseSpec(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     flip_test: Flag = False
+    # Flip disagreement columns (keypoint_flip_error, flip_oks, instance_doubt): auto = flip when flip_test
+    # is on (no extra forward); flip with flip_test off runs the mirrored forward for them alone.
+    uncertainty: Literal["auto", "none", "flip"] = "auto"
     fold_expert: Flag = False  # fold a MoE checkpoint's one used expert into a dense model at load time
     compile: Flag = False  # torch.compile the model: faster forward, a compile per actor before the first batch
     decode: Literal["transformers", "original"] = "transformers"  # DARK smoothing: sigma 0.8, or cv2's k=11 (2.0)

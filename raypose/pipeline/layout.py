@@ -141,7 +141,8 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)
     settings = PoseSettings(device=device, dtype=dtype, batch_size=batch_size,
-                            threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
+                            threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile,
+                            flip_uncertainty=flip_uncertainty(spec.pose.uncertainty, spec.pose.flip_test))
     layout = Layout(
         pose=settings,
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
@@ -182,6 +183,11 @@ def accelerator(gpus: float | None, device: str, cluster: ClusterShape, field: s
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
     return gpus, device
+
+
+def flip_uncertainty(asked: str, flip_test: bool) -> bool:
+    """`pose.uncertainty` resolved: auto = the flip columns whenever the flip test runs the mirrored crops anyway."""
+    return asked == "flip" or (asked == "auto" and flip_test)
 
 
 def resolve_dtype(dtype: str, device: str, cluster: ClusterShape, cpu_bf16: bool = False) -> str:

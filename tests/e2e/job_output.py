@@ -4,7 +4,7 @@ The job runs once per test session through `raypose submit` on the session's Ray
 conftest's drawn COCO images plus: an image in a sub-folder with spaces and parentheses in
 its name (file-name sanitizing), an empty file (a decode error), a zero-width box (a box
 error), a listed image missing from storage (a list error), and a dog routed to the AP-10K
-expert, so the output holds two keypoint schemas. Its boxes come from a COCO
+expert, so the output holds two keypoint schemas, with the flip uncertainty columns. Its boxes come from a COCO
 file whose annotations carry keypoints (the drawn stick figures' joints), so exports can be
 evaluated against the GT they came from.
 """
@@ -112,6 +112,7 @@ def shared_job(tmp_path_factory, coco_folder: Path, checkpoint: Path) -> SharedJ
     spec["pose"]["routing"] = {"dog": "ap10k"}
     # the tiny random checkpoint has 17 heatmaps: read them as AP-10K's for the dog
     spec["pose"]["experts"] = {"ap10k": {"head_schema": "ap10k17"}}
+    spec["pose"]["uncertainty"] = "flip"  # the flip columns, for the review exports and the docs' recipes
     spec["limits"] = {"max_errored_fraction": 0.5}  # 3 of its 10 inputs fail on purpose
     job.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(app, ["submit", str(job)], catch_exceptions=False)

@@ -41,7 +41,8 @@ def test_the_page_has_every_recipe_the_issue_asks_for():
     assert len(blocks) >= 8
     code = "\n".join(blocks)
     for needle in ("import duckdb", "import polars", "import pandas", "keypoint_schemas.json", 'metadata[b"raypose"]',
-                   "annotation_id", "wrist", "ERRORS", "s3://", "register_filesystem"):
+                   "annotation_id", "wrist", "ERRORS", "s3://", "register_filesystem", "instance_doubt", "flip_oks",
+                   "keypoint_flip_error"):
         assert needle in code, needle
     # names come from the data, never typed in (comments may show them)
     code = re.sub(r"#.*$", "", code, flags=re.MULTILINE)
@@ -124,6 +125,20 @@ def test_every_snippet_runs_against_a_real_output(job, s3_output, monkeypatch, c
     close(means(ns["mean_by_name_pd"], "score"), expected_means)
     assert sorted(zip(ns["low_wrists_pd"]["image_key"], ns["low_wrists_pd"]["instance_index"])) == low
     assert ns["errors_pd"]["n"].sum() == len(errors)
+
+    # the flip columns (the shared job runs with pose.uncertainty: flip)
+    assert all(r["instance_doubt"] is not None for r in rows)
+    doubt = sorted(((-r["instance_doubt"], r["image_key"], r["instance_index"]) for r in rows))
+    assert list(zip(ns["to_review"]["image_key"], ns["to_review"]["instance_index"])) == [d[1:] for d in doubt[:50]]
+    assert sorted(zip(ns["confident_but_inconsistent"]["image_key"], ns["confident_but_inconsistent"]["instance_index"])) \
+        == sorted((r["image_key"], r["instance_index"]) for r in rows if r["instance_score"] > 0.5 and r["flip_oks"] < 0.8)
+    expected_medians = {}
+    for schema_name in sorted({r["keypoint_schema"] for r in rows}):
+        errors_k = np.array([r["keypoint_flip_error"] for r in rows if r["keypoint_schema"] == schema_name])
+        for k, name in enumerate(SCHEMAS[schema_name].keypoints):
+            expected_medians[(schema_name, k, name)] = np.median(errors_k[:, k])
+    close(means(ns["disagreement_by_name"], "median_flip_error"), expected_medians)
+    assert len(ns["trusted"]) == sum(r["instance_score"] > 0.5 and r["flip_oks"] > 0.9 for r in rows)
 
     # join back to the GT by annotation id
     joined = ns["joined"]

@@ -18,7 +18,7 @@ import yaml
 
 from raypose.errors import RayposeError
 from raypose.inputs.storage import open_url
-from raypose.output.writer import KEYPOINTS_DIR, MANIFEST_FILE, SCHEMAS_FILE
+from raypose.output.writer import JOB_FILE, KEYPOINTS_DIR, MANIFEST_FILE, SCHEMAS_FILE
 
 
 class OutputError(RayposeError):
@@ -86,6 +86,11 @@ class JobOutput:
         """Expert -> {model, revision, keypoint_schema, input_size, ...}, as the manifest records them."""
         return {name: dict(e) for name, e in (self.manifest or {}).get("experts", {}).items()}
 
+    @property
+    def image_column(self) -> str:
+        """The Parquet column images were read from (`images.image_column`), for images inside Parquet files."""
+        return ((self.manifest or {}).get("spec") or {}).get("images", {}).get("image_column") or "image"
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -124,6 +129,10 @@ class JobOutput:
                 f"{SCHEMAS_FILE} nor in the Parquet metadata"
             ) from None
 
+    def runs(self) -> list[dict[str, Any]]:
+        """The runs that built the output, oldest first, as `_job.json` records them (append and resume runs)."""
+        return list((_read_json(self.fs, self.path(JOB_FILE)) or {}).get("runs") or [])
+
     def _load_schemas(self) -> dict[str, dict[str, Any]]:
         sidecar = _read_json(self.fs, self.path(SCHEMAS_FILE))
         if sidecar is not None:
@@ -146,6 +155,19 @@ def _read_json(fs, path: str) -> dict[str, Any] | None:
         raise OutputError(f"OUTPUT: {posixpath.basename(path)} is not valid JSON: {exc}") from exc
 
 
+def read_json_file(url: str, storage_options: dict[str, Any] | None, what: str) -> Any:
+    """A JSON file's content; an OutputError naming `what` when it is missing, unreadable or not JSON."""
+    fs, path = open_fs(url, storage_options, what)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise OutputError(f"{what}: {url} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{what}: {url} is not valid JSON: {exc}") from exc
+    except Exception as exc:
+        raise OutputError(f"{what}: cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, what: str) -> None:
     """Write one file to a local path or URL, making parent folders where that means something."""
     fs, path = open_fs(url, storage_options, what)
@@ -157,3 +179,5 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, w
             f.write(data)
     except Exception as exc:
         raise OutputError(f"{what}: cannot write {url}: {type(exc).__name__}: {exc}") from exc
+
+
