@@ -1,7 +1,7 @@
 """One real job output shared by the output-reading tests (export, render, inspect, docs).
 
 The job runs once per test session through `raypose submit` on the session's Ray, over the
-conftest's drawn COCO images plus: an image in a sub-folder with spaces and parentheses in
+the coco_folder fixture's drawn COCO images plus: an image in a sub-folder with spaces and parentheses in
 its name (file-name sanitizing), an empty file (a decode error), a zero-width box (a box
 error), a listed image missing from storage (a list error), and a dog routed to the AP-10K
 expert, so the output holds two keypoint schemas. Its boxes come from a COCO
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app

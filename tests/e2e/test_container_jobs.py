@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app

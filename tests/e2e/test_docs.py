@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, s3_bucket
+from helpers import REPO, s3_bucket
 from job_output import DOG_SCHEMA, NESTED_KEY, shared_job
 
 from raypose.imaging.keypoint_schemas import COCO17, SCHEMAS

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from raypose.config.spec import JobSpec, apply_override, load_job_spec, parse_job_spec
 from raypose.errors import SpecError

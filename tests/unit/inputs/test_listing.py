@@ -6,7 +6,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import listed, save_image
+from helpers import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app
