@@ -206,6 +206,18 @@ class _submit_errors_as_exit(_errors_as_exit):
         raise typer.Exit(exc.exit_code)
 
 
+@app.command("schema")
+def schema_command(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the job spec's reference page (docs/job-spec.md) instead.")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of a job file, for editors and checkers (docs/job-spec.schema.json)."""
+    from raypose.config.reference import job_json_schema_text, job_spec_markdown
+
+    typer.echo(job_spec_markdown() if markdown else job_json_schema_text(), nl=False)
+
+
 # --- Reading a job's output back: export, render, inspect (raypose/output/) ---
 
 OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]

@@ -23,23 +23,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from raypose.config.spec import JobSpec
+from raypose.config.spec import JobSpec, row_deciding_fields
 from raypose.errors import SpecError
 from raypose.inputs.arrays import KeySequence
 from raypose.output.writer import JOB_FILE, OutputStore, ShardInputs
 
 JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cluster: its job_id is the submission id
 
-# The spec fields that decide a job's rows (an allow-list: resources, batch sizes, limits,
-# output layout and credentials do not). The device and dtype the layout resolves, and the
+# The spec fields that decide a job's rows, as the spec says (`decides_rows`): resources, batch sizes,
+# limits, output layout and credentials do not. The device and dtype the layout resolves, and the
 # decoder, are added to the key from the layout.
-RESULT_FIELDS = {
-    "images": ("path", "format", "image_column", "key_column", "extensions", "max_pixels", "jpeg_draft"),
-    "boxes": ("source", "path", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
-              "image_key_column", "bbox_column", "score_column", "category_column"),
-    "boxes.detector": ("model", "revision", "threshold", "max_per_image", "min_size", "nms_iou"),
-    "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode"),
-}
+RESULT_FIELDS = row_deciding_fields()
 
 
 def new_job_id(name: str) -> str:
@@ -65,15 +59,15 @@ def keys_fingerprint(keys: list[str] | pa.Array) -> str:
 
 
 def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every setting that decides the output rows, by field name: the allow-listed spec fields, the
+    """Every setting that decides the output rows, by field name: the spec fields that say so, the
     models' revisions, and (once the layout is known) what it resolved: device, dtype, decoder."""
     data = spec.model_dump(mode="json")
     key: dict[str, Any] = {}
-    for section, names in RESULT_FIELDS.items():
+    for name in RESULT_FIELDS:
         node = data
-        for part in section.split("."):
+        for part in name.split("."):
             node = node[part]
-        key.update({f"{section}.{name}": node[name] for name in names})
+        key[name] = node
     if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
         key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
     key.update({f"models.{name}": revision for name, revision in models.items()})
