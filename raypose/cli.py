@@ -55,26 +55,11 @@ def validate(
     debug: DebugOpt = False,
 ) -> None:
     """Check a job without running it: spec, model config and weights, images, boxes, output path."""
-    from raypose.config.spec import load_job_spec
-    from raypose.pipeline.plan import plan_job
+    from raypose.job import Job
 
     with _errors_as_exit(debug):
-        plan = plan_job(load_job_spec(job, [*(set_ or []), *(["output.mode=resume"] if resume else [])]), force=force)
-    c = plan.counts
-    shards = plan.shards
-    resumes = f"; resume: {len(shards.reused)} of {shards.num_shards} shards committed, {len(shards.to_write)} to do" \
-        if plan.previous is not None else ""
-    typer.echo(
-        f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
-        f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
-        f"{c['boxes']} boxes; "
-        + "; ".join(
-            f"expert {name}: {e.model.model_id} ({e.model.num_keypoints} keypoints, "
-            f"input {e.input_size[0]}x{e.input_size[1]})"
-            for name, e in plan.routing.experts.items()
-        )
-        + f"; output {plan.spec.output.path}{resumes}"
-    )
+        check = Job.from_yaml(job, set_ or []).validate(resume=resume, force=force)
+    typer.echo(check.describe())
 
 
 class LogFormat(str, Enum):
@@ -141,27 +126,17 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
                   break_lease: bool = False) -> None:
     import json
 
-    from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
+    from raypose.job import Job
     from raypose.logs import flush_stderr
-    from raypose.pipeline.plan import plan_job
-    from raypose.pipeline.progress import Progress
-    from raypose.pipeline.run import run_job
     from raypose.pipeline.runtime import quiet_ray
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
-    plan = plan_job(load_job_spec(job, overrides), force=force, run=True, break_lease=break_lease)
-    c = plan.counts
-    if not quiet and fmt == "text":
-        typer.echo(
-            f"job {plan.job_id}: {c['images']} images, {c['boxes']} boxes "
-            f"({c['images_without_boxes']} images without boxes skipped); "
-            f"{len(plan.shards.to_write)} of {plan.shards.num_shards} shards to do",
-            err=True,
-        )
+    to_run = Job.from_yaml(job, overrides)  # a bad spec fails here, before Ray is imported
     quiet_ray(fmt, quiet, verbose=verbose)
-    result = run_job(plan, progress=Progress.for_cli(plan.tasks.num_rows, fmt, quiet))
+    progress = "off" if quiet else "json" if fmt == "json" else "auto"
+    result = to_run.run(progress=progress, force=force, break_lease=break_lease)
     flush_stderr()  # the summary is the last line
     c = result.counts
     if fmt == "json":

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -390,8 +391,9 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
-def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
-    """Read a job YAML, apply `dotted.key=value` overrides, and validate it."""
+def load_job_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> JobSpec:
+    """Read a job YAML, apply overrides (`dotted.key=value` strings, or a mapping of dotted keys to values), and
+    validate it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -409,9 +411,17 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     resolve_paths(raw, path.resolve().parent)
-    overridden = {apply_override(raw, override) for override in overrides}
+    return parse_job_spec(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply overrides to a raw spec in place (their relative paths are relative to the working directory)."""
+    if isinstance(overrides, Mapping):
+        overridden = {set_field(raw, key, value, f"overrides[{key!r}]") for key, value in overrides.items()}
+    else:
+        overridden = {apply_override(raw, override) for override in overrides}
     resolve_paths(raw, Path.cwd(), fields=overridden)
-    return parse_job_spec(raw)
+    return raw
 
 
 def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
@@ -463,13 +473,19 @@ def apply_override(raw: dict[str, Any], override: str) -> str:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    return set_field(raw, key, value, f"--set {key}")
+
+
+def set_field(raw: dict[str, Any], key: str, value: Any, where: str) -> str:
+    """Set the dotted `key` of a raw spec to `value` (sections made as needed) and return the key."""
     parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"{where}: expected a dotted key such as pose.batch_size")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise SpecError(f"--set {key}: {where} is not a section")
+            raise SpecError(f"{where}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
     return ".".join(parts)

@@ -48,8 +48,9 @@ def test_json_mode_reports_each_commit_and_progress_records(caplog):
 
 
 def test_off_and_quiet_emit_nothing(caplog):
-    assert Progress.for_cli(5, "text", quiet=True).mode == "off"
-    assert Progress.for_cli(5, "json", quiet=False).mode == "json"
+    assert Progress.of(5, None).mode == Progress.of(5, "off").mode == "off"
+    assert Progress.of(5, "json").mode == "json"
+    assert Progress.of(5, "auto").mode in ("terminal", "log")
     progress = Progress(5, "off").start()
     progress.update(5, 5, 0)
     progress.finish()
