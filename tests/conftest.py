@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from helpers import DETECTOR_LABELS, add_tar_member, coco_boxes_by_image
+from helpers import DETECTOR_LABELS, add_tar_member, coco_boxes_by_image, job_dict
 from raypose.testing.synthetic import make_checkpoint, make_coco_dataset
 
 
@@ -62,6 +62,22 @@ def ray_session():
     import ray.data  # noqa: F401
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def coco_job_output(ray_session, coco_folder, tiny_checkpoint, tmp_path_factory) -> Path:
+    """`raypose submit` of `job_dict` over coco_folder, once a session: the output other inputs must reproduce."""
+    from typer.testing import CliRunner
+
+    from raypose.cli import app
+
+    folder = tmp_path_factory.mktemp("coco-job")
+    job = folder / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint,
+                                           folder / "out")))
+    result = CliRunner().invoke(app, ["submit", str(job)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return folder / "out"
 
 
 @pytest.fixture

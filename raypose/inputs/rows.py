@@ -117,6 +117,9 @@ def _dense(pixels: Any) -> np.ndarray:
     pixels = np.ascontiguousarray(pixels)
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
+    if pixels.dtype.kind in "iu" and pixels.dtype not in (np.uint8, np.uint16) and pixels.size \
+            and 0 <= pixels.min() and pixels.max() <= 255:
+        pixels = pixels.astype(np.uint8)  # 8-bit pixels that came as lists of Python ints
     return pixels
 
 

@@ -12,7 +12,6 @@ Dataset is consumed (`write_parquet`, `iter_batches`, `to_pandas`, ...).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
@@ -87,12 +86,10 @@ def annotation_spec(pose: str | PoseSpec | Mapping[str, Any], *, boxes: Any = No
     if raw["boxes"]["source"] not in ("inline", "detector"):
         raise SpecError(f"boxes.source: {raw['boxes']['source']!r}: annotate takes the boxes the rows hold "
                         "(inline) or a detector's (detector)")
+    resolve_paths(raw, Path.cwd())  # a local model folder or images.path, relative to the working directory
     raw.setdefault("images", {}).setdefault("path", NO_ROOT)
     raw["images"]["format"] = "parquet"  # rows that hold their images, as a job's Parquet images do
     raw["output"] = {"path": NO_ROOT}
-    if raw["images"]["path"] != NO_ROOT and "://" not in raw["images"]["path"]:
-        raw["images"]["path"] = os.path.abspath(raw["images"]["path"])
-    resolve_paths(raw, Path.cwd())
     return parse_job_spec({"name": "annotate", **raw})
 
 
