@@ -28,7 +28,7 @@ from raypose.errors import (
 if TYPE_CHECKING:
     from raypose.config.spec import JobSpec
     from raypose.job import ExpertCheck, Job, JobCheck
-    from raypose.output.reading import read_keypoints
+    from raypose.output.reading import keypoint_names, read_keypoints
     from raypose.pipeline.annotate import annotate
     from raypose.pipeline.run import JobResult
 
@@ -50,6 +50,7 @@ __all__ = [
     "SpecError",
     "__version__",
     "annotate",
+    "keypoint_names",
     "read_keypoints",
 ]
 
@@ -62,6 +63,7 @@ _LAZY = {
     "JobSpec": "raypose.config.spec",
     "annotate": "raypose.pipeline.annotate",
     "read_keypoints": "raypose.output.reading",
+    "keypoint_names": "raypose.output.reading",
 }
 
 

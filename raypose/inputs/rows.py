@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import posixpath
 from typing import Any
 
@@ -30,8 +31,11 @@ ANNOTATION_ID_COLUMN = "annotation_id"  # a row's boxes' ids (a list as long as 
 Problems = dict[int, tuple[str, str]]  # row -> (stage, reason): rows whose image cannot be used
 
 
-def image_tasks_of_rows(batch: pa.Table, *, images: ImagesSpec, boxes: BoxesSpec) -> pa.Table:
+def image_tasks_of_rows(batch: pa.Table, *, images: ImagesSpec, boxes: BoxesSpec, working_dir: str = "/") -> pa.Table:
     """A batch of a user's rows -> image tasks with `image_bytes` set, in row order.
+
+    `working_dir`: where the Dataset was made, which relative `path` values are relative to (a worker's own
+    working directory is another).
 
     A row whose image cannot be used carries the reason (a `read` or `decode` failure of that image). A row
     with no box left after the filters is dropped, as a job skips images without boxes; with
@@ -39,7 +43,7 @@ def image_tasks_of_rows(batch: pa.Table, *, images: ImagesSpec, boxes: BoxesSpec
     """
     n = batch.num_rows
     data, struct_paths, problems = image_bytes(batch, images.image_column)
-    keys, uris = image_keys(batch, images, struct_paths, data)
+    keys, uris = image_keys(batch, images, struct_paths, data, working_dir)
     # Rows meet their boxes by row number (zero-padded: key order is row order), so that the users'
     # keys need not be unique.
     listing = pa.table({"image_key": pa.array([f"{i:012d}" for i in range(n)], pa.string()),
@@ -123,8 +127,8 @@ def _dense(pixels: Any) -> np.ndarray:
     return pixels
 
 
-def image_keys(batch: pa.Table, images: ImagesSpec, struct_paths: list[str | None] | None, data: pa.Array
-               ) -> tuple[list[str], list[str | None]]:
+def image_keys(batch: pa.Table, images: ImagesSpec, struct_paths: list[str | None] | None, data: pa.Array,
+               working_dir: str = "/") -> tuple[list[str], list[str | None]]:
     """Each row's image key and URI.
 
     The key is `images.key_column`'s value, else the image struct's `path`, else the `path` column's (made
@@ -132,7 +136,10 @@ def image_keys(batch: pa.Table, images: ImagesSpec, struct_paths: list[str | Non
     The URI is where the row's file is, when a `path` column says; else null.
     """
     n = batch.num_rows
-    files = batch.column(PATH_COLUMN).cast(pa.string()).to_pylist() if PATH_COLUMN in batch.column_names else None
+    files = None
+    if PATH_COLUMN in batch.column_names:
+        files = [path if not path or "://" in path else os.path.normpath(os.path.join(working_dir, path))
+                 for path in batch.column(PATH_COLUMN).cast(pa.string()).to_pylist()]
     uris = [_uri(path) if path else None for path in files] if files else [None] * n
     if images.key_column:
         if images.key_column not in batch.column_names:

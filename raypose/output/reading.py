@@ -179,3 +179,9 @@ def read_keypoints(path: str, *, storage_options: dict[str, Any] | None = None, 
     described = json.loads(metadata.get(b"raypose", b"{}"))
     described["keypoint_schemas"] = output.schemas
     return table.replace_schema_metadata({**metadata, b"raypose": json.dumps(described).encode()})
+
+
+def keypoint_names(table: pa.Table) -> dict[str, list[str]]:
+    """Keypoint schema -> its keypoint names, from a table `read_keypoints` gave (its `raypose` metadata)."""
+    described = json.loads((table.schema.metadata or {}).get(b"raypose", b"{}"))
+    return {name: list(schema["keypoints"]) for name, schema in described.get("keypoint_schemas", {}).items()}

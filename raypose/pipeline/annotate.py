@@ -12,6 +12,7 @@ Dataset is consumed (`write_parquet`, `iter_batches`, `to_pandas`, ...).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
@@ -62,7 +63,7 @@ def annotate(
     spec = annotation_spec(pose, boxes=boxes, images=images, resources=resources, limits=limits)
     stages = annotation_stages(spec)
     dataset = ds.map_batches(image_tasks_of_rows, batch_format="pyarrow", batch_size=spec.resources.images_per_crop_task,
-                             fn_kwargs={"images": spec.images, "boxes": spec.boxes})
+                             fn_kwargs={"images": spec.images, "boxes": spec.boxes, "working_dir": os.getcwd()})
     for stage in stages:
         dataset = stage.apply(dataset)
     return dataset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -172,3 +173,38 @@ def pycocotools_oks(job, rows):
             g = next(j for j, a in enumerate(gts) if a["id"] == det["raypose_annotation_id"])
             out[det["raypose_annotation_id"]] = ious[d, g]
     return pd.Series(out)
+
+
+PYTHON_DOC = REPO / "docs" / "python.md"
+
+
+def test_the_python_page_runs_and_annotate_gives_the_jobs_rows(ray_session, tmp_path, monkeypatch, capsys):
+    """docs/python.md's blocks in order, as a notebook runs them, from a folder that sees the repository's jobs/;
+    what annotate kept equals the job's rows for the same instances (the Done-when, on the quickstart)."""
+    import raypose
+
+    shutil.copytree(REPO / "jobs", tmp_path / "jobs")  # a copy, not a link: a job file's paths resolve links
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {"__name__": "python_md"}
+    for i, block in enumerate(python_blocks(PYTHON_DOC.read_text())):
+        try:
+            exec(compile(block, f"{PYTHON_DOC.name} block {i + 1}", "exec"), ns)
+        except Exception as exc:
+            raise AssertionError(f"block {i + 1} of {PYTHON_DOC.name} failed: {type(exc).__name__}: {exc}\n{block}") from exc
+    printed = capsys.readouterr().out
+    assert printed.startswith("ok: 4 images (4 with boxes, 0 without), 8 boxes; expert coco: ")
+    job_rows = {(r["image_key"], r["instance_index"]): r for r in ns["table"].to_pylist()}
+    assert ns["result"].counts["instances"] == len(job_rows) == 8
+    assert ns["names"]["coco17"][:3] == ["nose", "left_eye", "right_eye"]
+    kept = pq.read_table(tmp_path / "out" / "python-confident").to_pylist()
+    threshold = float(re.search(r'row\["instance_score"\] >= ([0-9.]+)', PYTHON_DOC.read_text()).group(1))
+    assert {key for key, row in job_rows.items() if row["instance_score"] >= threshold} == {
+        (r["image_key"], r["instance_index"]) for r in kept}
+    assert kept, "the example keeps no instance: its threshold says nothing"
+    for row in kept:
+        theirs = job_rows[(row["image_key"], row["instance_index"])]
+        differ = {"box_source": "inline", "annotation_id": None}  # the example's rows carry boxes, not COCO ids
+        for name, value in row.items():
+            if name in theirs:
+                assert value == (differ[name] if name in differ else theirs[name]), name
+    assert f"{len(kept)} of {len(job_rows)} instances" in printed

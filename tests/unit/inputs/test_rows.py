@@ -25,18 +25,18 @@ def jpeg(color=(200, 10, 10), size=(40, 30)) -> bytes:
     return buffer.getvalue()
 
 
-def tasks(batch: pa.Table, images: ImagesSpec = IMAGES, boxes: BoxesSpec = INLINE) -> list[dict]:
-    table = image_tasks_of_rows(batch, images=images, boxes=boxes)
+def tasks(batch: pa.Table, images: ImagesSpec = IMAGES, boxes: BoxesSpec = INLINE, working_dir: str = "/w") -> list[dict]:
+    table = image_tasks_of_rows(batch, images=images, boxes=boxes, working_dir=working_dir)
     assert table.schema == IMAGE_TASK_SCHEMA
     return table.to_pylist()
 
 
 def test_encoded_bytes_with_paths_become_tasks_keyed_under_the_root():
     data = [jpeg(), jpeg((0, 0, 255))]
-    batch = pa.table({"image": data, "path": ["/data/imgs/a.jpg", "/elsewhere/b.jpg"],
+    batch = pa.table({"image": data, "path": ["imgs/a.jpg", "/elsewhere/b.jpg"],  # relative to where it was made
                       "bbox": [[[1, 2, 10, 12]], [[0, 0, 5, 5], [3, 3, 4, 4]]],
                       "annotation_id": [[7], [8, 9]]})
-    [a, b] = tasks(batch, ImagesSpec(path="/data/imgs"))
+    [a, b] = tasks(batch, ImagesSpec(path="/data/imgs"), working_dir="/data")
     assert (a["image_key"], a["image_uri"]) == ("a.jpg", "file:///data/imgs/a.jpg")
     assert (b["image_key"], b["image_uri"]) == ("/elsewhere/b.jpg", "file:///elsewhere/b.jpg")
     assert a["image_bytes"] == data[0] and b["image_bytes"] == data[1]
@@ -83,12 +83,12 @@ def test_boxes_are_filtered_as_a_jobs_and_rows_left_without_any_are_skipped_unle
                       "bbox": [[[0, 0, 4, 4], [0, 0, 9, 9]], [[0, 0, 3, 3]]],
                       "category": [["person", "dog"], ["dog"]], "score": [[0.9, 0.8], [0.2]]})
     [only] = tasks(batch)
-    assert only["image_key"] == "a.jpg" and only["box_xywh"] == [[0, 0, 4, 4]] and only["box_score"] == [
+    assert only["image_key"] == "/w/a.jpg" and only["box_xywh"] == [[0, 0, 4, 4]] and only["box_score"] == [
         pytest.approx(0.9)]
     kept = tasks(batch, boxes=BoxesSpec(source="inline", categories=None, min_score=0.5))
     assert [t["box_xywh"] for t in kept] == [[[0, 0, 4, 4], [0, 0, 9, 9]]]
     detect_rest = tasks(batch, boxes=BoxesSpec(source="inline", detect_missing=True))
-    assert [(t["image_key"], t["needs_detection"]) for t in detect_rest] == [("a.jpg", False), ("b.jpg", True)]
+    assert [(t["image_key"], t["needs_detection"]) for t in detect_rest] == [("/w/a.jpg", False), ("/w/b.jpg", True)]
     detector = tasks(batch.drop_columns(["bbox"]), boxes=BoxesSpec(source="detector"))
     assert [(t["box_xywh"], t["needs_detection"], t["box_source"]) for t in detector] == [([], True, None)] * 2
 
