@@ -112,17 +112,21 @@ class Progress:
         return (f"{s['images_done']}/{s['images']} images ({percent:.0f}%), {s['instances']} instances, "
                 f"{s['errors']} errors, {s['crops_per_second']:.1f} crops/s{eta}")
 
+    def report(self) -> None:
+        """One report of the moment, as the mode has it: what the timer does every `interval` seconds."""
+        if self.mode == "terminal":
+            self._draw()
+        elif self.mode == "json":
+            s = self.status()
+            log.info(self.line(), extra={"event": "progress", **s})
+        elif self.mode == "call":
+            self.call(self.status())
+        elif self.mode == "log":
+            log.info(self.line())
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.mode == "terminal":
-                self._draw()
-            elif self.mode == "json":
-                s = self.status()
-                log.info(self.line(), extra={"event": "progress", **s})
-            elif self.mode == "call":
-                self.call(self.status())
-            else:
-                log.info(self.line())
+            self.report()
 
     def _draw(self, final: bool = False) -> None:
         stream = self.stream or sys.stderr
