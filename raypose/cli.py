@@ -146,8 +146,9 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
             "crops_per_second": result.crops_per_second, "output": result.output_path,
         }))
         return
+    added = f" ({c['images_this_run']} this run)" if c["images_this_run"] != c["images"] else ""
     typer.echo(
-        f"done: {c['images']} images, {c['instances']} instances, {c['errors']} errors, "
+        f"done: {c['images']} images{added}, {c['instances']} instances, {c['errors']} errors, "
         f"{result.crops_per_second:.1f} crops/s -> {result.output_path}"
     )
 

@@ -48,9 +48,10 @@ class JobCheck:
     counts: dict[str, int]
     experts: dict[str, ExpertCheck]
     output_path: str
-    num_shards: int
-    shards_committed: int  # by the run this one resumes (0 without output.mode: resume)
-    resumes: bool
+    mode: str  # output.mode
+    shards_to_write: int
+    shards_kept: int  # committed by earlier runs, kept (resume, append)
+    builds_on: bool  # whether the run builds on an earlier run's output (resume, append)
 
     def describe(self) -> str:
         """One line, as `raypose validate` prints it."""
@@ -58,11 +59,14 @@ class JobCheck:
         detect = f", {c['images_to_detect']} to detect" if c["images_to_detect"] else ""
         experts = "; ".join(f"expert {name}: {e.model} ({e.num_keypoints} keypoints, "
                             f"input {e.input_size[0]}x{e.input_size[1]})" for name, e in self.experts.items())
-        resume = (f"; resume: {self.shards_committed} of {self.num_shards} shards committed, "
-                  f"{self.num_shards - self.shards_committed} to do") if self.resumes else ""
+        earlier = ""
+        if self.builds_on:
+            changed = f" ({c['images_superseded']} changed since)" if c["images_superseded"] else ""
+            earlier = (f"; {self.mode}: {self.shards_kept} shards committed, {c['images_kept']} images in them kept, "
+                       f"{c['images']} to label in {self.shards_to_write} new shards{changed}")
         return (f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, "
                 f"{c['images_without_boxes']} without{detect}), {c['boxes']} boxes; {experts}; "
-                f"output {self.output_path}{resume}")
+                f"output {self.output_path}{earlier}")
 
 
 class Job:
@@ -118,13 +122,10 @@ class Job:
         from raypose.pipeline.progress import Progress
         from raypose.pipeline.run import run_job
 
+        reporter = Progress.of(0, progress)  # a wrong option fails here, before the plan takes the output
         plan = plan_job(self._spec(resume), force=force, run=True, break_lease=break_lease)
-        try:
-            reporter = Progress.of(plan.tasks.num_rows, progress)
-        except BaseException:
-            plan.close()
-            raise
-        reporter.planned(plan.job_id, plan.counts, len(plan.shards.to_write), plan.shards.num_shards)
+        reporter.total = plan.images
+        reporter.planned(plan.job_id, plan.counts, len(plan.shards.to_write), len(plan.shards.reused))
         return run_job(plan, progress=reporter)
 
     def _spec(self, resume: bool) -> JobSpec:
@@ -138,5 +139,5 @@ def _check_of(plan: JobPlan) -> JobCheck:
                                  num_keypoints=e.model.num_keypoints, input_size=tuple(e.input_size))
                for name, e in plan.routing.experts.items()}
     return JobCheck(counts=dict(plan.counts), experts=experts, output_path=plan.spec.output.path,
-                    num_shards=plan.shards.num_shards, shards_committed=len(plan.shards.reused),
-                    resumes=plan.previous is not None)
+                    mode=plan.spec.output.mode, shards_to_write=len(plan.shards.to_write),
+                    shards_kept=len(plan.shards.reused), builds_on=plan.previous is not None)

@@ -18,6 +18,8 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("container", pa.string()),  # the tar or Parquet file holding the image, if any
         ("offset", pa.int64()),  # tar: the member's byte offset; Parquet: the row
         ("length", pa.int64()),  # tar: the member's size
+        ("image_size", pa.int64()),  # bytes, as the store lists the file (or the tar member)
+        ("image_version", pa.string()),  # what the store says of the object's content: ETag, generation or mtime
         ("expected_width", pa.int32()),  # from the boxes file, when it says
         ("expected_height", pa.int32()),
         ("box_xywh", pa.list_(pa.list_(pa.float64(), 4))),
@@ -31,6 +33,7 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("error_stage", pa.string()),  # set when an earlier stage failed on this image
         ("error_reason", pa.string()),
         ("shard", pa.int32()),
+        ("input_fingerprint", pa.int64()),  # a hash of the columns above that decide the image's rows (resume.py)
     ]
 )
 

@@ -299,13 +299,14 @@ class OutputSpec(_Section):
     """Where the Parquet goes."""
 
     path: Text = _field(..., "The output folder, local or URL.", decides_rows=False)
-    mode: Literal["error", "overwrite", "resume"] = _field(
+    mode: Literal["error", "overwrite", "resume", "append"] = _field(
         "error", "`error`: refuse a path that holds raypose output; `overwrite`: replace it; `resume`: keep the "
-        "shards an earlier run committed and do the rest (as `submit --resume`).", decides_rows=False)
+        "shards an earlier run committed and do the rest (as `submit --resume`); `append`: keep what earlier runs "
+        "labelled and label what is new or changed since, in new shards.", decides_rows=False)
     storage_options: Options | None = _field(
         None, "fsspec options for the output (default: `images.storage_options`).", decides_rows=False)
     images_per_shard: PositiveInt = _field(
-        10_000, "Images per shard: the unit of commit and of resume (fixed by the first run).", decides_rows=False)
+        10_000, "Images per shard: the unit of commit and of resume.", decides_rows=False)
     row_group_size: PositiveInt = _field(65_536, "Rows per Parquet row group.", decides_rows=False)
     compression: Literal["zstd", "snappy", "gzip", "none"] = _field("zstd", "Parquet compression.",
                                                                       decides_rows=False)

@@ -54,13 +54,14 @@ class Progress:
         raise SpecError(f"progress: expected None, 'off', 'auto', 'terminal', 'log', 'json' or a function, "
                         f"got {option!r}")
 
-    def planned(self, job_id: str, counts: dict[str, int], shards_to_do: int, num_shards: int) -> None:
+    def planned(self, job_id: str, counts: dict[str, int], new_shards: int, kept_shards: int) -> None:
         """Say what the run will do, before Ray starts (terminal and log modes: one line on stderr)."""
         if self.mode in ("terminal", "log"):
+            kept = f", {counts['images_kept']} already labelled" if counts.get("images_kept") else ""
             stream = self.stream or sys.stderr
-            stream.write(f"job {job_id}: {counts['images']} images, {counts['boxes']} boxes "
-                         f"({counts['images_without_boxes']} images without boxes skipped); "
-                         f"{shards_to_do} of {num_shards} shards to do\n")
+            stream.write(f"job {job_id}: {counts['images']} images to label, {counts['boxes']} boxes "
+                         f"({counts['images_without_boxes']} images without boxes skipped{kept}); "
+                         f"{new_shards} new shards, {kept_shards} kept\n")
             stream.flush()
 
     def start(self) -> "Progress":

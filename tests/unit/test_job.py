@@ -46,7 +46,7 @@ def test_validate_checks_everything_and_starts_nothing(job_file, tiny_checkpoint
     assert check.counts["images"] == 3 and check.counts["boxes"] == 6
     assert check.experts["coco"].model == str(tiny_checkpoint) and check.experts["coco"].num_keypoints == 17
     assert check.experts["coco"].input_size == (192, 256)
-    assert (check.num_shards, check.shards_committed, check.resumes) == (1, 0, False)
+    assert (check.shards_to_write, check.shards_kept, check.builds_on, check.mode) == (1, 0, False, "error")
     assert check.describe().startswith("ok: 3 images (3 with boxes, 0 without), 6 boxes; expert coco: ")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SpecError, match="images.path"):
@@ -58,3 +58,4 @@ def test_run_refuses_an_unknown_progress_option_and_leaves_the_output_free(job_f
     with pytest.raises(SpecError, match="progress: expected None, 'off', 'auto'"):
         job.run(progress="loud")
     assert job.validate().counts["images"] == 3  # no lease was left behind
+    assert not (tmp_path / "out").exists()  # nor anything else

@@ -68,9 +68,10 @@ def test_the_timer_reports_until_finished_and_a_function_gets_the_numbers():
 def test_a_run_announces_its_plan_on_a_terminal_or_in_a_log_only():
     for mode, shown in (("terminal", True), ("log", True), ("json", False), ("off", False)):
         stream = io.StringIO()
-        Progress(4, mode, stream=stream).planned("job-1", {"images": 4, "boxes": 8, "images_without_boxes": 0}, 1, 1)
-        assert (stream.getvalue() == "job job-1: 4 images, 8 boxes (0 images without boxes skipped); "
-                "1 of 1 shards to do\n") is shown, mode
+        counts = {"images": 4, "boxes": 8, "images_without_boxes": 0, "images_kept": 2}
+        Progress(4, mode, stream=stream).planned("job-1", counts, 1, 3)
+        assert (stream.getvalue() == "job job-1: 4 images to label, 8 boxes (0 images without boxes skipped, "
+                "2 already labelled); 1 new shards, 3 kept\n") is shown, mode
 
 
 def test_off_and_quiet_emit_nothing(caplog):
