@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from raypose.config.paths import resolve_paths
-from raypose.config.spec import BoxesSpec, JobSpec, PoseSpec, parse_job_spec
+from raypose.config.spec import BoxesSpec, ImagesSpec, JobSpec, LimitsSpec, PoseSpec, ResourcesSpec, parse_job_spec
 from raypose.errors import SpecError
 from raypose.inputs.rows import image_tasks_of_rows
 from raypose.pipeline.stages import Stage, labelling_stages
@@ -47,9 +47,9 @@ def annotate(
     pose: str | PoseSpec | Mapping[str, Any],
     *,
     boxes: BoxesSpec | Mapping[str, Any] | None = None,
-    images: Mapping[str, Any] | None = None,
-    resources: Mapping[str, Any] | BaseModel | None = None,
-    limits: Mapping[str, Any] | BaseModel | None = None,
+    images: ImagesSpec | Mapping[str, Any] | None = None,
+    resources: ResourcesSpec | Mapping[str, Any] | None = None,
+    limits: LimitsSpec | Mapping[str, Any] | None = None,
 ) -> Dataset:
     """Label the people (or animals) in a Dataset's images: a lazy Dataset of keypoint rows, one per instance.
 
