@@ -64,9 +64,12 @@ class JobCheck:
             changed = f" ({c['images_superseded']} changed since)" if c["images_superseded"] else ""
             earlier = (f"; {self.mode}: {self.shards_kept} shards committed, {c['images_kept']} images in them kept, "
                        f"{c['images']} to label in {self.shards_to_write} new shards{changed}")
+        partial = "" if c.get("listing_complete", True) else (
+            f"; listing: the first {c['images_listed']} images only (a run lists them all and joins the rest of "
+            "the boxes as it goes)")
         return (f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, "
                 f"{c['images_without_boxes']} without{detect}), {c['boxes']} boxes; {experts}; "
-                f"output {self.output_path}{earlier}")
+                f"output {self.output_path}{earlier}{partial}")
 
 
 class Job:

@@ -123,8 +123,9 @@ class ImagesSpec(_Section):
 
     path: Text = _field(
         ..., "A directory (listed recursively), a glob (`s3://b/imgs/**/*.jpg`), or a manifest `.txt`/`.lst` "
-        "(one path or URL a line; relative lines are relative to the manifest). Local or any fsspec URL.",
-        decides_rows=True)
+        "(one path or URL a line; relative lines are relative to the manifest), or an S3 Inventory "
+        "`manifest.json`. Local or any fsspec URL. Which images an output holds is each image's own fingerprint's "
+        "to say, so the path may change between runs that build on each other.", decides_rows=False)
     format: Literal["files", "webdataset", "parquet"] = _field(
         "files", "`files`: image files; `webdataset`: `.tar` shards, keys are member names (`000123.jpg`); "
         "`parquet`: files with an image-bytes column.", decides_rows=True)
@@ -139,6 +140,10 @@ class ImagesSpec(_Section):
     key_column: Text | None = _field(
         None, "Parquet images: a column holding the image key (default: `image.path`, else `FILE/ROW`).",
         decides_rows=True)
+    inventory_prefix: str | None = _field(
+        None, "With an S3 Inventory `manifest.json` as `images.path`: the source bucket's objects under this prefix, "
+        "keyed relative to it (as a listing of `s3://BUCKET/PREFIX/` keys them); default: the whole bucket.",
+        decides_rows=False)
     extensions: TextList = _field(
         [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"],
         "Which listed files are images (case-insensitive).", decides_rows=True)
@@ -186,8 +191,8 @@ class BoxesSpec(_Section):
         "`detector`: RT-DETR finds them (`boxes.detector`); `inline`: with `webdataset`/`parquet` images, each "
         "sample's own boxes (the `.json` member's, or the row's `bbox_column`, `category_column`, "
         "`score_column`).", decides_rows=True)
-    path: Text | None = _field(None, "The boxes file, local or URL; required with `coco` and `table`.",
-                               decides_rows=True)
+    path: Text | None = _field(None, "The boxes file, local or URL; required with `coco` and `table`. Which boxes an "
+                               "image has is part of its own fingerprint, not of the result key.", decides_rows=False)
     detector: DetectorSpec = _section(DetectorSpec(), "The detector, with `source: detector` or `detect_missing`.")
     detect_missing: Flag = _field(
         False, "With `coco`/`table`/`inline`: detect boxes for the listed images the file has none for.",

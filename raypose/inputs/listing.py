@@ -12,7 +12,8 @@ import pyarrow.compute as pc
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
-from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.arrays import NotSorted, ascending, filtered
+from raypose.inputs.inventory import is_inventory, list_inventory
 from raypose.inputs.storage import open_url, uri_of
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
@@ -66,13 +67,9 @@ def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: 
         yield table.slice(start, chunk_rows)
 
 
-class ListingNotSorted(Exception):
-    """A manifest streamed in key order turned out not to be sorted past its first block (the plan lists it whole)."""
-
-
 def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
     """A manifest's images by blocks of lines, while they come in key order; yields nothing if the first block
-    is not sorted, and raises ListingNotSorted if a later one is not."""
+    is not sorted, and raises NotSorted if a later one is not."""
     from pyarrow import csv
 
     suffixes = tuple(s.lower() for s in images.extensions)
@@ -96,7 +93,7 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
             if not ascending(keys):
                 if listed == 0:
                     return
-                raise ListingNotSorted(manifest)
+                raise NotSorted(manifest)
             table = _last_of_each_key(table)
             if not table.num_rows:
                 continue
@@ -114,6 +111,12 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
     """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
+    if is_inventory(root):
+        table = _last_of_each_key(_wanted(list_inventory(images), suffixes))
+        if not table.num_rows:
+            raise SpecError(f"images.path: no {what} in the inventory {images.path} under "
+                            f"images.inventory_prefix {images.inventory_prefix!r} (looked for {', '.join(suffixes)})")
+        return table
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)
         sizes, versions = pa.nulls(len(keys), pa.int64()), pa.nulls(len(keys), pa.string())
@@ -124,7 +127,7 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
         else:
             if not _call(fs.isdir, root, url=images.path):
                 raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
-            base, found = root, _call(fs.find, root, detail=True, url=images.path)
+            base, found = root, _call(find_in_parallel, fs, root, url=images.path)
         found = {path: info for path, info in found.items() if info.get("type") != "directory"}
         keys = pa.array([posixpath.relpath(p, base) for p in found], pa.string())
         paths = pa.array(list(found), pa.string())
@@ -135,6 +138,27 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
+
+
+# Sub-prefixes listed at once: a bucket of millions of objects takes hours to list with one paginated
+# listing; its sub-prefixes listed side by side take that divided by this, within the store's request limits.
+LISTING_THREADS = 16
+
+
+def find_in_parallel(fs, root: str) -> dict[str, dict]:
+    """Every file under `root` with its details (as `fs.find(root, detail=True)`), its first-level sub-prefixes
+    listed side by side (one paginated listing each instead of one for the whole tree)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    top = fs.ls(root, detail=True)
+    found = {entry["name"]: entry for entry in top if entry.get("type") != "directory"}
+    folders = [entry["name"] for entry in top if entry.get("type") == "directory"]
+    if len(folders) < 2:
+        return {**found, **(fs.find(folders[0], detail=True) if folders else {})}
+    with ThreadPoolExecutor(max_workers=min(LISTING_THREADS, len(folders)), thread_name_prefix="raypose-list") as pool:
+        for listed in pool.map(lambda folder: fs.find(folder, detail=True), folders):
+            found.update(listed)
+    return found
 
 
 def _with_container_facts(table: pa.Table, files: pa.Table) -> pa.Table:
@@ -162,8 +186,8 @@ VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_m
 def _version_of(info: dict) -> str | None:
     for name in VERSION_FIELDS:
         value = info.get(name)
-        if value is not None:
-            return f"{name}:{value}"
+        if value is not None:  # ETags as S3 Inventory writes them: without the quotes a listing gives
+            return f"ETag:{str(value).strip(chr(34))}" if name.lower() == "etag" else f"{name}:{value}"
     return None
 
 

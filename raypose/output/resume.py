@@ -57,9 +57,11 @@ JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cl
 # Outputs written before (shards as fixed key ranges, or hashed) are refused by resume and append, naming the fix.
 LAYOUT = 2
 
-# The spec fields that decide a job's rows, as the spec says (`decides_rows`): resources, batch sizes,
-# limits, output layout and credentials do not. The device and dtype the layout resolves, and the
-# decoder, are added to the key from the layout.
+# The spec fields that decide how a job's rows are made, as the spec says (`decides_rows`): resources, batch
+# sizes, limits, output layout and credentials do not. Where the images and boxes are (images.path,
+# boxes.path) does not either: which images an output holds, and with which boxes, is each image's input
+# fingerprint's to say, so a growing bucket can be read through a listing one night and an inventory the
+# next. The device and dtype the layout resolves, and the decoder, are added to the key from the layout.
 RESULT_FIELDS = row_deciding_fields()
 # What an image's input fingerprint covers: what the store says of its file, and its boxes.
 FINGERPRINTED = ("image_size", "image_version", "box_xywh", "annotation_id", "category", "box_score",

@@ -112,7 +112,9 @@ def test_kill_an_append_run_and_resume(full_run, many_images, tiny_checkpoint, t
     assert started.exit_code == 0, started.output
     for image in sorted((many_images / "images").iterdir())[2:]:
         shutil.copy2(image, folder / "images" / image.name)
-    job.write_text(json.dumps(spec_for(folder, tiny_checkpoint, out, output={"mode": "append"})))
+    spec = spec_for(folder, tiny_checkpoint, out)
+    spec["output"]["mode"] = "append"
+    job.write_text(json.dumps(spec))
     env = dict(os.environ, RAYPOSE_FAULT="pose:sleep:5")  # half a second a pose batch: time to interrupt
     driver = subprocess.Popen(
         [sys.executable, "-m", "raypose.cli", "submit", str(job), "--quiet"],
