@@ -55,30 +55,11 @@ def validate(
     debug: DebugOpt = False,
 ) -> None:
     """Check a job without running it: spec, model config and weights, images, boxes, output path."""
-    from raypose.config.spec import load_job_spec
-    from raypose.pipeline.plan import plan_job
+    from raypose.job import Job
 
     with _errors_as_exit(debug):
-        plan = plan_job(load_job_spec(job, [*(set_ or []), *(["output.mode=resume"] if resume else [])]), force=force)
-    c = plan.counts
-    shards = plan.shards
-    resumes = (f"; {plan.spec.output.mode}: {len(shards.reused)} shards committed, {c['images_kept']} images in them "
-               f"kept, {c['images']} to label in {len(shards.to_write)} new shards"
-               + (f" ({c['images_superseded']} changed since)" if c["images_superseded"] else "")) \
-        if plan.previous is not None else ""
-    typer.echo(
-        f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
-        f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
-        f"{c['boxes']} boxes; "
-        + "; ".join(
-            f"expert {name}: {e.model.model_id} ({e.model.num_keypoints} keypoints, "
-            f"input {e.input_size[0]}x{e.input_size[1]})"
-            for name, e in plan.routing.experts.items()
-        )
-        + f"; output {plan.spec.output.path}{resumes}"
-        + ("" if c["listing_complete"] else f"; listing: the first {c['images_listed']} images only (a run lists "
-                                             "them all and joins the rest of the boxes as it goes)")
-    )
+        check = Job.from_yaml(job, set_ or []).validate(resume=resume, force=force)
+    typer.echo(check.describe())
 
 
 class LogFormat(str, Enum):
@@ -145,28 +126,17 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
                   break_lease: bool = False) -> None:
     import json
 
-    from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
+    from raypose.job import Job
     from raypose.logs import flush_stderr
-    from raypose.pipeline.plan import plan_job
-    from raypose.pipeline.progress import Progress
-    from raypose.pipeline.run import run_job
     from raypose.pipeline.runtime import quiet_ray
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
-    plan = plan_job(load_job_spec(job, overrides), force=force, run=True, break_lease=break_lease)
-    c = plan.counts
-    if not quiet and fmt == "text":
-        typer.echo(
-            f"job {plan.job_id}: {c['images']} images to label, {c['boxes']} boxes "
-            f"({c['images_without_boxes']} images without boxes skipped"
-            + (f", {c['images_kept']} already labelled" if c["images_kept"] else "") + "); "
-            f"{len(plan.shards.to_write)} new shards, {len(plan.shards.reused)} kept",
-            err=True,
-        )
+    to_run = Job.from_yaml(job, overrides)  # a bad spec fails here, before Ray is imported
     quiet_ray(fmt, quiet, verbose=verbose)
-    result = run_job(plan, progress=Progress.for_cli(plan.images, fmt, quiet))
+    progress = "off" if quiet else "json" if fmt == "json" else "auto"
+    result = to_run.run(progress=progress, force=force, break_lease=break_lease)
     flush_stderr()  # the summary is the last line
     c = result.counts
     if fmt == "json":
@@ -216,6 +186,18 @@ class _submit_errors_as_exit(_errors_as_exit):
         typer.echo(json_record("ERROR", "raypose.cli", f"error: {exc}", event="job_error", exit_code=exc.exit_code),
                    err=True)
         raise typer.Exit(exc.exit_code)
+
+
+@app.command("schema")
+def schema_command(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the job spec's reference page (docs/job-spec.md) instead.")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of a job file, for editors and checkers (docs/job-spec.schema.json)."""
+    from raypose.config.reference import job_json_schema_text, job_spec_markdown
+
+    typer.echo(job_spec_markdown() if markdown else job_json_schema_text(), nl=False)
 
 
 # --- Reading a job's output back: export, render, inspect (raypose/review/) ---

@@ -122,6 +122,10 @@ KEYPOINTS_SCHEMA = pa.schema(
     [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS
 )
 
+# What `raypose.annotate` gives per row: the keypoints table's columns but the job's, and a failure's stage and
+# reason (null for a labelled instance; a failure's keypoint columns are null).
+ANNOTATED_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS + FAILURE_FIELDS[:2])
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("job_id", pa.string()),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from raypose.errors import RayposeError, SpecError
+from raypose.errors import LeaseHeld, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ HEARTBEAT_SECONDS = 30.0
 # Long enough that a heartbeat delayed by storage retries (botocore waits up to 20 s a try) never
 # lets a second run in beside a live one; short enough that a killed scheduled run is retried soon.
 EXPIRY_SECONDS = 300.0
-
-
-class LeaseHeld(RayposeError):
-    """Another run holds the output's lease (or took it over from this one)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,12 @@ class Layout:
 
 
 def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, images: int,
-                   detecting: bool = False) -> Layout:
-    """Every auto of the spec resolved for this cluster and a job of `images` image tasks; SpecError if it cannot run."""
+                   detecting: bool = False, source_tasks: bool = False) -> Layout:
+    """Every auto of the spec resolved for this cluster and a job of `images` image tasks; SpecError if it cannot run.
+
+    `source_tasks`: the image tasks come out of CPU tasks of their own (a user's Dataset, `raypose.annotate`),
+    which run beside the pose actors.
+    """
     resources = spec.resources
     blocks = max(1, math.ceil(images / resources.images_per_crop_task))
     gpus, device = accelerator(resources.gpus_per_pose_actor, spec.pose.device, cluster, "pose")
@@ -136,7 +140,8 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     detector = (accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, cluster, "boxes.detector")
                 if detecting else None)
     detector_gpus = detector[0] * _largest(resources.detector_actors) if detector else 0.0
-    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, detecting)
+    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks,
+                                                          detecting or source_tasks)
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)
@@ -208,17 +213,18 @@ def gpus_have_bf16(cluster: ClusterShape) -> bool:
 
 
 def default_pose_actors(cluster: ClusterShape, gpus: float, detector_gpus: float, crop_in: str, blocks: int,
-                        detecting: bool) -> int:
+                        beside_other_work: bool) -> int:
     """Pose actors when the job leaves it out: the cluster's, across every node.
 
     On GPUs, one per GPU (what the detector's actors leave of them). On CPUs the forward takes
     every core it is given: two actors a node when they crop for themselves (one crops while
-    the other runs forwards), one a node beside crop or read tasks or a detector, which need
-    CPUs of their own; never more than there are blocks to give them.
+    the other runs forwards), one a node beside crop or read tasks, a detector or the tasks that
+    make the image rows (`beside_other_work`), which need CPUs of their own; never more than
+    there are blocks to give them.
     """
     if gpus > 0:
         return max(1, int((cluster.gpus - detector_gpus) // gpus))
-    per_node = min(2, max(1, cluster.node_cpus)) if crop_in == "pose_actor" and not detecting else 1
+    per_node = min(2, max(1, cluster.node_cpus)) if crop_in == "pose_actor" and not beside_other_work else 1
     return max(1, min(per_node * cluster.nodes, blocks))
 
 

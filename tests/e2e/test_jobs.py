@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json, s3_bucket
+from helpers import job_dict, read_json, s3_bucket
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from conftest import listed, save_image
+from helpers import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import ImageError

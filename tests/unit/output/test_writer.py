@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from output_rows import pose_rows
+from helpers import pose_rows
 
 from raypose.config.spec import OutputSpec
 from raypose.errors import SpecError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import routing_for
+from helpers import routing_for
 
 from raypose.config.spec import parse_job_spec
 from raypose.errors import SpecError

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import crop_options, image_task, task_table
+from helpers import crop_options, image_task, task_table
 
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing

@@ -53,7 +53,7 @@ def test_a_write_tasks_storage_error_is_the_documented_output_line(tmp_path, mon
 
 def test_the_flip_columns_join_the_result_key_only_when_on_so_older_outputs_still_resume():
     import pytest
-    from conftest import routing_for
+    from helpers import routing_for
 
     from raypose.config.spec import parse_job_spec
     from raypose.errors import SpecError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from output_rows import pose_rows
+from helpers import pose_rows
 
 from raypose.config.spec import OutputSpec
 from raypose.imaging.keypoint_schemas import COCO17
