@@ -39,6 +39,9 @@ def test_webdataset_job(files_run, webdataset_shards, tiny_checkpoint, coco_fold
         assert xs == pytest.approx(files_run[key], abs=1e-3)
     sources = set(pq.read_table(tmp_path / "out" / "keypoints").column("box_source").to_pylist())
     assert sources == {"inline" if boxes == "inline" else "gt"}
+    if boxes == "inline":  # render reads each image inside its tar, as the job did
+        drawn = runner.invoke(app, ["render", str(tmp_path / "out"), "--out", str(tmp_path / "qa")])
+        assert drawn.exit_code == 0 and "rendered: 3 of 3 chosen images" in drawn.output, drawn.output
 
 
 def test_parquet_job_with_inline_boxes(files_run, parquet_images, tiny_checkpoint, write_job, tmp_path):
