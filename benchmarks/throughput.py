@@ -678,7 +678,7 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
                 import os as _os
                 import time as _time
 
-                from raypose.pipeline.crop_stage import CropColumn
+                from raypose.pipeline.croppers import CropColumn
 
                 start = _time.time()
                 super().__init__(*a, **k)

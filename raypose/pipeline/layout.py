@@ -22,14 +22,8 @@ from raypose.imaging.decode_device import (
 )
 from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.models.routing import Routing
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    CropColumn,
-    CropOptions,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import CropOptions, make_crops, plan_crops
+from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings
 
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
@@ -81,7 +75,7 @@ class CropPlacement:
 
     name     tasks | pose_actor | pose_device, as resolved from resources.crop_in
     task     the CPU stage's function (make_crops, plan_crops) and its keyword arguments, or None
-    cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
+    cropper  what each pose actor does with a batch (croppers.CropColumn, CpuCropper, DeviceCropper)
     rows_per_call  crop rows a pose call takes, or a whole block of image rows (None)
     decoder  pillow | nvimgcodec | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
     jpeg_regions  whether JPEGs are decoded only where their crops read (`jpeg_region`; Pillow's pixels)

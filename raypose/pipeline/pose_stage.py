@@ -18,7 +18,8 @@ from raypose.imaging.heatmaps import instance_scores
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.models.routing import Routing
 from raypose.models.vitpose import PoseEngine
-from raypose.pipeline.crop_stage import CropColumn, Pixels, pairs
+from raypose.pipeline.arrow_views import pairs
+from raypose.pipeline.croppers import CropColumn, Pixels
 from raypose.pipeline.faults import inject
 from raypose.schema import POSE_OUTPUT_SCHEMA, fail_rows
 
@@ -40,7 +41,7 @@ class PoseSettings:
 class PoseStage:
     """Ray actor for the pose stage: every checkpoint the routing uses, loaded once.
 
-    The cropper (`crop_stage`) turns each batch into crop rows and their pixels: the batch's
+    The cropper (`croppers`) turns each batch into crop rows and their pixels: the batch's
     own crop column, or crops the actor makes on its CPU or its device; the forwards then run
     `settings.batch_size` crops at a time.
     """

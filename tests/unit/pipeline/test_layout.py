@@ -12,13 +12,8 @@ from raypose.imaging.decode_device import (
     NvjpegDecoder,
     PillowDecoder,
 )
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    CropColumn,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import make_crops, plan_crops
+from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 
 ROUTING = routing_for({"coco": (192, 256)})

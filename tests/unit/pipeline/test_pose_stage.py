@@ -12,12 +12,8 @@ from conftest import crop_options, image_task, task_table
 
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import make_crops, plan_crops
+from raypose.pipeline.croppers import CpuCropper, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings, PoseStage
 from raypose.schema import POSE_OUTPUT_SCHEMA
 from raypose.testing.synthetic import draw_people
