@@ -731,7 +731,7 @@ def run_raypose(args: argparse.Namespace, data: dict, checkpoint: Path, tag: str
     ray_was_up = ray.is_initialized()
     started = time.time()
     spec = load_spec(job, args.overrides)
-    plan = plan_job(spec)
+    plan = plan_job(spec, run=True)
     planned = time.time()
     tracing = not args.no_trace or instant_forward
     result = run_job(plan, wrap=stage_tracer(trace, instant_forward) if tracing else None)

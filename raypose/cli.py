@@ -112,6 +112,10 @@ def submit(
     force: Annotated[
         bool, typer.Option("--force", help="With --resume: resume even if the spec or the models changed.")
     ] = False,
+    break_lease: Annotated[
+        bool, typer.Option("--break-lease", help="Take the output from a run that still seems to write it "
+                                                 "(only when that run is gone for good).")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run a job on an embedded local Ray (or the cluster in RAY_ADDRESS, or at --address) and write its Parquet."""
@@ -125,14 +129,16 @@ def submit(
             from raypose.pipeline.cluster import run_remote
 
             code = run_remote(job, set_ or [], address, wait=wait, runtime_env_json=runtime_env_json,
-                              quiet=quiet, log_format=fmt, debug=debug, force=force, echo=typer.echo)
+                              quiet=quiet, log_format=fmt, debug=debug, force=force, break_lease=break_lease,
+                              echo=typer.echo)
             raise typer.Exit(code)
         _submit_local(job, set_ or [], quiet, fmt, wait=wait, runtime_env_json=runtime_env_json, force=force,
-                      verbose=verbose)
+                      verbose=verbose, break_lease=break_lease)
 
 
 def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait: bool,
-                  runtime_env_json: Optional[str], force: bool = False, verbose: bool = False) -> None:
+                  runtime_env_json: Optional[str], force: bool = False, verbose: bool = False,
+                  break_lease: bool = False) -> None:
     import json
 
     from raypose.config.spec import load_job_spec
@@ -145,7 +151,7 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
-    plan = plan_job(load_job_spec(job, overrides), force=force)
+    plan = plan_job(load_job_spec(job, overrides), force=force, run=True, break_lease=break_lease)
     c = plan.counts
     if not quiet and fmt == "text":
         typer.echo(

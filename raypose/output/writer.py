@@ -44,7 +44,13 @@ SCHEMAS_FILE = "keypoint_schemas.json"
 MANIFEST_FILE = "manifest.json"
 JOB_FILE = "_job.json"
 TMP_DIR = "_tmp"
-OUTPUT_ENTRIES = (KEYPOINTS_DIR, ERRORS_DIR, SHARDS_DIR, SCHEMAS_FILE, MANIFEST_FILE, JOB_FILE, TMP_DIR)
+PLAN_DIR = "_plan"
+OUTPUT_ENTRIES = (KEYPOINTS_DIR, ERRORS_DIR, SHARDS_DIR, PLAN_DIR, SCHEMAS_FILE, MANIFEST_FILE, JOB_FILE, TMP_DIR)
+# What overwrite may remove: raypose's own names (names starting with `_` are raypose's).
+OWN_FILES = (f"{KEYPOINTS_DIR}/shard-[0-9][0-9][0-9][0-9][0-9]*.parquet",
+             f"{ERRORS_DIR}/shard-[0-9][0-9][0-9][0-9][0-9]*.parquet", f"{ERRORS_DIR}/listing.parquet",
+             f"{SHARDS_DIR}/[0-9][0-9][0-9][0-9][0-9]*.json", f"{PLAN_DIR}/[0-9][0-9][0-9][0-9][0-9]*.parquet",
+             TMP_DIR, SCHEMAS_FILE, MANIFEST_FILE, JOB_FILE)
 # Object stores have no folders to make, and their makedirs creates a missing bucket (s3fs,
 # gcsfs, adlfs): raypose never makes one, so a missing or vanished bucket fails the job.
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "oci"}
@@ -160,11 +166,35 @@ class OutputStore:
         except Exception as exc:
             raise self.write_failed(posixpath.relpath(target, self.root), exc) from exc
 
-    def clear(self) -> None:
-        """Remove a previous job's output (output.mode: overwrite); other files are left alone."""
-        for entry in OUTPUT_ENTRIES:
-            if self.fs.exists(self.path(entry)):
-                self.fs.rm(self.path(entry), recursive=True)
+    def clear(self) -> list[str]:
+        """Remove what raypose wrote here (output.mode: overwrite), and nothing else; the paths it removed.
+
+        Only files with raypose's own names (`OWN_FILES`) go, manifest.json and keypoint_schemas.json
+        only when raypose wrote them: a user's `keypoints/notes.csv` or their own `manifest.json` stays.
+        """
+        removed = []
+        for pattern in OWN_FILES:
+            for path in sorted(self.fs.glob(self.path(pattern))):
+                if posixpath.basename(path) in (MANIFEST_FILE, SCHEMAS_FILE) and not self._written_by_raypose(path):
+                    continue
+                self.fs.rm(path, recursive=True)
+                removed.append(path)
+        for folder in (KEYPOINTS_DIR, ERRORS_DIR, SHARDS_DIR, PLAN_DIR):  # folders raypose made, once empty
+            path = self.path(folder)
+            if self.fs.isdir(path) and not self.fs.ls(path, detail=False):
+                self.fs.rm(path, recursive=True)
+        return removed
+
+    def _written_by_raypose(self, path: str) -> bool:
+        try:
+            data = json.loads(self.fs.cat_file(path))
+        except (ValueError, OSError):
+            return False
+        if not isinstance(data, dict):
+            return False
+        if posixpath.basename(path) == SCHEMAS_FILE:  # schema name -> its description (schema.describe)
+            return bool(data) and all(isinstance(v, dict) and {"keypoints", "skeleton"} <= set(v) for v in data.values())
+        return "raypose" in (data.get("versions") or {}) or "result_key" in data
 
     def finish(self, manifest: dict[str, Any]) -> None:
         """Write manifest.json last: its presence marks the output complete."""
@@ -255,11 +285,14 @@ class ShardWriter:
         *,
         shards: dict[int, ShardInputs],
         on_commit: Callable[[dict], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ):
-        """`on_commit(marker)` is called after each shard's commit (the job's progress reports it)."""
+        """`on_commit(marker)` is called after each shard's commit (the job's progress reports it);
+        `before_commit()` before each, to stop a run that lost its output's lease."""
         self.store = store
         self.target = target
         self.on_commit = on_commit
+        self.before_commit = before_commit
         self.errors_schema = ERRORS_SCHEMA.with_metadata(target.metadata())
         self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(target.metadata())
         self.pending_images = {shard: inputs.images for shard, inputs in shards.items()}
@@ -308,6 +341,8 @@ class ShardWriter:
         return self.committed
 
     def _commit(self, shard: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
         parts = self.parts.pop(shard, [])
         files = []
         for relative in sorted({f for part in parts for f in part["files"]}):

@@ -169,11 +169,13 @@ def parse_runtime_env_json(text: str | None) -> dict[str, Any] | None:
 
 
 def entrypoint_command(quiet: bool = False, log_format: str = "text", debug: bool = False,
-                       force: bool = False) -> str:
+                       force: bool = False, break_lease: bool = False) -> str:
     """The command the cluster runs: the ordinary local run, on the cluster's Ray."""
     args = ["python", "-m", "raypose.cli", "submit", SPEC_FILE]
     if force:
         args.append("--force")
+    if break_lease:
+        args.append("--break-lease")
     if quiet:
         args.append("--quiet")
     if log_format != "text":
@@ -193,6 +195,7 @@ def prepare(
     log_format: str = "text",
     debug: bool = False,
     force: bool = False,
+    break_lease: bool = False,
 ) -> tuple[Submission, dict[str, Any]]:
     """Validate the spec's fields and decide what to send; returns the submission and the spec data.
 
@@ -228,7 +231,8 @@ def prepare(
         spec=spec,
         address=address,
         submission_id=new_job_id(spec.name),
-        entrypoint=entrypoint_command(quiet=quiet, log_format=log_format, debug=debug, force=force),
+        entrypoint=entrypoint_command(quiet=quiet, log_format=log_format, debug=debug, force=force,
+                                      break_lease=break_lease),
         runtime_env=build_runtime_env("<spec dir>", override),
         metadata={"raypose_name": spec.name, "raypose_version": __version__,
                   "raypose_spec_fingerprint": spec.fingerprint()},
@@ -403,12 +407,14 @@ def run_remote(
     log_format: str = "text",
     debug: bool = False,
     force: bool = False,
+    break_lease: bool = False,
     out: TextIO | None = None,
     echo: Callable[[str], None] = print,
 ) -> int:
     """The whole `submit --address`: prepare, submit, then follow the log and return the exit code."""
     submission, spec_data = prepare(job, overrides, address, runtime_env_json=runtime_env_json,
-                                    quiet=quiet, log_format=log_format, debug=debug, force=force)
+                                    quiet=quiet, log_format=log_format, debug=debug, force=force,
+                                    break_lease=break_lease)
     quiet_ray(log_format, quiet, data=False)
     for warning in submission.warnings:
         log.warning(warning, extra={"event": "submit_warning"})

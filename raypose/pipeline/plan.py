@@ -7,17 +7,21 @@ image tasks, and (with `output.mode: resume`) the shards an earlier run already 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
 from raypose.inputs.boxes import BoxSet, attach_boxes, inline_boxes, load_boxes
 from raypose.inputs.listing import list_images
+from raypose.inputs.storage import uri_of
+from raypose.output.lease import Lease
 from raypose.output.resume import ShardPlan, check_resumable, plan_shards, result_key
 from raypose.output.writer import JOB_FILE, OutputStore
 
@@ -40,6 +44,12 @@ class JobPlan:
     shards: ShardPlan
     previous: dict[str, Any] | None  # the _job.json of the run this one resumes
     force: bool = False  # resume even if the settings changed
+    lease: Lease | None = None  # held from the plan to the run's end (None: a plan to check, not to run)
+
+    def close(self) -> None:
+        """Give the output's lease back (run_job does at its end)."""
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def job_id(self) -> str:
@@ -57,34 +67,73 @@ def model_revisions(routing: Routing, detector: DetectorInfo | None) -> dict[str
     return models
 
 
-def plan_job(spec: JobSpec, force: bool = False) -> JobPlan:
+def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lease: bool = False) -> JobPlan:
     """Check everything that can be checked without Ray: model configs, routing, inputs, boxes, output.
 
     With `output.mode: resume`, shards an earlier run committed for the same inputs are kept
-    and left out of this run; other settings are refused unless `force`.
+    and left out of this run; other settings are refused unless `force`. With `run`, the plan
+    is for a run: it takes the output's lease first (`output/lease.py`; `break_lease` takes it
+    from a holder that still seems alive) and holds it until `run_job` ends or `close()`;
+    without, it writes nothing and fails if another run holds the output.
     """
     detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
     # The model checks are mostly imports (Python, holding the GIL); the listing and the box join are
     # Arrow work that releases it: run side by side, a plan of millions of images takes the longer of the two.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypose-plan-models") as pool:
         models = pool.submit(_models, spec, detecting)
+        lease = None
         try:
             store = OutputStore(spec.output, spec.output_storage_options())
+            lease = _hold_output(spec, store, run, break_lease)
             previous = _previous_run(spec, store)
             store.check_writable()
             tasks, missing, counts = _image_tasks(spec, detecting)  # sorted by key: shard by shard, each commits soon
+            if spec.output.mode == "overwrite":
+                _check_images_outside(spec, store, tasks)
         except BaseException:
+            if lease is not None:
+                lease.release()
             models.result()  # a model's problem is reported first, as when the models were checked first
             raise
-        routing, detector = models.result()
-    if previous is not None and not force:
-        check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
-    shards = plan_shards(spec, tasks.column("image_key"), store, previous)
+        try:
+            routing, detector = models.result()
+            if previous is not None and not force:
+                check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
+            shards = plan_shards(spec, tasks.column("image_key"), store, previous)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+    if lease is not None:
+        lease.name(shards.job_id)
     tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
     if shards.reused:
         tasks = tasks.filter(pa.array(~np.isin(shards.shard_of_task, list(shards.reused))))
     return JobPlan(spec=spec, routing=routing, detector=detector, tasks=tasks, missing=missing, counts=counts,
-                   store=store, shards=shards, previous=previous, force=force)
+                   store=store, shards=shards, previous=previous, force=force, lease=lease)
+
+
+def _hold_output(spec: JobSpec, store: OutputStore, run: bool, break_lease: bool) -> Lease | None:
+    """A run's lease on the output (taken before anything is read or written there); a check's look at it."""
+    lease = Lease(store.fs, store.root, job_id="(planning)", output_url=spec.output.path)
+    if run:
+        return lease.acquire(break_lease)
+    holder = lease.holder()
+    if holder is not None and holder.stale_because(time.time()) is None:
+        lease.acquire()  # raises LeaseHeld naming the holder, as a run would
+    return None
+
+
+def _check_images_outside(spec: JobSpec, store: OutputStore, tasks: pa.Table) -> None:
+    """Refuse to overwrite an output that holds the images (or their tars, Parquet files) the job reads."""
+    root = store.root.rstrip("/") + "/"
+    uris = tasks.column("container") if tasks.num_rows and tasks.column("container").null_count == 0 \
+        else tasks.column("image_uri")
+    prefix = uri_of(store.fs, root)
+    inside = pc.any(pc.starts_with(pc.fill_null(uris, ""), prefix)).as_py() if len(uris) else False
+    if inside:
+        raise SpecError(f"output.mode: overwrite, but images.path ({spec.images.path}) is inside output.path "
+                        f"({spec.output.path}): overwriting could remove the images; write the output elsewhere")
 
 
 def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:

@@ -43,6 +43,15 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None, progres
 
     `wrap` may replace stages (the benchmark traces them); `progress` reports as the rows come in.
     """
+    if plan.lease is None:
+        raise ValueError("run_job takes a plan made to run: plan_job(spec, run=True) (it holds the output's lease)")
+    try:
+        return _run(plan, wrap, progress)
+    finally:
+        plan.close()
+
+
+def _run(plan: JobPlan, wrap: Callable[[Stage], Stage] | None, progress: Progress | None) -> JobResult:
     started = time.time()
     cluster = start_ray(plan.spec.resources)
     layout = resolve_layout(plan.spec, plan.routing, cluster, plan.tasks.num_rows, detecting=plan.detector is not None)
@@ -70,6 +79,7 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None, progres
     manifest = job_manifest(plan, layout, committed, key,
                             {"started": started, "ray_ready": ray_ready, "finished": time.time()},
                             writer.crops_by_worker)
+    plan.lease.check()
     plan.store.finish(manifest)
     _log_finished(plan, manifest)
     if manifest["status"] == "failed":
@@ -117,7 +127,8 @@ def _start_writer(plan: JobPlan, key: dict[str, Any], on_commit: Callable[[dict]
         models={name: (e.model.model_id, e.model.revision) for name, e in experts.items()},
         schemas={name: SCHEMAS[name].describe() for name in sorted({e.keypoint_schema for e in experts.values()})},
     )
-    writer = ShardWriter(plan.store, target, shards=plan.shards.inputs(), on_commit=on_commit)
+    writer = ShardWriter(plan.store, target, shards=plan.shards.inputs(), on_commit=on_commit,
+                         before_commit=plan.lease.check)
     writer.write_listing_errors(plan.missing)
     return writer
 

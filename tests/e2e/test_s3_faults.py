@@ -410,7 +410,7 @@ def test_images_deleted_after_planning_become_read_errors(ray_session, s3_server
     from raypose.pipeline.run import run_job
 
     upload_dataset(s3_server, "vanishing-images", coco_folder)
-    plan = plan_job(parse_job_spec(s3_job("vanishing-images", tiny_checkpoint, s3_server)))
+    plan = plan_job(parse_job_spec(s3_job("vanishing-images", tiny_checkpoint, s3_server)), run=True)
     assert plan.counts["images"] == 3
     fs = s3fs_for(s3_server)
     fs.rm("vanishing-images/coco/val/läufer 1.jpg")  # gone between planning and reading
