@@ -31,6 +31,10 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("error_stage", pa.string()),  # set when an earlier stage failed on this image
         ("error_reason", pa.string()),
         ("shard", pa.int32()),
+        # An image with more boxes than a block takes is cut into parts (pipeline/blocks.py): the
+        # instance index of the part's first box, and the image's boxes in all its parts; null when whole.
+        ("box_offset", pa.int32()),
+        ("image_boxes", pa.int32()),
     ]
 )
 

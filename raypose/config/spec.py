@@ -178,6 +178,9 @@ class ResourcesSpec(_Section):
     cpus_per_detector_actor: PositiveFloat = 1.0
     gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16
+    # At most this many boxes in a crop task (one Ray block), so in a pose call: an image with more is
+    # cut into parts of this many (pipeline/blocks.py), and memory is bounded per call, not per image.
+    boxes_per_crop_task: PositiveInt = 256
     # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
     # pose actors' device (images.gpu_decoder); auto = pose_actor on CPU, tasks on a GPU.
     crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = "auto"

@@ -5,21 +5,22 @@ from __future__ import annotations
 from typing import Callable
 
 from raypose.output.writer import PartTarget
+from raypose.pipeline.blocks import image_blocks
 from raypose.pipeline.layout import Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.stages import Stage, job_stages
 
 
 def build_dataset(plan: JobPlan, layout: Layout, target: PartTarget, wrap: Callable[[Stage], Stage] | None = None):
-    """The job's Dataset: its image tasks in blocks of `layout.images_per_task`, through each stage in turn,
+    """The job's Dataset: its image tasks in blocks of at most `layout.images_per_task` images and
+    `layout.boxes_per_task` boxes (`blocks.image_blocks`), through each stage in turn,
     ending in the write tasks' summaries (`writer.PART_SUMMARY_SCHEMA`) of the parts written to `target`.
 
     `wrap` may replace any stage (the benchmark traces them so, with `Stage.with_fn`).
     """
     import ray.data
 
-    per_task = layout.images_per_task
-    blocks = [plan.tasks.slice(i, per_task) for i in range(0, plan.tasks.num_rows, per_task)]
+    blocks = image_blocks(plan.tasks, layout.images_per_task, layout.boxes_per_task)
     # from_arrow runs a Ray task per block for its metadata, on the workers the pose actor could
     # start in: from_blocks reads it here and keeps the blocks as they are.
     dataset = ray.data.from_blocks(blocks)

@@ -177,13 +177,13 @@ def _tasks(batch: pa.Table) -> list[dict]:
 
 
 def _crop_task(task: dict, data, out: "_CropRows", options: CropOptions, open_image) -> None:
-    """One image's rows: a crop or a failure per box, or one failure for the whole image.
+    """One image's rows: a crop or a failure per box, or one failure for the whole image (`image_failure`).
 
     `data` is the image's bytes, or the ImageError reading them raised. The header comes first,
     then the boxes' geometry, then the pixels (`open_image`), which may be only those the crops read.
     """
     if task.get("error_stage"):
-        out.failure(task, None, task["error_stage"], task["error_reason"])
+        out.image_failure(task, task["error_stage"], task["error_reason"])
         return
     if not task["box_xywh"]:
         return  # nothing to label (e.g. nothing detected): finish_image records the image
@@ -194,12 +194,12 @@ def _crop_task(task: dict, data, out: "_CropRows", options: CropOptions, open_im
             raise data
         header = probe_image(data, options.max_pixels)
     except ImageError as exc:
-        out.failure(task, None, exc.stage, str(exc))
+        out.image_failure(task, exc.stage, str(exc))
         return
     size = header.size
     expected = (task["expected_width"], task["expected_height"])
     if None not in expected and expected != size:
-        out.failure(task, None, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
+        out.image_failure(task, "decode", f"image is {size[0]}x{size[1]} but the boxes file says {expected[0]}x{expected[1]}")
         return
     clipped, reasons = clip_boxes(np.asarray(task["box_xywh"], dtype=np.float64), *size)
     sizes = {i: routing.input_size(e) for i, (r, e) in enumerate(zip(reasons, experts)) if r is None}
@@ -215,11 +215,11 @@ def _crop_task(task: dict, data, out: "_CropRows", options: CropOptions, open_im
             out.crop(task, index, size, clipped[index], expert, center, scale, crop)
     except ImageError as exc:
         out.clear()
-        out.failure(task, None, exc.stage, str(exc))
+        out.image_failure(task, exc.stage, str(exc))
         return
     except Exception as exc:  # an unforeseen failure costs this image, never the batch
         out.clear()
-        out.failure(task, None, "crop", f"{type(exc).__name__}: {exc}")
+        out.image_failure(task, "crop", f"{type(exc).__name__}: {exc}")
         return
     if isinstance(image, _DeviceImage) and image.image.rows:
         out.device_images.append(image.image)
@@ -239,7 +239,7 @@ class _CropRows:
             "image_uri": task["image_uri"],
             "image_width": size[0] if size else None,
             "image_height": size[1] if size else None,
-            "instance_index": index,
+            "instance_index": index + (task.get("box_offset") or 0) if index is not None else None,
             "annotation_id": task["annotation_id"][index] if index is not None else None,
             "category": task["category"][index] if index is not None else None,
             "box_score": task["box_score"][index] if index is not None else None,
@@ -264,15 +264,25 @@ class _CropRows:
         )
         self.crops.append(None)
 
+    def image_failure(self, task, stage: str, reason: str) -> None:
+        """The image failed as a whole: one row; a part of an image (`blocks.image_parts`) gives one row per
+        box of the part, as it would have had, since the writer counts the image's rows over all its parts."""
+        if task.get("image_boxes") is None:
+            self.failure(task, None, stage, reason)
+            return
+        for index in range(len(task["box_xywh"])):
+            self.failure(task, index, stage, reason)
+
     def count(self) -> int:
         return len(self.crops)
 
     def finish_image(self, task: dict) -> None:
-        """Stamp one image's rows with how many there are; an image with none gets one empty row."""
+        """Stamp one image's rows with how many it gives (all its parts' rows, for a part); an image with none
+        gets one empty row."""
         if not self.crops:
             self._row(task, None, None, bbox=None, expert=None, center=None, scale=None, error_stage=None, error_reason=None)
             self.crops.append(None)
-        self.columns["image_rows"] = [len(self.crops)] * len(self.crops)
+        self.columns["image_rows"] = [task.get("image_boxes") or len(self.crops)] * len(self.crops)
 
     def clear(self) -> None:
         """Drop the rows already added (one image's, about to fail as a whole)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -76,7 +77,7 @@ class DeviceCropper:
 
 def cut_on_device(rows: pa.Table, images: list[EncodedImage], device: torch.device, max_pixels: int,
                   decoder: PillowDecoder = PillowDecoder()) -> tuple[pa.Table, Pixels]:
-    """Decode the images on `device` and return the rows (an image that fails to decode: one error row)
+    """Decode the images on `device` and return the rows (an image that fails to decode: error rows, `_fail_images`)
     and the pixels function that cuts each forward batch's crops when it asks for them, so no more
     than one batch of crops exists at a time."""
     decoded = decode_on_device(images, device, max_pixels, decoder)
@@ -98,14 +99,32 @@ def cut_on_device(rows: pa.Table, images: list[EncodedImage], device: torch.devi
 
 
 def _fail_images(rows: pa.Table, images: list[EncodedImage], errors: dict[int, ImageError]):
-    """Replace the rows of images that failed to decode by one error row each (as the CPU croppers record them)."""
+    """The rows with those of images that failed to decode failed, and the images left to cut.
+
+    An image all of whose rows are in this call becomes one error row, as the CPU croppers record
+    it. One whose rows are spread over calls (Ray Data cuts the planned rows into pose batches
+    anywhere) or over parts (`blocks.image_parts`) fails row by row: another call cannot know of this
+    one's error row, and the writer counts every row the image was planned to give.
+    """
     keys = rows.column("image_key").to_pylist()
-    firsts = [images[i].rows[0] for i in errors]
-    failed_keys = {keys[row] for row in firsts}  # its box-failure rows go too: the image is one error now
-    keep = [row for row in range(rows.num_rows) if keys[row] not in failed_keys]
+    image_rows = rows.column("image_rows").to_pylist()
+    held = Counter(keys)
+    whole, partial = {}, {}
+    for i, error in errors.items():
+        first = images[i].rows[0]
+        if held[keys[first]] == image_rows[first]:
+            whole.setdefault(keys[first], (first, error))  # its box-failure rows go too: the image is one error now
+        else:
+            partial.update({row: error for row in images[i].rows})
+    if partial:
+        rows = fail_rows(rows, np.isin(np.arange(rows.num_rows), list(partial)),
+                         [partial[r].stage if r in partial else None for r in range(rows.num_rows)],
+                         [str(partial[r]) if r in partial else None for r in range(rows.num_rows)])
+    keep = [row for row in range(rows.num_rows) if keys[row] not in whole]
     renumber = {row: j for j, row in enumerate(keep)}
-    failed = fail_rows(rows.take(firsts), np.ones(len(firsts), bool), [e.stage for e in errors.values()],
-                       [str(e) for e in errors.values()], whole_image=True)
+    firsts = [first for first, _ in whole.values()]
+    failed = fail_rows(rows.take(pa.array(firsts, pa.int64())), np.ones(len(firsts), bool), [e.stage for _, e in whole.values()],
+                       [str(e) for _, e in whole.values()], whole_image=True)
     kept = [replace(image, rows=[renumber[r] for r in image.rows])
             for i, image in enumerate(images) if i not in errors]
     return pa.concat_tables([rows.take(keep), failed]), kept

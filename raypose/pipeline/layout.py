@@ -97,6 +97,7 @@ class Layout:
     pose_pool: ActorPool
     crops: CropPlacement
     images_per_task: int
+    boxes_per_task: int = 256
     detector_device: str | None = None  # None: no detector stage
     detector_dtype: str | None = None
     detector_pool: ActorPool | None = None
@@ -111,6 +112,7 @@ class Layout:
             "decoder": self.crops.decoder,
             "jpeg_regions": self.crops.jpeg_regions,
             "images_per_task": self.images_per_task,
+            "boxes_per_task": self.boxes_per_task,
             "cluster": asdict(self.cluster),
         }
         if self.detector_pool is not None:
@@ -143,6 +145,7 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
         crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size,
                              gpu_decoder=spec.images.gpu_decoder),
         images_per_task=resources.images_per_crop_task,
+        boxes_per_task=resources.boxes_per_crop_task,
         cluster=cluster,
     )
     if detector is None:

@@ -190,3 +190,21 @@ def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch)
     assert by_region.equals(by_pillow)
     assert len(regions) == 2 and all((x1 - x0) * (y1 - y0) <= 0.5 * 400 * 300 for x0, y0, x1, y1 in regions)
     assert by_region.column("crop").null_count == 2  # the box outside the image, in each photo
+
+
+def test_a_part_of_an_image_that_fails_gives_a_row_per_box_and_counts_the_whole_image(crop_inputs):
+    """The writer counts an image's rows over all its parts (blocks.image_parts): each part gives the rows it owes."""
+    from raypose.pipeline.blocks import image_parts
+
+    boxes = [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]]
+    whole = task_table(task(crop_inputs, "truncated.jpg", boxes, size=(64, 64)))
+    parts = image_parts(whole, 2)
+    got = [make_crops(part, options=OPTIONS).to_pylist() for part in parts]
+    assert [[(r["instance_index"], r["error_stage"], r["image_rows"]) for r in rows] for rows in got] == [
+        [(0, "decode", 3), (1, "decode", 3)], [(2, "decode", 3)]]
+    assert got[0][0]["error_reason"].startswith("corrupt or truncated")
+    # Uncut, the same image is one error row.
+    assert [(r["instance_index"], r["image_rows"]) for r in make_crops(whole, options=OPTIONS).to_pylist()] == [(None, 1)]
+    good = [make_crops(part, options=OPTIONS) for part in image_parts(task_table(task(crop_inputs, "good.png", boxes)), 2)]
+    assert pa.concat_tables(good).drop_columns(["image_rows"]).equals(
+        make_crops(task_table(task(crop_inputs, "good.png", boxes)), options=OPTIONS).drop_columns(["image_rows"]))

@@ -107,6 +107,20 @@ def test_an_image_that_fails_to_decode_on_the_device_becomes_one_error_row(image
                                   cpu_crop(next(r for r in expected if r["image_key"] == "photo.jpg")))
 
 
+def test_an_image_whose_rows_a_call_holds_only_some_of_fails_row_by_row_on_the_device(images):
+    """Ray Data cuts planned rows into pose calls anywhere: each call must give the rows it holds, no fewer."""
+    planned = plan_crops(task_table(
+        image_task(images / "truncated.jpg", [[0, 0, 30, 30], [900, 0, 5, 5], [10, 10, 20, 20]], first_annotation=0),
+        image_task(images / "photo.jpg", [[5, 5, 60, 90]], first_annotation=0),
+    ), options=DEVICE_OPTIONS)
+    calls = [planned.slice(0, 2), planned.slice(2)]
+    got = [DeviceCropper(DEVICE_OPTIONS)(rows, torch.device("cpu"))[0].to_pylist() for rows in calls]
+    assert [[(r["image_key"], r["instance_index"], r["error_stage"], r["image_rows"]) for r in rows] for rows in got] == [
+        [("truncated.jpg", 0, "decode", 3), ("truncated.jpg", 1, "boxes", 3)],
+        [("truncated.jpg", 2, "decode", 3), ("photo.jpg", 0, None, 1)]]
+    assert got[0][0]["error_reason"].startswith("corrupt or truncated")
+
+
 def test_crops_that_cannot_be_cut_on_the_device_become_error_rows(images, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")

@@ -1,0 +1,115 @@
+"""The Dataset's blocks: bounded in images and boxes; an image with more boxes is cut into parts whose rows the writer
+counts as one image's, whichever stage cuts its crops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import image_task, job_dict, task_table
+
+from raypose.config.spec import parse_job_spec
+from raypose.output.writer import OutputStore, PartTarget, ShardInputs, ShardWriter
+from raypose.pipeline.blocks import image_blocks
+from raypose.pipeline.layout import ClusterShape, resolve_layout
+from raypose.pipeline.plan import plan_job
+from raypose.pipeline.stages import job_stages
+from raypose.testing.synthetic import draw_people
+
+
+def tasks_with(box_counts: list[int]) -> pa.Table:
+    return task_table(*(image_task(Path(f"/data/img{i}.png"), [[i, j, 5, 5] for j in range(n)])
+                        for i, n in enumerate(box_counts)))
+
+
+def test_blocks_hold_at_most_so_many_images_and_boxes_in_order():
+    tasks = tasks_with([3, 0, 2, 4, 1, 1, 1, 5, 0, 0])
+    blocks = image_blocks(tasks, images_per_block=3, boxes_per_block=5)
+    assert [b.column("image_key").to_pylist() for b in blocks] == [
+        ["img0.png", "img1.png", "img2.png"], ["img3.png", "img4.png"], ["img5.png", "img6.png"],
+        ["img7.png", "img8.png", "img9.png"]]
+    assert pa.concat_tables(blocks).equals(tasks)  # uncut: the rows as they were, box_offset null
+
+
+def test_an_image_with_more_boxes_than_a_block_is_cut_into_parts_of_its_own():
+    tasks = tasks_with([2, 7, 1])
+    tasks = tasks.set_column(tasks.schema.get_field_index("box_score"), "box_score",
+                             pa.array([[0.5] * 2, [0.1 * j for j in range(7)], [0.9]], pa.list_(pa.float32())))
+    blocks = image_blocks(tasks, images_per_block=16, boxes_per_block=3)
+    assert [b.column("image_key").to_pylist() for b in blocks] == [
+        ["img0.png"], ["img1.png"], ["img1.png"], ["img1.png"], ["img2.png"]]
+    parts = pa.concat_tables(blocks[1:4]).to_pylist()
+    assert [(p["box_offset"], p["image_boxes"]) for p in parts] == [(0, 7), (3, 7), (6, 7)]
+    assert [p["annotation_id"] for p in parts] == [[1, 2, 3], [4, 5, 6], [7]]
+    assert [[b[1] for b in p["box_xywh"]] for p in parts] == [[0, 1, 2], [3, 4, 5], [6]]
+    np.testing.assert_allclose([s for p in parts for s in p["box_score"]], [0.1 * j for j in range(7)], rtol=1e-6)
+    assert blocks[0].column("box_offset").null_count == 1 and blocks[4].column("image_boxes").null_count == 1
+
+
+CROWD = 90  # boxes on one image
+PER_TASK = 25  # boxes a block takes: the image is four parts
+
+
+@pytest.fixture
+def crowd_plan(tiny_checkpoint, tmp_path):
+    """A 200x150 image with CROWD boxes (three of them invalid: box failure rows), and an image with two."""
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 90, (CROWD, 2))  # every box at least partly inside
+    boxes = np.concatenate([xy, rng.uniform(20, 60, (CROWD, 2))], axis=1).round(1).tolist()
+    boxes[5], boxes[57], boxes[80] = [0, 0, 0, 10], [900, 900, 5, 5], [10, 10, -4, 5]
+    (tmp_path / "images").mkdir()
+    draw_people(200, 150, np.array(boxes[:10])).save(tmp_path / "images" / "crowd.jpg")
+    draw_people(100, 80, np.array([[5, 5, 30, 60]])).save(tmp_path / "images" / "a_pair.jpg")
+    sets = [("crowd.jpg", (200, 150), boxes), ("a_pair.jpg", (100, 80), [[5, 5, 30, 60], [50, 10, 30, 60]])]
+    coco = {"images": [{"id": i + 1, "file_name": name, "width": w, "height": h} for i, (name, (w, h), _) in enumerate(sets)],
+            "annotations": [{"id": 1000 * (i + 1) + j, "image_id": i + 1, "category_id": 1, "bbox": box, "area": 100,
+                             "iscrowd": 0} for i, (_, _, b) in enumerate(sets) for j, box in enumerate(b)],
+            "categories": [{"id": 1, "name": "person"}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    spec = job_dict(tmp_path / "images", tmp_path / "boxes.json", tiny_checkpoint, tmp_path / "out",
+                    resources={"boxes_per_crop_task": PER_TASK}, pose={"batch_size": 16})
+    return plan_job(parse_job_spec(spec))
+
+
+def run_as_ray_data_would(stages, blocks: list[pa.Table], crops: list[int]) -> list[pa.Table]:
+    """Each block through the stages: a task per block, then pose calls of the stage's batch size (rows cut
+    into calls anywhere) or a block each; `crops` gets the crop rows each task and pose call made."""
+    for stage in stages[:-1]:
+        blocks = [stage.fn(block, **stage.fn_args) for block in blocks]
+        crops += [block.num_rows for block in blocks]
+    pose = stages[-1]
+    actor, size = pose.fn(**pose.fn_args), pose.map_args["batch_size"]
+    if size is not None:
+        rows = pa.concat_tables(blocks)
+        blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
+    outputs = [actor(block) for block in blocks]
+    crops += [rows.num_rows for rows in outputs]
+    return outputs
+
+
+@pytest.mark.parametrize("crop_in", ["tasks", "pose_actor", "pose_device"])
+def test_a_crowded_image_goes_through_bounded_calls_and_the_writer_completes_it_once(crowd_plan, tmp_path, crop_in):
+    plan = crowd_plan
+    spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(update={"crop_in": crop_in})})
+    layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
+    blocks = image_blocks(plan.tasks, layout.images_per_task, layout.boxes_per_task)
+    assert [b.num_rows for b in blocks] == [1, 1, 1, 1, 1]  # the other image, then the crowd's four parts
+    crops = []  # crop rows each crop task and pose call made: never more than a block's boxes
+    outputs = run_as_ray_data_would(job_stages(plan, layout), blocks, crops)
+    assert max(crops) == PER_TASK
+
+    store = OutputStore(spec.output, {})
+    target = PartTarget(output=spec.output, storage_options={}, job_id="j", models={"coco": ("m", "r")}, schemas={})
+    writer = ShardWriter(store, target, shards={0: ShardInputs(2, "fp")})
+    for i, rows in enumerate(outputs):
+        writer.write(rows)
+        assert (0 in writer.committed) == (i == len(outputs) - 1)  # the shard waits for the crowd's last part
+    assert writer.images_done == 2 and writer.instances == CROWD - 3 + 2 and writer.errors == 3
+    rows = pa.concat_tables(outputs)
+    crowd = rows.filter(pa.compute.equal(rows.column("image_key"), "crowd.jpg"))
+    assert sorted(crowd.column("instance_index").to_pylist()) == list(range(CROWD))
+    assert set(crowd.column("image_rows").to_pylist()) == {CROWD}
+    assert crowd.column("annotation_id").to_pylist() == [1000 + i for i in crowd.column("instance_index").to_pylist()]
