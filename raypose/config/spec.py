@@ -83,11 +83,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class VideoSpec(_Section):
+    """With images.format: video, which frames of each video are labelled (docs/video.md)."""
+
+    every: PositiveInt = 1  # every Nth frame
+    fps: PositiveFloat | None = None  # or about this many frames a second, by the frames' timestamps
+    start: NonNegativeFloat = 0.0  # seconds into the video
+    end: PositiveFloat | None = None
+    max_frames: PositiveInt | None = None  # at most this many frames of a video
+    max_seconds: PositiveFloat = 86_400.0  # a longer video is an error row, not labelled
+    frames_per_task: PositiveInt = 64  # sampled frames per read task, a range cut at a keyframe where one is near
+    extensions: TextList = [".mp4", ".mov", ".mkv", ".webm", ".avi"]
+
+
 class ImagesSpec(_Section):
     """Where the images are."""
 
     path: Text
-    format: Literal["files", "webdataset", "parquet"] = "files"
+    format: Literal["files", "webdataset", "parquet", "video"] = "files"
     storage_options: Options = {}
     image_column: Text = "image"  # parquet: binary, or a struct with `bytes` (and `path`), as HF datasets export
     key_column: Text | None = None  # parquet: the image key (default: image.path, else file/row)
@@ -98,6 +111,7 @@ class ImagesSpec(_Section):
     # With resources.crop_in: pose_device on a GPU, who decodes the JPEGs (imaging/decode_device.py):
     # auto = nvimgcodec where installed, else nvjpeg where torchvision is, else pillow (Pillow's pixels).
     gpu_decoder: Literal["auto", "pillow", "nvimgcodec", "nvjpeg"] = "auto"
+    video: VideoSpec = VideoSpec()  # images.format: video: the frames to label
 
 
 class DetectorSpec(_Section):
@@ -165,6 +179,7 @@ class PoseSpec(_Section):
     fold_expert: Flag = False  # fold a MoE checkpoint's one used expert into a dense model at load time
     compile: Flag = False  # torch.compile the model: faster forward, a compile per actor before the first batch
     decode: Literal["transformers", "original"] = "transformers"  # DARK smoothing: sigma 0.8, or cv2's k=11 (2.0)
+    track: Flag = False  # video: link each video's instances across its frames (track_id)
 
 
 class ResourcesSpec(_Section):
@@ -306,8 +321,15 @@ def cross_field_problems(spec: JobSpec) -> list[str]:
     """What the field types cannot say: required-if, and names that must refer to each other."""
     problems = []
     boxes, pose = spec.boxes, spec.pose
-    if boxes.source == "inline" and spec.images.format == "files":
+    if boxes.source == "inline" and spec.images.format in ("files", "video"):
         problems.append("boxes.source: inline boxes come with webdataset or parquet images (images.format)")
+    video = spec.images.video
+    if video.fps is not None and video.every != 1:
+        problems.append("images.video.fps: give fps or every, not both")
+    if video.end is not None and video.end <= video.start:
+        problems.append(f"images.video.end: expected a time after images.video.start ({video.start}), got {video.end}")
+    if pose.track and spec.images.format != "video":
+        problems.append("pose.track: links instances across a video's frames: only with images.format: video")
     if boxes.source in ("coco", "table") and boxes.path is None:
         problems.append(f"boxes.path: required with boxes.source: {boxes.source}")
     if boxes.source == "detector" and boxes.detect_missing:

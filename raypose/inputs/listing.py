@@ -25,7 +25,10 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
     fixed prefix, or to the manifest's folder); for WebDataset tars and Parquet files, the
     image's name inside them (see `containers`), with where its bytes are, and its inline
     boxes when `boxes.source` is `inline`. Columnar throughout: no Python object per image.
+    Video files (`images.format: video`) are listed as files are; the plan indexes their frames (`video`).
     """
+    if images.format == "video":
+        return _list_files(images, tuple(s.lower() for s in images.video.extensions), "videos")
     if images.format != "files":
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
@@ -38,7 +39,8 @@ RESULT_FIELDS = {
     "boxes": ("source", "path", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
               "image_key_column", "bbox_column", "score_column", "category_column"),
     "boxes.detector": ("model", "revision", "threshold", "max_per_image", "min_size", "nms_iou"),
-    "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode"),
+    "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode", "track"),
+    "images.video": ("every", "fps", "start", "end", "max_frames", "max_seconds", "extensions"),
 }
 
 
@@ -76,6 +78,8 @@ def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] |
         key.update({f"{section}.{name}": node[name] for name in names})
     if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
         key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
+    if spec.images.format != "video":  # outputs of images keep the key they had
+        key = {name: value for name, value in key.items() if not name.startswith("images.video.") and name != "pose.track"}
     key.update({f"models.{name}": revision for name, revision in models.items()})
     key.update({f"layout.{name}": value for name, value in (resolved or {}).items()})
     return key
@@ -128,7 +132,8 @@ def plan_shards(spec: JobSpec, keys: pa.Array, store: OutputStore, previous: dic
     if previous is None:
         job_id = os.environ.get(JOB_ID_ENV) or new_job_id(spec.name)
         per = spec.output.images_per_shard
-        starts = keys.take(pa.array(np.arange(0, n, per))).to_pylist() or [""]
+        firsts = video_shard_firsts(keys, per) if spec.images.format == "video" else np.arange(0, n, per)
+        starts = keys.take(pa.array(firsts)).to_pylist() or [""]
         num_shards = len(starts)
     else:
         job_id, num_shards, starts = previous["job_id"], int(previous["num_shards"]), previous.get("shard_starts")
@@ -151,6 +156,20 @@ def plan_shards(spec: JobSpec, keys: pa.Array, store: OutputStore, previous: dic
                 del to_write[shard]
     return ShardPlan(job_id=job_id, num_shards=num_shards, starts=starts, shard_of_task=shards, to_write=to_write,
                      reused=reused)
+
+
+def video_shard_firsts(keys: pa.Array, per: int) -> np.ndarray:
+    """Where shards of video frames (keys `VIDEO#NNNNNN`, sorted) start: at a video's first frame, once the
+    shard before holds `per` frames or more. A video is never cut, so its tracks are linked within one shard."""
+    videos = pc.replace_substring_regex(keys, r"#\d+$", "")
+    changes = np.flatnonzero(pc.not_equal(videos.slice(1), videos.slice(0, len(videos) - 1)).to_numpy(
+        zero_copy_only=False)) + 1 if len(videos) > 1 else np.array([], np.int64)
+    video_starts = np.concatenate([[0], changes]).astype(np.int64) if len(keys) else np.array([], np.int64)
+    firsts = []
+    for start in video_starts:
+        if not firsts or start - firsts[-1] >= per:
+            firsts.append(start)
+    return np.array(firsts, np.int64)
 
 
 def start_run(store: OutputStore, spec: JobSpec, shards: ShardPlan, key: dict[str, Any]) -> None:

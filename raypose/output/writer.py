@@ -379,7 +379,9 @@ def _instances(rows: pa.Table, target: PartTarget) -> pa.Table:
         "model_id": [target.models[e][0] for e in experts],
         "model_revision": [target.models[e][1] for e in experts],
     }
-    return pa.table({name: pa.array(run[name], pa.string()) if name in run else rows.column(name)
+    return pa.table({name: pa.array(run[name], pa.string()) if name in run
+                     else rows.column(name) if name in rows.column_names  # track_id: linked when the shard commits
+                     else pa.nulls(rows.num_rows, KEYPOINTS_SCHEMA.field(name).type)
                      for name in KEYPOINTS_SCHEMA.names}, schema=KEYPOINTS_SCHEMA)
 
 

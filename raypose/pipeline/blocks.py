@@ -32,6 +32,20 @@ def image_blocks(tasks: pa.Table, images_per_block: int, boxes_per_block: int) -
     return blocks
 
 
+def frame_range_blocks(tasks: pa.Table, images_per_block: int) -> list[pa.Table]:
+    """Video frame tasks as blocks of one range of one video each (`video_range`: what a read task decodes in
+    one go); the tasks of videos that could not be read (no range) in blocks of at most `images_per_block`."""
+    uris = tasks.column("image_uri").to_pylist()
+    ranges = tasks.column("video_range").to_pylist()
+    blocks, start = [], 0
+    for row in range(1, tasks.num_rows + 1):
+        if row == tasks.num_rows or (uris[row], ranges[row]) != (uris[start], ranges[start]) or (
+                ranges[row] is None and row - start >= images_per_block):
+            blocks.append(tasks.slice(start, row - start))
+            start = row
+    return blocks
+
+
 def image_parts(task: pa.Table, boxes_per_part: int) -> list[pa.Table]:
     """One image task (a one-row table) cut into tasks of at most `boxes_per_part` boxes each."""
     lists = [name for name in task.column_names if pa.types.is_list(task.schema.field(name).type)]

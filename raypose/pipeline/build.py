@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from raypose.output.writer import PartTarget
-from raypose.pipeline.blocks import image_blocks
+from raypose.pipeline.blocks import frame_range_blocks, image_blocks
 from raypose.pipeline.layout import Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.stages import Stage, job_stages
@@ -20,7 +20,10 @@ def build_dataset(plan: JobPlan, layout: Layout, target: PartTarget, wrap: Calla
     """
     import ray.data
 
-    blocks = image_blocks(plan.tasks, layout.images_per_task, layout.boxes_per_task)
+    if plan.spec.images.format == "video":
+        blocks = frame_range_blocks(plan.tasks, layout.images_per_task)
+    else:
+        blocks = image_blocks(plan.tasks, layout.images_per_task, layout.boxes_per_task)
     # from_arrow runs a Ray task per block for its metadata, on the workers the pose actor could
     # start in: from_blocks reads it here and keeps the blocks as they are.
     dataset = ray.data.from_blocks(blocks)

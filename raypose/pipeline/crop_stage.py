@@ -245,6 +245,9 @@ class _CropRows:
             "box_score": task["box_score"][index] if index is not None else None,
             "box_source": task["box_source"],
             "detector_id": task.get("detector_id"),
+            "frame_index": task.get("frame_index"),
+            "frame_time": task.get("frame_time"),
+            "video_fps": task.get("video_fps"),
             "shard": task.get("shard") or 0,
             **values,
         }

@@ -168,8 +168,13 @@ def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, di
     else:
         box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
     _release_unused()
-    tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
-    if not counts["boxes"] and not counts["boxes_without_image"] and not counts["images_to_detect"]:
+    if spec.images.format == "video":  # each video's sampled frames are its images
+        from raypose.inputs.video import video_tasks
+
+        tasks, missing, counts = video_tasks(images, spec.images, box_set, detecting)
+    else:
+        tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
+    if not (counts["boxes"] or counts["boxes_without_image"] or counts["images_to_detect"] or counts.get("videos_failed")):
         raise SpecError(
             f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "
             f"(boxes.categories {spec.boxes.categories}, min_area {spec.boxes.min_area}, "

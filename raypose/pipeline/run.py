@@ -108,7 +108,8 @@ def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
 
 
 # Stage callables as Ray names them in its errors -> raypose's stage names.
-STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "plan_crops": "crop"}
+STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "plan_crops": "crop",
+               "read_frames": "video"}
 
 
 def resolved_settings(layout: Layout) -> dict[str, Any]:

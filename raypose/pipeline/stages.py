@@ -22,6 +22,7 @@ from raypose.pipeline.faults import fault_env
 from raypose.pipeline.layout import ActorPool, Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.pose_stage import PoseStage
+from raypose.pipeline.video_stage import read_frames
 
 
 def rows_per_part(images_per_shard: int, boxes_per_image: float, job_rows: int) -> int:
@@ -73,6 +74,9 @@ def job_stages(plan: JobPlan, layout: Layout, target: PartTarget | None = None) 
     task_args = {"max_retries": retries, **runtime_env}
     actor_args = {"max_restarts": retries, "max_task_retries": retries, **runtime_env}
     stages = []
+    if spec.images.format == "video":  # frames decoded a range a task; from here on they are images
+        stages.append(Stage("read_frames", read_frames, {"storage_options": dict(spec.images.storage_options)},
+                            {"batch_size": None, "num_cpus": 1, **task_args}))
     if plan.detector is not None:
         stages.append(Stage(
             "detect", DetectStage,
