@@ -11,6 +11,7 @@ from typing import Any, Callable
 from raypose.errors import JobFailed, RayposeError
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.output.resume import check_resumable, result_key, start_run
+from raypose.output.tracks import link_shard_tracks
 from raypose.output.writer import PartTarget, ShardWriter
 from raypose.pipeline.build import build_dataset
 from raypose.pipeline.layout import Layout, resolve_layout
@@ -129,7 +130,8 @@ def _start_writer(plan: JobPlan, key: dict[str, Any], on_commit: Callable[[dict]
         schemas={name: SCHEMAS[name].describe() for name in sorted({e.keypoint_schema for e in experts.values()})},
     )
     writer = ShardWriter(plan.store, target, shards=plan.shards.inputs(), on_commit=on_commit,
-                         before_commit=plan.lease.check)
+                         before_commit=plan.lease.check,
+                         finish_parts=link_shard_tracks if plan.spec.pose.track else None)
     writer.write_listing_errors(plan.missing)
     return writer
 

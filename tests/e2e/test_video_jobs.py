@@ -71,6 +71,7 @@ def test_video_frames_give_the_rows_their_pngs_give(ray_session, tiny_checkpoint
     video_job = job_dict(folder / "videos", write_boxes(tmp_path / "video_boxes.jsonl", boxes), tiny_checkpoint,
                          tmp_path / "video_out", pose=pose)
     video_job["images"].update(format="video", video=SAMPLING)
+    video_job["pose"]["track"] = True
     video_job["boxes"]["source"] = "table"
     image_job = job_dict(folder / "frames", write_boxes(tmp_path / "png_boxes.jsonl", boxes, sampled, ".png"),
                          tiny_checkpoint, tmp_path / "png_out", pose=pose)
@@ -98,6 +99,14 @@ def test_video_frames_give_the_rows_their_pngs_give(ray_session, tiny_checkpoint
     turned = [r for r in rows if r["image_key"].startswith("turned.mp4")]
     assert {(r["image_width"], r["image_height"]) for r in turned} == {(128, 96)}  # upright, as drawn
     assert {r["video_fps"] for r in rows if r["image_key"].startswith("walk")} == {10.0}
+    # Tracks: each drawn walker (the box's place in its frame's list) keeps one id through its video.
+    for video in VIDEOS:
+        ids = {}
+        for row in rows:
+            if row["image_key"].startswith(video + "#"):
+                ids.setdefault(row["annotation_id"] % 1000, set()).add(row["track_id"])
+        assert sorted(len(v) for v in ids.values()) == [1, 1] and set.union(*ids.values()) == {0, 1}, (video, ids)
+    assert by_png.column("track_id").null_count == by_png.num_rows  # no tracks without pose.track
     manifest = read_json(tmp_path / "video_out" / "manifest.json")
     assert manifest["counts"]["images"] == len(sampled) and manifest["counts"]["errors"] == 0
     assert pc.all(by_png.column("frame_index").is_null()).as_py()  # images have no frame
