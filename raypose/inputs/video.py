@@ -249,10 +249,10 @@ def upright(frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels
 
 
-def frame_bytes(pixels: np.ndarray) -> bytes:
-    """RGB pixels as a binary PPM: lossless, no compression to pay for, read by Pillow like any image file."""
+def frame_ppm(pixels: np.ndarray) -> np.ndarray:
+    """RGB pixels as the bytes (uint8) of a binary PPM: lossless, nothing to compress, read by Pillow like any image."""
     height, width, _ = pixels.shape
-    return b"P6 %d %d 255\n" % (width, height) + pixels.tobytes()
+    return np.concatenate([np.frombuffer(b"P6 %d %d 255\n" % (width, height), np.uint8), pixels.reshape(-1)])
 
 
 def video_tasks(videos: pa.Table, images: ImagesSpec, box_set: BoxSet, detecting: bool) -> tuple[pa.Table, pa.Table, dict]:

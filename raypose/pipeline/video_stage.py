@@ -13,44 +13,67 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from raypose.errors import ImageError
-from raypose.inputs.video import decode_frames, frame_bytes
+from raypose.inputs.video import decode_frames, frame_ppm
+from raypose.pipeline.arrow_views import binary_column
 from raypose.pipeline.faults import inject
 
 FRAMES_PER_YIELD = 8
 
 
 def read_frames(batch: pa.Table, *, storage_options: dict[str, Any]) -> Iterator[pa.Table]:
-    """Frame tasks -> the same tasks, each with its frame's pixels (`image_bytes`) or its error; other rows as they are."""
+    """Frame tasks -> the same tasks in the same order, each with its frame's pixels (`image_bytes`) or its error;
+    rows that are not frames to decode (a video that could not be indexed) as they are."""
     inject("video")
-    tasks = batch.to_pylist()
-    done: list[dict] = []
-    by_video: dict[str, list[dict]] = {}
-    for task in tasks:
-        if task.get("frame_pts") is None or task.get("error_stage"):
-            done.append(task)  # a video that could not be read, or an image: nothing to decode
-        else:
-            by_video.setdefault(task["image_uri"], []).append(task)
-    for uri, frames in by_video.items():
-        by_pts = {task["frame_pts"]: task for task in frames}
+    pts = batch.column("frame_pts").to_pylist()
+    uris = batch.column("image_uri").to_pylist()
+    failed = batch.column("error_stage").is_valid().to_pylist()
+    by_video: dict[str, list[int]] = {}
+    for row, (uri, stamp, bad) in enumerate(zip(uris, pts, failed)):
+        if stamp is not None and not bad:
+            by_video.setdefault(uri, []).append(row)
+    frame_rows = {row for rows in by_video.values() for row in rows}
+    outcomes: dict[int, np.ndarray | ImageError] = {}
+    done = 0  # the rows before this one are yielded
+
+    def flush(final: bool = False) -> Iterator[pa.Table]:
+        nonlocal done
+        end = done
+        while end < batch.num_rows and (end not in frame_rows or end in outcomes):
+            end += 1
+        while end - done >= FRAMES_PER_YIELD or (final and end > done):
+            size = min(FRAMES_PER_YIELD, end - done)
+            yield _with_frames(batch.slice(done, size), [outcomes.pop(row, None) for row in range(done, done + size)])
+            done += size
+
+    for uri, rows in by_video.items():
+        row_of = {pts[row]: row for row in rows}
         try:
-            decoded = decode_frames(uri, storage_options, sorted(by_pts))
-            for pts, pixels in decoded:
-                task = by_pts[pts]
-                if isinstance(pixels, ImageError):
-                    task["error_stage"], task["error_reason"] = pixels.stage, str(pixels)
-                else:
-                    task["image_bytes"] = frame_bytes(pixels)
-                done.append(task)
-                if len(done) >= FRAMES_PER_YIELD:
-                    yield pa.Table.from_pylist(done, schema=batch.schema)
-                    done = []
+            for stamp, pixels in decode_frames(uri, storage_options, sorted(row_of)):
+                outcomes[row_of[stamp]] = pixels
+                yield from flush()
         except ImageError as exc:  # the file could not be opened again (gone, or a storage failure)
-            for task in by_pts.values():
-                if task.get("image_bytes") is None and not task.get("error_stage"):
-                    task["error_stage"], task["error_reason"] = exc.stage, str(exc)
-                    done.append(task)
-    if done or not tasks:
-        yield pa.Table.from_pylist(done, schema=batch.schema)
+            for row in rows:
+                outcomes.setdefault(row, exc)
+    yield from flush(final=True)
+    if not batch.num_rows:
+        yield batch
+
+
+def _with_frames(rows: pa.Table, outcomes: list) -> pa.Table:
+    """`rows` with each decoded frame as PPM bytes in `image_bytes`, and each failed one's error."""
+    pixels = [frame_ppm(o) if isinstance(o, np.ndarray) else None for o in outcomes]
+    stages = [o.stage if isinstance(o, ImageError) else s for o, s in zip(outcomes, rows.column("error_stage").to_pylist())]
+    reasons = [str(o) if isinstance(o, ImageError) else r for o, r in zip(outcomes, rows.column("error_reason").to_pylist())]
+    existing = rows.column("image_bytes")
+    if existing.null_count != len(existing):  # never for frames; kept for rows that brought bytes along
+        pixels = [p if p is not None else (None if v is None else np.frombuffer(v, np.uint8))
+                  for p, v in zip(pixels, existing.to_pylist())]
+    for name, column in (("image_bytes", binary_column(pixels)), ("error_stage", pa.array(stages, pa.string())),
+                         ("error_reason", pa.array(reasons, pa.string()))):
+        index = rows.schema.get_field_index(name)
+        rows = rows.set_column(index, rows.schema.field(name), column.cast(rows.schema.field(name).type))
+    return rows

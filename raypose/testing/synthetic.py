@@ -292,10 +292,12 @@ def instant_heatmaps(info):
 
 
 def make_video(path: str | Path, frames: int = 12, size: tuple[int, int] = (128, 96), codec: str = "libx264",
-               fps: int = 10, variable: bool = False, rotation: int = 0, people: int = 2, seed: int = 0) -> list[list]:
+               fps: int = 10, variable: bool = False, rotation: int = 0, people: int = 2, seed: int = 0,
+               grain: bool = False, bit_rate: int | None = None) -> list[list]:
     """Write a video of `people` stick figures walking across a drawn background (PyAV); return each frame's
     boxes (xywh, in the frame as a player shows it). `variable`: frames 1, 2 and 3 tenths of a second apart
-    in turn; `rotation`: a display matrix turning the picture that many degrees counterclockwise."""
+    in turn; `rotation`: a display matrix turning the picture that many degrees counterclockwise; `grain`: the
+    background's noise new in every frame, and `bit_rate` (bits/s), for a decoder's work like a camera's."""
     import av
 
     width, height = size
@@ -310,6 +312,8 @@ def make_video(path: str | Path, frames: int = 12, size: tuple[int, int] = (128,
         # Stored turned back, so that a player (and raypose) shows the drawn picture upright.
         stream.width, stream.height = (height, width) if turns % 2 else (width, height)
         stream.pix_fmt = "yuv420p"
+        if bit_rate:
+            stream.bit_rate = bit_rate
         if variable:
             stream.codec_context.time_base = Fraction(1, 1000)
         if turns:
@@ -319,7 +323,8 @@ def make_video(path: str | Path, frames: int = 12, size: tuple[int, int] = (128,
             xy = np.clip(start + index * step, 0, np.array([width, height]) - shape)
             frame_boxes = np.concatenate([xy, np.broadcast_to(shape, xy.shape)], axis=1).round(1)
             boxes.append(frame_boxes.tolist())
-            picture = np.rot90(np.asarray(draw_people(width, height, frame_boxes, seed=seed)), -turns)
+            drawn = draw_people(width, height, frame_boxes, seed=seed + index if grain else seed)
+            picture = np.rot90(np.asarray(drawn), -turns)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
             if variable:
                 frame.pts, frame.time_base = pts, Fraction(1, 1000)
