@@ -163,7 +163,9 @@ def _rows_of(job: JobOutput, keys: list[str]) -> dict[str, list[dict]]:
     """Every instance row of the chosen images, by key, in instance order."""
     rows_by_key: dict[str, list[dict]] = {k: [] for k in keys}
     if keys:
-        table = job.dataset().to_table(columns=COLUMNS, filter=ds.field("image_key").isin(keys))
+        dataset = job.dataset()
+        columns = COLUMNS + [c for c in ("frame_index",) if c in dataset.schema.names]  # older outputs have no frames
+        table = dataset.to_table(columns=columns, filter=ds.field("image_key").isin(keys))
         for row in table.to_pylist():
             rows_by_key[row["image_key"]].append(row)
     for rows in rows_by_key.values():
@@ -276,7 +278,12 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         result.problem = "no image_uri in the table; give --images"
         return result
     try:
-        image = decode_image(read_bytes(uri, storage_options), MAX_PIXELS)
+        if rows and rows[0].get("frame_index") is not None and not images_root:  # a video's frame
+            from raypose.output.render_video import FrameSource
+
+            image = FrameSource(storage_options).frame(uri, rows[0]["frame_index"])
+        else:
+            image = decode_image(read_bytes(uri, storage_options), MAX_PIXELS)
     except ImageError as exc:
         result.problem = f"{exc.stage}: {exc}"
         return result

@@ -110,3 +110,14 @@ def test_video_frames_give_the_rows_their_pngs_give(ray_session, tiny_checkpoint
     manifest = read_json(tmp_path / "video_out" / "manifest.json")
     assert manifest["counts"]["images"] == len(sampled) and manifest["counts"]["errors"] == 0
     assert pc.all(by_png.column("frame_index").is_null()).as_py()  # images have no frame
+
+    # Review: the worst frames drawn on the frames decoded from their videos, and a clip per video.
+    result = runner.invoke(app, ["render", str(tmp_path / "video_out"), "--out", str(tmp_path / "review"), "--sample", "3"])
+    assert result.exit_code == 0, result.output
+    assert "rendered: 3 of 3 chosen images" in result.output and "rendered: 4 of 4 videos as clips" in result.output
+    assert len(list((tmp_path / "review" / "images").glob("*.jpg"))) == 3
+    clips = sorted((tmp_path / "review" / "videos").glob("*.mp4"))
+    assert len(clips) == 4 and "<video" in (tmp_path / "review" / "videos.html").read_text()
+    with av.open(str(clips[0])) as container:
+        shown = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(shown) == 4 and shown[0].shape == (96, 128, 3)  # the four sampled frames, upright
