@@ -132,7 +132,10 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     detector = (accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, cluster, "boxes.detector")
                 if detecting else None)
     detector_gpus = detector[0] * _largest(resources.detector_actors) if detector else 0.0
-    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, detecting)
+    # Video read tasks, like a detector, need CPUs beside the pose actors' (two actors would take both of a
+    # 2-CPU node and the read tasks never start).
+    beside = detecting or spec.images.format == "video"
+    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, beside)
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)

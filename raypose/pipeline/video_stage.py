@@ -46,7 +46,7 @@ def read_frames(batch: pa.Table, *, storage_options: dict[str, Any]) -> Iterator
             end += 1
         while end - done >= FRAMES_PER_YIELD or (final and end > done):
             size = min(FRAMES_PER_YIELD, end - done)
-            yield _with_frames(batch.slice(done, size), [outcomes.pop(row, None) for row in range(done, done + size)])
+            yield _frames_into(batch.slice(done, size), [outcomes.pop(row, None) for row in range(done, done + size)])
             done += size
 
     for uri, rows in by_video.items():
@@ -63,15 +63,11 @@ def read_frames(batch: pa.Table, *, storage_options: dict[str, Any]) -> Iterator
         yield batch
 
 
-def _with_frames(rows: pa.Table, outcomes: list) -> pa.Table:
+def _frames_into(rows: pa.Table, outcomes: list) -> pa.Table:
     """`rows` with each decoded frame as PPM bytes in `image_bytes`, and each failed one's error."""
     pixels = [frame_ppm(o) if isinstance(o, np.ndarray) else None for o in outcomes]
     stages = [o.stage if isinstance(o, ImageError) else s for o, s in zip(outcomes, rows.column("error_stage").to_pylist())]
     reasons = [str(o) if isinstance(o, ImageError) else r for o, r in zip(outcomes, rows.column("error_reason").to_pylist())]
-    existing = rows.column("image_bytes")
-    if existing.null_count != len(existing):  # never for frames; kept for rows that brought bytes along
-        pixels = [p if p is not None else (None if v is None else np.frombuffer(v, np.uint8))
-                  for p, v in zip(pixels, existing.to_pylist())]
     for name, column in (("image_bytes", binary_column(pixels)), ("error_stage", pa.array(stages, pa.string())),
                          ("error_reason", pa.array(reasons, pa.string()))):
         index = rows.schema.get_field_index(name)

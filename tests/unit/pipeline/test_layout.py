@@ -43,6 +43,9 @@ def test_cpu_jobs_get_two_actors_that_crop_for_themselves_and_share_the_cores():
     assert pose_layout(layout(CPU, resources={"crop_in": "tasks"})) == ("tasks", 1, 2)
     assert pose_layout(layout(CPU, resources={"crop_in": "pose_device"})) == ("pose_device", 1, 2)
     assert pose_layout(layout(CPU, detecting=True)) == ("pose_actor", 1, 2)
+    video = parse_job_spec({"images": {"path": "/data", "format": "video"}, "boxes": {"source": "detector"},
+                            "pose": {"model": "/model"}, "output": {"path": "/out"}})
+    assert pose_layout(resolve_layout(video, ROUTING, CPU, 128)) == ("pose_actor", 1, 2)  # video read tasks
     # What the job names, it gets.
     named = layout(ClusterShape(node_cpus=16), images=16, resources={"pose_actors": 3, "threads_per_pose_actor": 4})
     assert pose_layout(named) == ("pose_actor", 3, 4)
