@@ -6,7 +6,8 @@ every 250 frames), then:
 1. indexes it as the plan does (packets only) and times it;
 2. runs the read stage (`video_stage.read_frames`: seek, decode forward, turn upright, PPM) on
    each range the plan cut, pinned to one CPU, sampling every frame and every 10th: sampled
-   frames/s per CPU;
+   frames per CPU-second (the process's CPU time, FFmpeg's threads included, so that other
+   work on the machine does not count), and the wall time;
 3. with `--end-to-end`, runs `raypose submit` twice on the same frames and boxes (a box table,
    two people a frame, `--preset` checkpoint): once as `images.format: video`, once on the
    frames PyAV decodes saved as JPEGs (quality 95) beforehand; prints each job's seconds and
@@ -56,12 +57,14 @@ def read_rate(video: Path, every: int, per_task: int) -> dict:
     listing, _, counts = index_videos(videos, {}, VideoSpec(every=every, frames_per_task=per_task))
     indexed = time.perf_counter() - started
     blocks = frame_range_blocks(frame_tasks(listing), 16)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     frames = sum(table.num_rows for block in blocks for table in read_frames(block, storage_options={}))
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
+    # Pinned to one CPU, the process's CPU time (FFmpeg's threads included) is what the frames cost that CPU,
+    # whatever else the machine runs; the wall time is given too.
     return {"every": every, "frames_in_video": counts[video.name], "frames_read": frames, "ranges": len(blocks),
-            "index_seconds": round(indexed, 2), "read_seconds": round(seconds, 2),
-            "frames_per_second_per_cpu": round(frames / seconds, 1)}
+            "index_seconds": round(indexed, 2), "read_seconds": round(seconds, 2), "read_cpu_seconds": round(cpu_seconds, 2),
+            "frames_per_cpu_second": round(frames / cpu_seconds, 1), "load_average": os.getloadavg()[0]}
 
 
 def submit(job: dict, folder: Path) -> dict:
@@ -69,7 +72,7 @@ def submit(job: dict, folder: Path) -> dict:
     path.write_text(yaml.safe_dump(job))
     subprocess.run([sys.executable, "-m", "raypose.cli", "submit", str(path), "--quiet"], check=True)
     manifest = json.loads((Path(job["output"]["path"]) / "manifest.json").read_text())
-    return {"job": job["name"], "seconds_total": round(manifest["seconds"]["total"], 1),
+    return {"job": job["name"], "load_average": os.getloadavg()[0], "seconds_total": round(manifest["seconds"]["total"], 1),
             "seconds_pipeline": round(manifest["seconds"]["pipeline"], 1), "images": manifest["counts"]["images"],
             "frames_per_second": round(manifest["counts"]["images"] / manifest["seconds"]["pipeline"], 2),
             "instances": manifest["counts"]["instances"]}

@@ -64,8 +64,10 @@ def validate(
     shards = plan.shards
     resumes = f"; resume: {len(shards.reused)} of {shards.num_shards} shards committed, {len(shards.to_write)} to do" \
         if plan.previous is not None else ""
+    videos = f"{c['videos']} videos ({c['videos_failed']} that cannot be read), their " if "videos" in c else ""
     typer.echo(
-        f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
+        f"ok: {videos}{c['images_listed']} {'frames' if videos else 'images'} "
+        f"({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
         f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
         f"{c['boxes']} boxes; "
         + "; ".join(
