@@ -49,8 +49,8 @@ def test_an_image_with_more_boxes_than_a_block_is_cut_into_parts_of_its_own():
     assert blocks[0].column("box_offset").null_count == 1 and blocks[4].column("image_boxes").null_count == 1
 
 
-CROWD = 90  # boxes on one image
-PER_TASK = 25  # boxes a block takes: the image is four parts
+CROWD = 40  # boxes on one image
+PER_TASK = 12  # boxes a block takes: the image is four parts
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def crowd_plan(tiny_checkpoint, tmp_path):
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 90, (CROWD, 2))  # every box at least partly inside
     boxes = np.concatenate([xy, rng.uniform(20, 60, (CROWD, 2))], axis=1).round(1).tolist()
-    boxes[5], boxes[57], boxes[80] = [0, 0, 0, 10], [900, 900, 5, 5], [10, 10, -4, 5]
+    boxes[5], boxes[17], boxes[30] = [0, 0, 0, 10], [900, 900, 5, 5], [10, 10, -4, 5]
     (tmp_path / "images").mkdir()
     draw_people(200, 150, np.array(boxes[:10])).save(tmp_path / "images" / "crowd.jpg")
     draw_people(100, 80, np.array([[5, 5, 30, 60]])).save(tmp_path / "images" / "a_pair.jpg")
@@ -70,7 +70,7 @@ def crowd_plan(tiny_checkpoint, tmp_path):
             "categories": [{"id": 1, "name": "person"}]}
     (tmp_path / "boxes.json").write_text(json.dumps(coco))
     spec = job_dict(tmp_path / "images", tmp_path / "boxes.json", tiny_checkpoint, tmp_path / "out",
-                    resources={"boxes_per_crop_task": PER_TASK}, pose={"batch_size": 16})
+                    resources={"boxes_per_crop_task": PER_TASK}, pose={"batch_size": 8})
     return plan_job(parse_job_spec(spec))
 
 
