@@ -1,11 +1,14 @@
-"""Does the plan grow with the job? `raypose validate`'s time and peak memory at 100k, 1M and 10M images.
+"""Does the plan grow with the job? A run's plan (`raypose submit` before Ray starts: the listing and the boxes
+streamed in key order, each shard's tasks written to `_plan/`) timed and its peak memory read, at 1M, 10M and
+30M images; then the same job again with `output.mode: append` over the committed output (every image already
+labelled): what checking each image's input fingerprint against the committed shards costs.
 
-For each size it writes a manifest of N `s3://` image URLs (nothing is read from S3: the
-plan lists the manifest and joins the boxes, it does not open images) and a Parquet box table
-with 3 boxes an image, then runs `raypose validate` on them in a fresh process and reads its
-wall time and peak RSS (the process's own high-water mark).
+For each size it writes a sorted manifest of N `s3://` image URLs (nothing is read from S3: the plan lists
+the manifest and joins the boxes, it does not open images) and a Parquet box table with 3 boxes an image,
+sorted by key, then plans the job in a fresh process and reads its wall time and peak RSS (the process's own
+high-water mark). Between the two plans the first plan's shards are marked committed, as the writer would.
 
-    python benchmarks/plan_scale.py --sizes 100000 1000000
+    python benchmarks/plan_scale.py --sizes 1000000 10000000
 """
 
 from __future__ import annotations
@@ -28,69 +31,101 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 
+CHUNK = 1_000_000
+
 
 def make_inputs(folder: Path, images: int, boxes_per_image: int = 3) -> tuple[Path, Path]:
-    """A manifest of `images` s3:// URLs and a Parquet table of their boxes (`boxes_per_image` each)."""
-    keys = pa.array([f"images/{i // 1000:05d}/{i:09d}.jpg" for i in range(images)])
+    """A sorted manifest of `images` s3:// URLs and a Parquet table of their boxes (`boxes_per_image` each),
+    written a million images at a time."""
     manifest = folder / f"images-{images}.txt"
-    with manifest.open("w") as f:
-        for start in range(0, images, 1_000_000):
-            f.write("".join(f"s3://bucket/{k}\n" for k in keys.slice(start, 1_000_000).to_pylist()))
-    rng = np.random.default_rng(0)
-    n = images * boxes_per_image
-    xy = rng.uniform(0, 400, (n, 2))
-    wh = rng.uniform(20, 200, (n, 2))
-    table = pa.table({
-        "image_key": pa.array(np.repeat(np.array([f"bucket/{k}" for k in keys.to_pylist()], dtype=object),
-                                        boxes_per_image)),
-        "bbox": pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([xy, wh], 1).reshape(-1)), 4),
-        "score": pa.array(rng.uniform(0.3, 1.0, n).astype(np.float32)),
-        "category": pa.array(["person"] * n),
-    })
     boxes = folder / f"boxes-{images}.parquet"
-    pq.write_table(table, boxes)
+    rng = np.random.default_rng(0)
+    writer = None
+    with manifest.open("w") as f:
+        for start in range(0, images, CHUNK):
+            keys = [f"images/{i // 1000:06d}/{i:09d}.jpg" for i in range(start, min(images, start + CHUNK))]
+            f.write("".join(f"s3://bucket/{k}\n" for k in keys))
+            n = len(keys) * boxes_per_image
+            xy, wh = rng.uniform(0, 400, (n, 2)), rng.uniform(20, 200, (n, 2))
+            table = pa.table({
+                "image_key": pa.array(np.repeat(np.array([f"bucket/{k}" for k in keys], dtype=object), boxes_per_image)),
+                "bbox": pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate([xy, wh], 1).reshape(-1)), 4),
+                "score": pa.array(rng.uniform(0.3, 1.0, n).astype(np.float32)),
+                "category": pa.array(["person"] * n),
+            })
+            writer = writer or pq.ParquetWriter(boxes, table.schema)
+            writer.write_table(table)
+    writer.close()
     return manifest, boxes
 
 
-def validate(job: Path) -> dict:
-    """`raypose validate JOB` in a fresh process: wall seconds and the child's peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "raypose.cli", "validate", str(job)], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+def plan_in_child(job: Path, commit: bool) -> dict:
+    """Plan the job for a run in a fresh process: its wall seconds, peak RSS and counts."""
+    done = subprocess.run([sys.executable, __file__, "--child", str(job), *(["--commit"] if commit else [])],
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr[-2000:])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux: the largest child so far
-    return {"seconds": seconds, "peak_rss_gib": max(peak, before) / 2**20, "output": done.stdout.strip()[:200]}
+        raise RuntimeError(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(job: str, commit: bool) -> None:
+    """In the fresh process: plan the job to run (lease, listing, boxes, plan files), and report."""
+    from raypose.config.spec import load_job_spec
+    from raypose.output.resume import LAYOUT, result_key
+    from raypose.pipeline.plan import plan_job
+
+    started = time.perf_counter()
+    plan = plan_job(load_job_spec(job), run=True)
+    seconds = time.perf_counter() - started
+    if commit:  # what the writer leaves of each shard once its rows are written, so the next plan finds them
+        for shard, inputs in plan.shards.to_write.items():
+            plan.store.write_json(f"_shards/{shard:05d}.json", {
+                "shard": shard, "job_id": plan.job_id, "inputs": inputs.fingerprint, "first_key": inputs.first_key,
+                "last_key": inputs.last_key, "plan": inputs.plan, "images": inputs.images, "instances": 0,
+                "errors": 0, "errors_by_stage": {}, "files": []})
+        plan.store.write_json("_job.json", {"layout": LAYOUT, "job_id": plan.job_id, "runs": [],
+                                            "result_key": result_key(plan.spec, plan.models())})
+    plan.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    c = plan.counts
+    print(json.dumps({"seconds": seconds, "peak_rss_gib": peak, "images": c["images"], "kept": c["images_kept"],
+                      "shards": len(plan.shards.to_write)}))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 30_000_000])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--commit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child:
+        return child(args.child, args.commit)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = make_checkpoint(folder / "model")
-        # Smallest first: RUSAGE_CHILDREN keeps the largest child's peak, so each size's peak is its own.
         for images in sorted(args.sizes):
             started = time.perf_counter()
             manifest, boxes = make_inputs(folder, images)
-            os.sync()  # the inputs' write-back would otherwise run during the timed validate
+            os.sync()  # the inputs' write-back would otherwise run during the timed plan
             made = time.perf_counter() - started
+            spec = {"images": {"path": str(manifest)}, "boxes": {"source": "table", "path": str(boxes)},
+                    "pose": {"model": str(model)}, "output": {"path": str(folder / f"out-{images}")}}
             job = folder / f"job-{images}.yaml"
-            job.write_text(json.dumps({
-                "images": {"path": str(manifest)}, "boxes": {"source": "table", "path": str(boxes)},
-                "pose": {"model": str(model)}, "output": {"path": str(folder / f"out-{images}")},
-            }))
-            row = {"images": images, "boxes": 3 * images, "inputs_seconds": made, **validate(job)}
+            job.write_text(json.dumps(spec))
+            first = plan_in_child(job, commit=True)
+            spec["output"]["mode"] = "append"
+            job.write_text(json.dumps(spec))
+            again = plan_in_child(job, commit=False)
+            row = {"images": images, "boxes": 3 * images, "inputs_seconds": made, "plan": first, "append_nothing_new": again}
             rows.append(row)
-            print(f"{images:>11,} images, {3 * images:>11,} boxes: validate {row['seconds']:6.1f} s, "
-                  f"peak RSS {row['peak_rss_gib']:.2f} GiB")
+            print(f"{images:>11,} images, {3 * images:>11,} boxes: plan {first['seconds']:6.1f} s, peak RSS "
+                  f"{first['peak_rss_gib']:.2f} GiB, {first['shards']} shards; append with nothing new "
+                  f"{again['seconds']:6.1f} s, {again['peak_rss_gib']:.2f} GiB, {again['kept']:,} kept, "
+                  f"{again['images']} to label", flush=True)
             for path in (manifest, boxes):
                 path.unlink()
-    if len(rows) > 1:
-        print(f"RSS ratio {rows[1]['images']:,} / {rows[0]['images']:,}: {rows[1]['peak_rss_gib'] / rows[0]['peak_rss_gib']:.2f}")
+            subprocess.run(["rm", "-rf", str(folder / f"out-{images}")], check=True)
     return rows
 
 

@@ -62,7 +62,9 @@ def validate(
         plan = plan_job(load_job_spec(job, [*(set_ or []), *(["output.mode=resume"] if resume else [])]), force=force)
     c = plan.counts
     shards = plan.shards
-    resumes = f"; resume: {len(shards.reused)} of {shards.num_shards} shards committed, {len(shards.to_write)} to do" \
+    resumes = (f"; {plan.spec.output.mode}: {len(shards.reused)} shards committed, {c['images_kept']} images in them "
+               f"kept, {c['images']} to label in {len(shards.to_write)} new shards"
+               + (f" ({c['images_superseded']} changed since)" if c["images_superseded"] else "")) \
         if plan.previous is not None else ""
     videos = f"{c['videos']} videos ({c['videos_failed']} that cannot be read), their " if "videos" in c else ""
     typer.echo(
@@ -157,13 +159,14 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
     c = plan.counts
     if not quiet and fmt == "text":
         typer.echo(
-            f"job {plan.job_id}: {c['images']} images, {c['boxes']} boxes "
-            f"({c['images_without_boxes']} images without boxes skipped); "
-            f"{len(plan.shards.to_write)} of {plan.shards.num_shards} shards to do",
+            f"job {plan.job_id}: {c['images']} images to label, {c['boxes']} boxes "
+            f"({c['images_without_boxes']} images without boxes skipped"
+            + (f", {c['images_kept']} already labelled" if c["images_kept"] else "") + "); "
+            f"{len(plan.shards.to_write)} new shards, {len(plan.shards.reused)} kept",
             err=True,
         )
     quiet_ray(fmt, quiet, verbose=verbose)
-    result = run_job(plan, progress=Progress.for_cli(plan.tasks.num_rows, fmt, quiet))
+    result = run_job(plan, progress=Progress.for_cli(plan.images, fmt, quiet))
     flush_stderr()  # the summary is the last line
     c = result.counts
     if fmt == "json":
@@ -173,8 +176,9 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
             "crops_per_second": result.crops_per_second, "output": result.output_path,
         }))
         return
+    added = f" ({c['images_this_run']} this run)" if c["images_this_run"] != c["images"] else ""
     typer.echo(
-        f"done: {c['images']} images, {c['instances']} instances, {c['errors']} errors, "
+        f"done: {c['images']} images{added}, {c['instances']} instances, {c['errors']} errors, "
         f"{result.crops_per_second:.1f} crops/s -> {result.output_path}"
     )
 

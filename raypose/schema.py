@@ -18,6 +18,8 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("container", pa.string()),  # the tar or Parquet file holding the image, if any
         ("offset", pa.int64()),  # tar: the member's byte offset; Parquet: the row
         ("length", pa.int64()),  # tar: the member's size
+        ("image_size", pa.int64()),  # bytes, as the store lists the file (or the tar member)
+        ("image_version", pa.string()),  # what the store says of the object's content: ETag, generation or mtime
         ("expected_width", pa.int32()),  # from the boxes file, when it says
         ("expected_height", pa.int32()),
         ("box_xywh", pa.list_(pa.list_(pa.float64(), 4))),
@@ -31,17 +33,17 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("error_stage", pa.string()),  # set when an earlier stage failed on this image
         ("error_reason", pa.string()),
         ("shard", pa.int32()),
+        ("input_fingerprint", pa.int64()),  # a hash of the columns above that decide the image's rows (resume.py)
         # An image with more boxes than a block takes is cut into parts (pipeline/blocks.py): the
         # instance index of the part's first box, and the image's boxes in all its parts; null when whole.
         ("box_offset", pa.int32()),
         ("image_boxes", pa.int32()),
         # A video's frame (images.format: video; inputs/video.py): its index and presentation timestamp in
-        # the stream, its time in seconds, the video's frame rate, and the range of frames one read task decodes.
+        # the stream, its time in seconds, and the video's frame rate.
         ("frame_index", pa.int64()),
         ("frame_pts", pa.int64()),
         ("frame_time", pa.float64()),
         ("video_fps", pa.float64()),
-        ("video_range", pa.int32()),
     ]
 )
 

@@ -104,6 +104,9 @@ class ImagesSpec(_Section):
     storage_options: Options = {}
     image_column: Text = "image"  # parquet: binary, or a struct with `bytes` (and `path`), as HF datasets export
     key_column: Text | None = None  # parquet: the image key (default: image.path, else file/row)
+    # With an S3 Inventory manifest.json as images.path: the source bucket's objects under this prefix, keyed
+    # relative to it (as a listing of s3://BUCKET/PREFIX/ keys them); default: the whole bucket.
+    inventory_prefix: str | None = None
     extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
     max_pixels: PositiveInt = 100_000_000
     jpeg_draft: Flag = False  # decode a JPEG at 1/2-1/8 size when its crops need no more pixels (geometry.jpeg_reduction)
@@ -210,7 +213,7 @@ class OutputSpec(_Section):
     """Where the Parquet goes."""
 
     path: Text
-    mode: Literal["error", "overwrite", "resume"] = "error"
+    mode: Literal["error", "overwrite", "resume", "append"] = "error"
     storage_options: Options | None = None
     images_per_shard: PositiveInt = 10_000
     row_group_size: PositiveInt = 65_536

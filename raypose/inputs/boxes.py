@@ -12,6 +12,7 @@ import json
 import math
 import posixpath
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,21 +60,109 @@ class BoxSet:
 
 def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
     """Load the job's boxes from a COCO annotations JSON or a Parquet/JSONL box table."""
+    fs, path = _box_file(boxes, storage_options)
+    if boxes.source == "coco":
+        return coco_boxes(_json(_read(fs, path, boxes), boxes.path), boxes)
+    with _open(fs, path, boxes) as source:
+        table, dropped = _grouped_by_image(_box_table_chunks(source, boxes.path, boxes), boxes)
+    return BoxSet(table, source="table", dropped=dropped)
+
+
+class BoxStream:
+    """The job's boxes per image in key order, handed to the join a key range at a time (`until`)."""
+
+    def __init__(self, groups: Iterator[pa.Table], source: str, dropped: Callable[[], int]):
+        self._groups, self.source, self._dropped = groups, source, dropped
+        self._buffer = _per_image(BOX_SCHEMA.empty_table())
+
+    @classmethod
+    def whole(cls, box_set: BoxSet) -> BoxStream:
+        return cls(iter([box_set.table]), box_set.source, lambda: box_set.dropped)
+
+    @property
+    def dropped(self) -> int:
+        """Boxes the filters dropped so far."""
+        return self._dropped()
+
+    def until(self, last_key: str | None) -> pa.Table:
+        """The per-image boxes (`_per_image`) of keys up to `last_key` (None: all that are left), taken out."""
+        while last_key is None or not self._buffer.num_rows or self._buffer.column("image_key")[-1].as_py() <= last_key:
+            group = next(self._groups, None)
+            if group is None:
+                break
+            self._buffer = pa.concat_tables([self._buffer, group]) if self._buffer.num_rows else group
+        keys = _contiguous(self._buffer.column("image_key"))
+        cut = len(keys) if last_key is None else bisect.bisect_right(KeySequence(keys), last_key)
+        taken, self._buffer = self._buffer.slice(0, cut), self._buffer.slice(cut)
+        return taken
+
+
+def open_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxStream:
+    """The job's boxes as a BoxStream: a Parquet box table sorted by image key is read as the join goes (never
+    held whole); a COCO file, a JSON-lines table or an unsorted table is loaded whole first."""
+    fs, path = _box_file(boxes, storage_options)
+    if boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")) or not _sorted_keys(fs, path, boxes):
+        return BoxStream.whole(load_boxes(boxes, storage_options))
+    dropped = [0]
+
+    def groups():
+        with _open(fs, path, boxes) as source:
+            carried = None  # the last image's rows: the next chunk may go on with it
+            for chunk in _box_table_chunks(source, boxes.path, boxes):
+                kept, chunk_dropped = _filtered_rows(chunk, boxes)
+                dropped[0] += chunk_dropped
+                if carried is not None:
+                    kept = pa.concat_tables([carried, kept]).combine_chunks()
+                keys = _contiguous(kept.column("image_key"))
+                last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
+                carried = kept.slice(len(keys) - last)
+                if len(keys) > last:
+                    yield _per_image(kept.slice(0, len(keys) - last))
+            if carried is not None and carried.num_rows:
+                yield _per_image(carried)
+
+    return BoxStream(groups(), "table", lambda: dropped[0])
+
+
+def _sorted_keys(fs, path: str, boxes: BoxesSpec) -> bool:
+    """Whether a Parquet box table's rows come sorted by image key (its key column read alone, a chunk at a time)."""
+    last = None
+    with _open(fs, path, boxes) as source:
+        parquet = pq.ParquetFile(source)
+        if boxes.image_key_column not in parquet.schema_arrow.names:
+            return False  # reported with the columns by the whole load
+        for batch in parquet.iter_batches(batch_size=1 << 18, columns=[boxes.image_key_column]):
+            keys = _normalised_keys(batch.column(0))
+            if keys.null_count or not ascending(keys) or (last is not None and len(keys) and keys[0].as_py() < last):
+                return False
+            last = keys[-1].as_py() if len(keys) else last
+    return True
+
+
+def _box_file(boxes: BoxesSpec, storage_options: dict[str, Any]):
     try:
         fs, path = url_to_fs(boxes.path, **with_retries(boxes.path, storage_options))
         if not fs.isfile(path):
             raise SpecError(f"boxes.path: {boxes.path} does not exist")
-        # A COCO file is one JSON document; a table is read from the file a chunk at a time.
-        source = fs.cat_file(path) if boxes.source == "coco" else fs.open(path, "rb")
+        return fs, path
     except SpecError:
         raise
     except Exception as exc:  # any filesystem's failure (permissions, network) ends here
         raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
-    if boxes.source == "coco":
-        return coco_boxes(_json(source, boxes.path), boxes)
-    with source:
-        table, dropped = _grouped_by_image(_box_table_chunks(source, boxes.path, boxes), boxes)
-    return BoxSet(table, source="table", dropped=dropped)
+
+
+def _read(fs, path: str, boxes: BoxesSpec) -> bytes:
+    try:
+        return fs.cat_file(path)  # a COCO file is one JSON document
+    except Exception as exc:
+        raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _open(fs, path: str, boxes: BoxesSpec):
+    try:
+        return fs.open(path, "rb")  # a table is read from the file a chunk at a time
+    except Exception as exc:
+        raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
 
 
 def _grouped_by_image(chunks, boxes: BoxesSpec) -> tuple[pa.Table, int]:
@@ -127,40 +216,54 @@ def _one_row_per_box(table: pa.Table, lists: tuple[str, ...], repeated: tuple[st
 
 
 def coco_boxes(coco: Any, boxes: BoxesSpec) -> BoxSet:
-    """Boxes from a COCO annotations dict (instances or person_keypoints)."""
+    """Boxes from a COCO annotations dict (instances or person_keypoints): made a box table at once, then filtered
+    like any other (`_filtered_rows`)."""
     if not isinstance(coco, dict) or "images" not in coco or "annotations" not in coco:
         raise SpecError(
             f"boxes.path: {boxes.path} is not a COCO annotations file (needs 'images' and 'annotations'); "
             "for a detections list use boxes.source: table with image keys"
         )
     names = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    wanted = _category_ids(names, boxes)
-    images = {}
-    for image in coco["images"]:
-        key = posixpath.normpath(str(image["file_name"])) if image.get("file_name") else None
-        if key is None:
+    wanted = _category_ids(names, boxes)  # an unknown category name is the job's error, named with the file's
+    rows, orphans = coco_box_table(coco, names, boxes)
+    if wanted is not None:  # an annotation whose category id the file does not name is no wanted category
+        named = rows.column("category").is_valid()
+        orphans += rows.num_rows - pc.sum(named.cast(pa.int64())).as_py()
+        rows = filtered(rows, named)
+    spec = boxes.model_copy(update={"image_key_column": "image_key", "bbox_column": "bbox", "score_column": "score",
+                                    "category_column": "category",
+                                    "categories": None if wanted is None else boxes.categories})
+    kept, dropped = _filtered_rows(rows, spec)
+    return BoxSet.of_rows(kept, source="gt", dropped=dropped + orphans)
+
+
+def coco_box_table(coco: dict, names: dict[int, str], boxes: BoxesSpec) -> tuple[pa.Table, int]:
+    """A COCO file's annotations as a box table (`_filtered_rows`' input: key, bbox, id, category, area, crowd, the
+    image's size), in file order; and how many name no image of the file."""
+    images = coco["images"]
+    ids = [image.get("id") for image in images]
+    for image in images:
+        if not image.get("file_name"):
             raise SpecError(f"boxes.path: image id {image.get('id')} has no file_name")
-        images[image["id"]] = (key, image.get("width"), image.get("height"))
-    columns: dict[str, list] = {name: [] for name in BOX_SCHEMA.names}
-    dropped = 0
-    for ann in coco["annotations"]:
-        bbox = ann.get("bbox")
-        keep = (
-            ann.get("image_id") in images
-            and (wanted is None or ann.get("category_id") in wanted)
-            and (boxes.include_crowd or not ann.get("iscrowd", 0))
-            and bbox is not None
-            and not (_usable(bbox) and _area(ann) < boxes.min_area)  # broken boxes go on, to be reported
-        )
-        if not keep:
-            dropped += 1
-            continue
-        key, width, height = images[ann["image_id"]]
-        for name, value in (("image_key", key), ("bbox", _xywh(bbox)), ("annotation_id", ann.get("id")),
-                            ("category", names.get(ann.get("category_id"))), ("score", None),
-                            ("expected_width", width), ("expected_height", height)):
-            columns[name].append(value)
-    return BoxSet.of_rows(pa.table(columns, schema=BOX_SCHEMA), source="gt", dropped=dropped)
+    image_keys = _normalised_keys(pa.array([str(image["file_name"]) for image in images], pa.string()))
+    anns = [ann for ann in coco["annotations"] if isinstance(ann, dict)]
+    at = pc.index_in(pa.array([ann.get("image_id") for ann in anns]), pa.array(ids))
+    known = at.is_valid()
+    anns = [ann for ann, ok in zip(anns, known.to_pylist()) if ok]
+    at = at.filter(known)
+    size = lambda name: pa.array([image.get(name) for image in images], pa.int32())  # noqa: E731
+    category = pa.array([names.get(ann.get("category_id")) for ann in anns], pa.string())
+    table = pa.table({
+        "image_key": image_keys.take(at),
+        "bbox": pa.array([_xywh(ann.get("bbox")) if ann.get("bbox") is not None else None for ann in anns],
+                         pa.list_(pa.float64())),
+        "annotation_id": pa.array([ann.get("id") for ann in anns], pa.int64()),
+        "category": category,
+        "area": pa.array([_area(ann) for ann in anns], pa.float64()),
+        "iscrowd": pa.array([bool(ann.get("iscrowd", 0)) for ann in anns], pa.bool_()),
+        "expected_width": size("width").take(at), "expected_height": size("height").take(at),
+    })
+    return table, len(known) - len(anns)
 
 
 def table_boxes(table: pa.Table, boxes: BoxesSpec, source: str = "table") -> BoxSet:
@@ -182,16 +285,23 @@ def _filtered_rows(table: pa.Table, boxes: BoxesSpec) -> tuple[pa.Table, int]:
     if wanted is not None:
         keep &= np.asarray(pc.or_(pc.is_null(category), pc.is_in(category, pa.array(sorted(wanted)))))
     keep &= np.asarray(pc.fill_null(pc.greater_equal(score, pc.cast(boxes.min_score, pa.float32())), True))
+    if "iscrowd" in table.column_names and not boxes.include_crowd:  # COCO's crowd regions are not people to label
+        keep &= ~np.asarray(pc.fill_null(table.column("iscrowd"), False))
     xywh = bbox.values.to_numpy(zero_copy_only=False).reshape(-1, 4)
     usable = np.isfinite(xywh).all(axis=1) & (xywh[:, 2] > 0) & (xywh[:, 3] > 0)
+    # COCO's own `area` (the segment's) where it has one, else w x h; broken boxes go on, to be reported.
+    area = xywh[:, 2] * xywh[:, 3]
+    if "area" in table.column_names:
+        area = np.asarray(pc.fill_null(table.column("area"), np.nan).to_numpy(zero_copy_only=False), np.float64)
     with np.errstate(invalid="ignore"):
-        keep &= ~(usable & (xywh[:, 2] * xywh[:, 3] < boxes.min_area))  # broken boxes go on, to be reported
+        keep &= ~(usable & (area < boxes.min_area))
     default = (boxes.categories or [None])[0]
     result = pa.table({
         "image_key": keys, "bbox": bbox,
         "annotation_id": _optional(table, "annotation_id", pa.int64(), n),
         "category": pc.fill_null(category, default) if default is not None else category,
-        "score": score, "expected_width": pa.nulls(n, pa.int32()), "expected_height": pa.nulls(n, pa.int32()),
+        "score": score, "expected_width": _optional(table, "expected_width", pa.int32(), n),
+        "expected_height": _optional(table, "expected_height", pa.int32(), n),
     }, schema=BOX_SCHEMA)
     result = filtered(result, pa.array(keep))
     return result, n - result.num_rows
@@ -200,48 +310,76 @@ def _filtered_rows(table: pa.Table, boxes: BoxesSpec) -> tuple[pa.Table, int]:
 def attach_boxes(
     images: pa.Table, box_set: BoxSet, detect_missing: bool = False
 ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """Join listed images with their boxes.
+    """Join listed images with their boxes (all of them at once; the plan joins a chunk at a time, `BoxJoin`).
 
     Returns the image tasks (images that have boxes, and with `detect_missing` the others
     too, marked for the detector), sorted by key, an errors table for boxes whose image is not
     in storage, and counts.
     """
-    per_image = box_set.table
-    listed = images.select([c for c in ("image_key", "image_uri", "container", "offset", "length")
-                            if c in images.column_names])
-    # The join, by index: Arrow's own join takes no nested columns such as the boxes' lists.
-    where = _rows_with_boxes(_contiguous(listed.column("image_key")), per_image.column("image_key"))
-    has_boxes = where.is_valid()
-    picked = where.filter(has_boxes)
-    in_order = len(picked) == per_image.num_rows and pc.all(pc.equal(picked, pa.array(
-        np.arange(len(picked), dtype=np.int64)))).as_py() is not False
-    # Every image with boxes listed (the usual case): its boxes are per_image as it is, no copy.
-    matched = _joined(filtered(listed, has_boxes), per_image if in_order else per_image.take(picked))
-    without = filtered(listed, pc.invert(has_boxes))
-    unmatched = np.ones(per_image.num_rows, bool)
-    unmatched[np.asarray(picked)] = False  # the join's own indices: no second hash of the keys
-    missing = filtered(per_image, pa.array(unmatched))
-    if per_image.num_rows and not matched.num_rows:
-        raise SpecError(
-            f"boxes.path: no box belongs to a listed image: image keys look like "
-            f"{images.column('image_key')[0].as_py()!r}, the boxes file names {box_set.table.column('image_key')[0].as_py()!r}; "
-            "point images.path at the folder the boxes' file names are relative to"
-        )
-    tasks = _tasks(matched, box_set.source, detect=False)  # in listing order: sorted by key
-    if detect_missing:
-        tasks = pa.concat_tables([tasks, _tasks(without, None, detect=True)]).sort_by("image_key")
-    boxes_in = (lambda t: int(pc.sum(pc.list_value_length(t.column("bbox"))).as_py() or 0) if t.num_rows else 0)
-    counts = {
-        "images_listed": images.num_rows,
-        "images": tasks.num_rows,  # sent to the pipeline
-        "images_with_boxes": matched.num_rows,
-        "images_without_boxes": without.num_rows,
-        "images_to_detect": without.num_rows if detect_missing else 0,
-        "boxes": boxes_in(matched),
-        "boxes_dropped_by_filters": box_set.dropped,
-        "boxes_without_image": boxes_in(missing),
-    }
-    return tasks, _listing_errors(missing.column("image_key")), counts
+    join = BoxJoin(box_set.source, detect_missing, dropped=box_set.dropped)
+    tasks, missing = join.chunk(images, box_set.table)
+    join.check()
+    return tasks, missing, join.counts
+
+
+class BoxJoin:
+    """Joins the listing, a chunk at a time in key order, with the boxes of the same key range; counts as it goes.
+
+    `chunk(listed, per_image)` takes a chunk of the listing and the per-image boxes (`_per_image`) of every key
+    up to the chunk's last one that no earlier chunk took: those of keys it lists become its image tasks, the
+    rest are boxes whose image is not in storage (errors).
+    """
+
+    def __init__(self, source: str, detect_missing: bool = False, dropped: int = 0):
+        self.source, self.detect_missing = source, detect_missing
+        self.counts = dict.fromkeys(("images_listed", "images", "images_with_boxes", "images_without_boxes",
+                                     "images_to_detect", "boxes", "boxes_without_image"), 0)
+        self.counts["boxes_dropped_by_filters"] = dropped
+        self.example: tuple[str, str] | None = None  # a listed key and a box's key, for the error that they never meet
+
+    def chunk(self, images: pa.Table, per_image: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """The chunk's image tasks (sorted by key) and the errors of boxes whose image it does not list."""
+        listed = images.select([c for c in LISTED_COLUMNS if c in images.column_names])
+        # The join, by index: Arrow's own join takes no nested columns such as the boxes' lists.
+        where = _rows_with_boxes(_contiguous(listed.column("image_key")), per_image.column("image_key"))
+        has_boxes = where.is_valid()
+        picked = where.filter(has_boxes)
+        in_order = len(picked) == per_image.num_rows and pc.all(pc.equal(picked, pa.array(
+            np.arange(len(picked), dtype=np.int64)))).as_py() is not False
+        # Every image with boxes listed (the usual case): its boxes are per_image as it is, no copy.
+        matched = _joined(filtered(listed, has_boxes), per_image if in_order else per_image.take(picked))
+        without = filtered(listed, pc.invert(has_boxes))
+        unmatched = np.ones(per_image.num_rows, bool)
+        unmatched[np.asarray(picked)] = False  # the join's own indices: no second hash of the keys
+        missing = filtered(per_image, pa.array(unmatched))
+        if self.example is None and images.num_rows and per_image.num_rows:
+            self.example = (images.column("image_key")[0].as_py(), per_image.column("image_key")[0].as_py())
+        tasks = _tasks(matched, self.source, detect=False)  # in listing order: sorted by key
+        if self.detect_missing:
+            tasks = pa.concat_tables([tasks, _tasks(without, None, detect=True)]).sort_by("image_key")
+        c = self.counts
+        c["images_listed"] += images.num_rows
+        c["images"] += tasks.num_rows  # sent to the pipeline
+        c["images_with_boxes"] += matched.num_rows
+        c["images_without_boxes"] += without.num_rows
+        c["images_to_detect"] += without.num_rows if self.detect_missing else 0
+        c["boxes"] += _boxes_in(matched)
+        c["boxes_without_image"] += _boxes_in(missing)
+        return tasks, _listing_errors(missing.column("image_key"))
+
+    def check(self) -> None:
+        """Once every chunk is in: refuse boxes that never met a listed image (their keys name another tree)."""
+        c = self.counts
+        if c["boxes_without_image"] and not c["images_with_boxes"] and self.example is not None:
+            listed, named = self.example
+            raise SpecError(
+                f"boxes.path: no box belongs to a listed image: image keys look like {listed!r}, the boxes file "
+                f"names {named!r}; point images.path at the folder the boxes' file names are relative to"
+            )
+
+
+def _boxes_in(per_image: pa.Table) -> int:
+    return int(pc.sum(pc.list_value_length(per_image.column("bbox"))).as_py() or 0) if per_image.num_rows else 0
 
 
 def _rows_with_boxes(listed: pa.Array, grouped: pa.ChunkedArray) -> pa.Array:
@@ -302,13 +440,15 @@ def _per_image(boxes: pa.Table) -> pa.Table:
 
 
 PER_IMAGE_LISTS = ("bbox", "annotation_id", "category", "score")
+# What the listing says of each image, carried into its task.
+LISTED_COLUMNS = ("image_key", "image_uri", "container", "offset", "length", "image_size", "image_version")
 
 
 def _tasks(rows: pa.Table, source: str | None, detect: bool) -> pa.Table:
     """Image tasks (`schema.IMAGE_TASK_SCHEMA`) for joined rows; `detect`: rows without boxes, for the detector."""
     n = rows.num_rows
     columns = {name: (rows.column(name) if name in rows.column_names else pa.nulls(n, IMAGE_TASK_SCHEMA.field(name).type))
-               for name in ("image_key", "image_uri", "container", "offset", "length")}
+               for name in LISTED_COLUMNS}
     if detect:
         no_boxes = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.null()))
         columns.update({name: no_boxes.cast(IMAGE_TASK_SCHEMA.field(name).type)
@@ -419,15 +559,6 @@ def _box_area(bbox) -> float:
         return float(bbox[2]) * float(bbox[3])
     except (TypeError, ValueError, IndexError):
         return math.nan
-
-
-def _usable(bbox: Any) -> bool:
-    """Four finite numbers with a positive width and height; the area filter applies to these only.
-
-    A NaN, negative or zero-size box is not filtered away but kept, to become an error row.
-    """
-    x, y, w, h = _xywh(bbox)
-    return all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0
 
 
 def _number(value: Any) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,9 +13,11 @@ import pyarrow.compute as pc
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.inventory import is_inventory, list_inventory
 from raypose.inputs.storage import open_url, uri_of
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
+MANIFEST_BLOCK_BYTES = 1 << 22  # a streamed manifest is read this much at a time
 GLOB_CHARS = "*?["
 
 
@@ -25,10 +28,13 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
     fixed prefix, or to the manifest's folder); for WebDataset tars and Parquet files, the
     image's name inside them (see `containers`), with where its bytes are, and its inline
     boxes when `boxes.source` is `inline`. Columnar throughout: no Python object per image.
-    Video files (`images.format: video`) are listed as files are; the plan indexes their frames (`video`).
+    Video files (`images.format: video`) are listed as files are, then indexed: their sampled frames are
+    the listing (`video.list_frames`).
     """
     if images.format == "video":
-        return _list_files(images, tuple(s.lower() for s in images.video.extensions), "videos")
+        from raypose.inputs.video import list_frames
+
+        return list_frames(_list_files(images, tuple(s.lower() for s in images.video.extensions), "videos"), images)
     if images.format != "files":
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 
@@ -36,6 +42,7 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
         table = list_container_images(images, boxes, files.column("image_uri").to_pylist())
         if not table.num_rows:
             raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
+        table = _with_container_facts(table, files)
         table = table.sort_by("image_key")
         keys = table.column("image_key")
         repeated = pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1)) if len(keys) > 1 else pa.array([], pa.bool_())
@@ -46,33 +53,157 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
     return _list_files(images, tuple(s.lower() for s in images.extensions), "images")
 
 
+def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: int = 1 << 16) -> Iterator[pa.Table]:
+    """The listing (as `list_images` gives it) in key order, at most `chunk_rows` images at a time.
+
+    A manifest whose lines are sorted is read a block at a time and never held whole (the way a
+    plan of 100M images stays small); any other listing is made whole, then handed out in chunks.
+    """
+    if images.format == "files":
+        fs, root = open_url(images.path, images.storage_options, "images.path")
+        if root.lower().endswith(MANIFEST_SUFFIXES):
+            streamed = _sorted_manifest_chunks(fs, root, images, chunk_rows)
+            first = next(streamed, None)
+            if first is not None:  # None: not sorted, or empty: listed whole below
+                yield first
+                yield from streamed
+                return
+    table = list_images(images, boxes)
+    for start in range(0, table.num_rows, chunk_rows):
+        yield table.slice(start, chunk_rows)
+
+
+class ListingNotSorted(Exception):
+    """A manifest streamed in key order turned out not to be sorted past its first block (the plan lists it whole)."""
+
+
+def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
+    """A manifest's images by blocks of lines, while they come in key order; yields nothing if the first block
+    is not sorted, and raises ListingNotSorted if a later one is not."""
+    from pyarrow import csv
+
+    suffixes = tuple(s.lower() for s in images.extensions)
+    carried = None  # the last image so far: the next block may list it again (the last listing of a key wins)
+    listed = 0
+    try:
+        f = fs.open(manifest, "rb")
+        reader = csv.open_csv(f, read_options=csv.ReadOptions(column_names=["line"], block_size=MANIFEST_BLOCK_BYTES),
+                              parse_options=MANIFEST_PARSE, convert_options=MANIFEST_CONVERT)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
+    with f:
+        for batch in reader:
+            keys, paths = _manifest_entries(fs, manifest, batch.column(0))
+            table = _wanted(pa.table({"image_key": keys, "image_uri": _uris(fs, paths),
+                                      "image_size": pa.nulls(len(keys), pa.int64()),
+                                      "image_version": pa.nulls(len(keys), pa.string())}), suffixes)
+            if carried is not None:
+                table = pa.concat_tables([carried, table]).combine_chunks()
+            keys = table.column("image_key").combine_chunks() if table.num_rows else pa.array([], pa.string())
+            if not ascending(keys):
+                if listed == 0:
+                    return
+                raise ListingNotSorted(manifest)
+            table = _last_of_each_key(table)
+            if not table.num_rows:
+                continue
+            carried = table.slice(table.num_rows - 1)
+            for start in range(0, table.num_rows - 1, chunk_rows):
+                chunk = table.slice(start, min(chunk_rows, table.num_rows - 1 - start))
+                listed += chunk.num_rows
+                yield chunk
+    if carried is not None:
+        yield carried
+    elif listed == 0:
+        raise SpecError(f"images.path: no images under {images.path} (looked for {', '.join(suffixes)})")
+
+
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
     """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
+    if is_inventory(root):
+        table = _last_of_each_key(_wanted(list_inventory(images), suffixes))
+        if not table.num_rows:
+            raise SpecError(f"images.path: no {what} in the inventory {images.path} under "
+                            f"images.inventory_prefix {images.inventory_prefix!r} (looked for {', '.join(suffixes)})")
+        return table
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)
+        sizes, versions = pa.nulls(len(keys), pa.int64()), pa.nulls(len(keys), pa.string())
     else:
         if any(c in images.path for c in GLOB_CHARS):
             base = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
-            found = _call(fs.glob, root, url=images.path)
+            found = _call(fs.glob, root, detail=True, url=images.path)
         else:
             if not _call(fs.isdir, root, url=images.path):
                 raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
-            base, found = root, _call(fs.find, root, url=images.path)
+            base, found = root, _call(find_in_parallel, fs, root, url=images.path)
+        found = {path: info for path, info in found.items() if info.get("type") != "directory"}
         keys = pa.array([posixpath.relpath(p, base) for p in found], pa.string())
-        paths = pa.array(found, pa.string())
-    table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths)})
-    wanted = pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
-                     pc.invert(pc.match_substring_regex(keys, HIDDEN)))
-    table = _last_of_each_key(filtered(table, wanted))  # a manifest that lists an image twice must not label it twice
+        paths = pa.array(list(found), pa.string())
+        sizes, versions = object_facts(found.values())
+    table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths), "image_size": sizes,
+                      "image_version": versions})
+    table = _last_of_each_key(_wanted(table, suffixes))  # a manifest that lists an image twice must not label it twice
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
 
 
-def _call(fn, *args, url: str):
+# Sub-prefixes listed at once: a bucket of millions of objects takes hours to list with one paginated
+# listing; its sub-prefixes listed side by side take that divided by this, within the store's request limits.
+LISTING_THREADS = 16
+
+
+def find_in_parallel(fs, root: str) -> dict[str, dict]:
+    """Every file under `root` with its details (as `fs.find(root, detail=True)`), its first-level sub-prefixes
+    listed side by side (one paginated listing each instead of one for the whole tree)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    top = fs.ls(root, detail=True)
+    found = {entry["name"]: entry for entry in top if entry.get("type") != "directory"}
+    folders = [entry["name"] for entry in top if entry.get("type") == "directory"]
+    if len(folders) < 2:
+        return {**found, **(fs.find(folders[0], detail=True) if folders else {})}
+    with ThreadPoolExecutor(max_workers=min(LISTING_THREADS, len(folders)), thread_name_prefix="raypose-list") as pool:
+        for listed in pool.map(lambda folder: fs.find(folder, detail=True), folders):
+            found.update(listed)
+    return found
+
+
+def _with_container_facts(table: pa.Table, files: pa.Table) -> pa.Table:
+    """An image inside a tar or Parquet file changes when its container does: its version is the container's
+    (and its size a tar member's length)."""
+    at = pc.index_in(table.column("container"), files.column("image_uri"))
+    version = pc.take(files.column("image_version"), at)
+    size = table.column("length") if "length" in table.column_names else pa.nulls(table.num_rows, pa.int64())
+    return table.append_column("image_size", pc.cast(size, pa.int64())).append_column("image_version", version)
+
+
+def object_facts(infos) -> tuple[pa.Array, pa.Array]:
+    """What a store's listing says of each object's content: its size, and a version (ETag, generation, mtime)."""
+    infos = list(infos)
+    sizes = pa.array([info.get("size") for info in infos], pa.int64())
+    versions = pa.array([_version_of(info) for info in infos], pa.string())
+    return sizes, versions
+
+
+# Listing fields that change when an object's content does, by store: S3 and Azure ETags, GCS generations,
+# modification times (local disk, and stores without the others).
+VERSION_FIELDS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def _version_of(info: dict) -> str | None:
+    for name in VERSION_FIELDS:
+        value = info.get(name)
+        if value is not None:  # ETags as S3 Inventory writes them: without the quotes a listing gives
+            return f"ETag:{str(value).strip(chr(34))}" if name.lower() == "etag" else f"{name}:{value}"
+    return None
+
+
+def _call(fn, *args, url: str, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except FileNotFoundError as exc:
         raise SpecError(f"images.path: {url} does not exist") from exc
     except PermissionError as exc:
@@ -81,14 +212,27 @@ def _call(fn, *args, url: str):
         raise SpecError(f"images.path: cannot list {url}: {exc}") from exc
 
 
+def _wanted(table: pa.Table, suffixes: tuple[str, ...]) -> pa.Table:
+    """The listed files that are images: a wanted suffix, and no hidden part in the key."""
+    keys = table.column("image_key")
+    return filtered(table, pc.and_(pc.match_substring_regex(pc.utf8_lower(keys), _suffix_pattern(suffixes)),
+                                   pc.invert(pc.match_substring_regex(keys, HIDDEN))))
+
+
 def _list_manifest(fs, manifest: str) -> tuple[pa.Array, pa.Array]:
-    """A manifest's (keys, paths): URLs keyed by what follows `://`, absolute paths by themselves without
-    the leading `/`, relative ones by their normalised path and read from the manifest's folder."""
+    """A manifest's (keys, paths) (`_manifest_entries`), read whole."""
     try:
         with fs.open(manifest, "rb") as f:
             lines = _manifest_lines(f)
     except (OSError, pa.ArrowInvalid) as exc:
         raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
+    return _manifest_entries(fs, manifest, lines)
+
+
+def _manifest_entries(fs, manifest: str, lines: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """Manifest lines as (keys, paths): URLs keyed by what follows `://`, absolute paths by themselves without
+    the leading `/`, relative ones by their normalised path and read from the manifest's folder."""
+    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
     # At millions of lines each copy of the column costs more than the compute: copy only what changes.
     if _may_need_trim(lines):
         lines = pc.utf8_trim_whitespace(lines)
@@ -139,12 +283,19 @@ def _manifest_lines(f) -> pa.Array:
     """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting)."""
     from pyarrow import csv
 
-    table = csv.read_csv(
-        f, read_options=csv.ReadOptions(column_names=["line"]),
-        parse_options=csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-        convert_options=csv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
-    )
+    table = csv.read_csv(f, read_options=csv.ReadOptions(column_names=["line"]), parse_options=MANIFEST_PARSE,
+                         convert_options=MANIFEST_CONVERT)
     return table.column("line").combine_chunks()
+
+
+def _manifest_csv():
+    from pyarrow import csv
+
+    return (csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
+            csv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False))
+
+
+MANIFEST_PARSE, MANIFEST_CONVERT = _manifest_csv()  # one column a line: no delimiter, quoting or nulls
 
 
 def _put(values: pa.Array, at: np.ndarray, new: list[str]) -> pa.Array:

@@ -1,17 +1,17 @@
-"""Video files (images.format: video): each indexed without decoding, its frames sampled, decoded a range at a time.
+"""Video files (images.format: video): each indexed without decoding, its frames sampled, decoded a block at a time.
 
-The plan indexes every video (PyAV demuxes its packets; no pixel is decoded): a frame is a packet
-of the first video stream, in presentation order, so `frame_index` counts the frames a decoder
-shows and `frame_time` comes from each frame's own timestamp (variable frame rates included). The
-sampled frames become image tasks keyed `VIDEO#NNNNNN`, cut into ranges of about
-`images.video.frames_per_task`, each starting at a keyframe where one is near; a read task
-(`pipeline/video_stage.py`) seeks to the keyframe before its range and decodes forward. A video
-that cannot be indexed (unreadable, no video stream, longer than `max_seconds`) is one error row.
+The listing indexes every video (PyAV demuxes its packets; no pixel is decoded): a frame is a
+packet of the first video stream, in presentation order, so `frame_index` counts the frames a
+decoder shows and `frame_time` comes from each frame's own timestamp (variable frame rates
+included). The sampled frames are the job's images, keyed `VIDEO#NNNNNN`; the Dataset takes them
+`images.video.frames_per_task` at a time, and a read task (`pipeline/video_stage.py`) seeks to
+the keyframe before its first frame and decodes forward. A video that cannot be indexed
+(unreadable, no video stream, longer than `max_seconds`) is one error row.
 """
 
 from __future__ import annotations
 
-import bisect
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,14 +23,14 @@ import pyarrow.compute as pc
 
 from raypose.config.spec import ImagesSpec, VideoSpec
 from raypose.errors import ImageError
-from raypose.inputs.boxes import BoxSet, attach_boxes
 from raypose.inputs.storage import with_retries
 from raypose.schema import IMAGE_TASK_SCHEMA
 
 log = logging.getLogger(__name__)
 
 # The columns the plan adds to each frame's image task (schema.IMAGE_TASK_SCHEMA).
-FRAME_COLUMNS = ("frame_index", "frame_pts", "frame_time", "video_fps", "video_range")
+FRAME_COLUMNS = ("frame_index", "frame_pts", "frame_time", "video_fps")
+FRAME_COUNTS = "raypose_video_frames"  # listing metadata: each indexed video's frame count
 INDEX_THREADS = 8  # videos indexed at once by the plan: mostly waiting on storage
 
 
@@ -115,23 +115,6 @@ def sampled_frames(index: VideoIndex, video: VideoSpec) -> np.ndarray:
     return chosen[: video.max_frames] if video.max_frames is not None else chosen
 
 
-def frame_ranges(chosen: np.ndarray, keyframes: np.ndarray, per_task: int) -> np.ndarray:
-    """Each chosen frame's range (0, 1, ...): a range ends after `per_task` frames once the next one can start at
-    a keyframe (so no frame is decoded twice), and after `4 * per_task` whatever the keyframes."""
-    ranges = np.zeros(len(chosen), np.int32)
-    key_positions = np.flatnonzero(keyframes)
-    current, count = 0, 0
-    for i, frame in enumerate(chosen):
-        if count >= per_task and i:
-            # A keyframe after the previous chosen frame and at or before this one: decoding starts afresh there.
-            k = bisect.bisect_right(key_positions, frame) - 1
-            if (k >= 0 and key_positions[k] > chosen[i - 1]) or count >= 4 * per_task:
-                current, count = current + 1, 0
-        ranges[i] = current
-        count += 1
-    return ranges
-
-
 def frame_key(video_key: str, frame: int) -> str:
     """A frame's image key: the video's key and its frame index."""
     return f"{video_key}#{frame:06d}"
@@ -139,10 +122,10 @@ def frame_key(video_key: str, frame: int) -> str:
 
 def index_videos(videos: pa.Table, storage_options: dict[str, Any],
                  video: VideoSpec) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """Listed videos (image_key, image_uri) -> their sampled frames as a listing (image_key, image_uri and
-    `FRAME_COLUMNS`), the videos that cannot be read (each one image task with its error), and each
-    indexed video's frame count."""
-    keys, uris = videos.column("image_key").to_pylist(), videos.column("image_uri").to_pylist()
+    """Listed videos (image_key, image_uri, ...) -> their sampled frames as a listing (the video's listing
+    columns, each frame's key and `FRAME_COLUMNS`), the videos that cannot be read (their listing rows with
+    `error_stage` and `error_reason`), and each indexed video's frame count."""
+    uris = videos.column("image_uri").to_pylist()
 
     def index(uri: str) -> VideoIndex | ImageError:
         try:
@@ -152,30 +135,65 @@ def index_videos(videos: pa.Table, storage_options: dict[str, Any],
 
     with ThreadPoolExecutor(INDEX_THREADS, thread_name_prefix="raypose-video-index") as pool:
         indexes = list(pool.map(index, uris))
-    frames: dict[str, list] = {name: [] for name in ("image_key", "image_uri", *FRAME_COLUMNS)}
-    failed, frame_counts = [], {}
-    for key, uri, found in zip(keys, uris, indexes):
+    rows, frames = [], {name: [] for name in ("image_key", *FRAME_COLUMNS)}
+    failed, stages, reasons, frame_counts = [], [], [], {}
+    for row, (key, found) in enumerate(zip(videos.column("image_key").to_pylist(), indexes)):
         if isinstance(found, ImageError):
-            failed.append({"image_key": key, "image_uri": uri, "box_xywh": [], "error_stage": found.stage,
-                           "error_reason": str(found)})
+            failed.append(row)
+            stages.append(found.stage)
+            reasons.append(str(found))
             continue
         chosen = sampled_frames(found, video)
         frame_counts[key] = len(found.pts)
+        rows += [row] * len(chosen)
         frames["image_key"] += [frame_key(key, int(i)) for i in chosen]
-        frames["image_uri"] += [uri] * len(chosen)
         frames["frame_index"] += chosen.tolist()
         frames["frame_pts"] += found.pts[chosen].tolist()
         frames["frame_time"] += found.times[chosen].tolist()
         frames["video_fps"] += [found.fps] * len(chosen)
-        frames["video_range"] += frame_ranges(chosen, found.keyframes, video.frames_per_task).tolist()
-    types = {"image_key": pa.string(), "image_uri": pa.string(), "frame_index": pa.int64(), "frame_pts": pa.int64(),
-             "frame_time": pa.float64(), "video_fps": pa.float64(), "video_range": pa.int32()}
-    listing = pa.table({name: pa.array(values, types[name]) for name, values in frames.items()})
-    return listing.sort_by("image_key"), pa.Table.from_pylist(failed, schema=IMAGE_TASK_SCHEMA), frame_counts
+    listing = videos.take(pa.array(rows, pa.int64()))
+    for name, values in frames.items():
+        column = pa.array(values, IMAGE_TASK_SCHEMA.field(name).type)
+        listing = (listing.set_column(listing.schema.get_field_index(name), name, column) if name in listing.column_names
+                   else listing.append_column(name, column))
+    unreadable = videos.take(pa.array(failed, pa.int64()))
+    unreadable = unreadable.append_column("error_stage", pa.array(stages, pa.string())).append_column(
+        "error_reason", pa.array(reasons, pa.string()))
+    return listing.sort_by("image_key"), unreadable, frame_counts
+
+
+def list_frames(videos: pa.Table, images: ImagesSpec) -> pa.Table:
+    """The listing of a video job: every sampled frame (the video's listing columns, the frame's key and
+    `FRAME_COLUMNS`) and every video that cannot be read (with its error), by key; the frame counts of the
+    videos ride in the schema's metadata (`frame_tasks` tells boxes of frames left out by the sampling)."""
+    frames, unreadable, counts = index_videos(videos, dict(images.storage_options), images.video)
+    listing = pa.concat_tables([frames, unreadable], promote_options="default").sort_by("image_key")
+    return listing.replace_schema_metadata({FRAME_COUNTS: json.dumps(counts)})
+
+
+def frame_tasks(tasks: pa.Table, listed: pa.Table, missing: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """A chunk's image tasks as the box join made them from frames (`BoxJoin.chunk`), with their `FRAME_COLUMNS`,
+    and an error task for each video of the chunk that cannot be read; and the chunk's errors of boxes whose
+    image is not listed less those of frames the sampling left out (they are left out with their frames)."""
+    failed = pc.is_valid(listed.column("error_stage")) if "error_stage" in listed.column_names else None
+    if failed is not None and pc.any(failed).as_py():
+        unreadable = listed.filter(failed)
+        tasks = tasks.filter(pc.invert(pc.is_in(tasks.column("image_key"), value_set=unreadable.column("image_key"))))
+        errors = pa.table({name: unreadable.column(name) if name in unreadable.column_names else
+                           pa.nulls(unreadable.num_rows, field.type) for name, field in zip(tasks.schema.names, tasks.schema)})
+        errors = errors.set_column(errors.schema.get_field_index("box_xywh"), "box_xywh",
+                                   pa.array([[]] * unreadable.num_rows, tasks.schema.field("box_xywh").type))
+        tasks = pa.concat_tables([tasks, errors.cast(tasks.schema)])
+    tasks = with_frames(tasks, listed).sort_by("image_key")
+    counts = json.loads((listed.schema.metadata or {}).get(FRAME_COUNTS.encode(), b"{}"))
+    unsampled = pa.array([_is_frame_of(key, counts) for key in missing.column("image_key").to_pylist()], pa.bool_())
+    return tasks, missing.filter(pc.invert(unsampled)) if len(unsampled) else missing
 
 
 def with_frames(tasks: pa.Table, frames: pa.Table) -> pa.Table:
-    """Image tasks of frames (from `attach_boxes`, which keeps only the listing's key columns) with their `FRAME_COLUMNS`."""
+    """Image tasks of frames (the box join keeps only the listing's key columns) with their `FRAME_COLUMNS`."""
+    if "frame_index" not in frames.column_names:
+        return tasks
     where = pc.index_in(tasks.column("image_key"), value_set=frames.column("image_key"))
     for name in FRAME_COLUMNS:
         index = tasks.schema.get_field_index(name)
@@ -253,23 +271,3 @@ def frame_ppm(pixels: np.ndarray) -> np.ndarray:
     """RGB pixels as the bytes (uint8) of a binary PPM: lossless, nothing to compress, read by Pillow like any image."""
     height, width, _ = pixels.shape
     return np.concatenate([np.frombuffer(b"P6 %d %d 255\n" % (width, height), np.uint8), pixels.reshape(-1)])
-
-
-def video_tasks(videos: pa.Table, images: ImagesSpec, box_set: BoxSet, detecting: bool) -> tuple[pa.Table, pa.Table, dict]:
-    """`boxes.attach_boxes` for videos: the listed videos' sampled frames joined with their boxes (a box table
-    keyed by frame, or the detector's), plus an error task for each video that cannot be read."""
-    frames, failed, frame_counts = index_videos(videos, dict(images.storage_options), images.video)
-    tasks, missing, counts = attach_boxes(frames.select(["image_key", "image_uri"]), box_set, detect_missing=detecting)
-    tasks = with_frames(tasks, frames)
-    # Boxes of frames the sampling leaves out are not missing images: they are left out with their frames.
-    unsampled = pa.array([_is_frame_of(key, frame_counts) for key in missing.column("image_key").to_pylist()], pa.bool_())
-    if pc.any(unsampled).as_py():
-        left_out = pc.is_in(box_set.table.column("image_key"), value_set=missing.column("image_key").filter(unsampled))
-        boxes_left_out = int(pc.sum(pc.list_value_length(box_set.table.column("bbox").filter(left_out))).as_py() or 0)
-        counts.update(boxes_without_image=counts["boxes_without_image"] - boxes_left_out,
-                      boxes_of_frames_not_sampled=boxes_left_out)
-        missing = missing.filter(pc.invert(unsampled))
-    if failed.num_rows:
-        tasks = pa.concat_tables([tasks, failed.cast(tasks.schema)]).sort_by("image_key")
-    counts.update(videos=videos.num_rows, videos_failed=failed.num_rows, images=tasks.num_rows)
-    return tasks, missing, counts

@@ -134,16 +134,6 @@ class OutputStore:
                 markers[int(marker["shard"])] = marker
         return markers
 
-    def remove_shard(self, shard: int) -> None:
-        """Remove what an unfinished run may have left of a shard: its marker, files and parts."""
-        marker = self.path(SHARDS_DIR, f"{shard:05d}.json")
-        found = [marker] if self.fs.exists(marker) else []
-        for folder in (self.path(KEYPOINTS_DIR), self.path(ERRORS_DIR), self.path(TMP_DIR, PARTS_DIR, KEYPOINTS_DIR),
-                       self.path(TMP_DIR, PARTS_DIR, ERRORS_DIR)):
-            found += self.fs.glob(posixpath.join(folder, f"shard-{shard:05d}*.parquet"))
-        for path in found:
-            self.fs.rm(path)
-
     def write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
         """Write one Parquet file whole: into `_tmp/` first, then moved to `path`."""
         output = self.output
@@ -185,6 +175,12 @@ class OutputStore:
                 self.fs.rm(path, recursive=True)
         return removed
 
+    def foreign_files(self) -> list[str]:
+        """Files at the output path with the names raypose writes there that raypose did not write (a user's own
+        manifest.json): overwriting them would lose them."""
+        return [name for name in (MANIFEST_FILE, SCHEMAS_FILE)
+                if self.fs.exists(self.path(name)) and not self._written_by_raypose(self.path(name))]
+
     def _written_by_raypose(self, path: str) -> bool:
         try:
             data = json.loads(self.fs.cat_file(path))
@@ -205,10 +201,13 @@ class OutputStore:
 
 @dataclass(frozen=True)
 class ShardInputs:
-    """What a shard this run writes is made of: how many images, and their keys' fingerprint."""
+    """What a shard this run writes is made of: how many images, their fingerprint, its key range and plan file."""
 
     images: int
     fingerprint: str
+    first_key: str | None = None
+    last_key: str | None = None
+    plan: str | None = None  # _plan/NNNNN.parquet: the shard's image tasks, and once committed its index
 
 
 @dataclass(frozen=True)
@@ -298,7 +297,7 @@ class ShardWriter:
         self.errors_schema = ERRORS_SCHEMA.with_metadata(target.metadata())
         self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(target.metadata())
         self.pending_images = {shard: inputs.images for shard, inputs in shards.items()}
-        self.fingerprints = {shard: inputs.fingerprint for shard, inputs in shards.items()}
+        self.inputs = dict(shards)
         self.rows_seen: Counter[str] = Counter()
         self.crops_by_worker: Counter[str] = Counter()  # keypoint rows per pose actor ("node id:pid")
         self.images_done = self.instances = self.errors = 0  # this run's, so far
@@ -361,10 +360,14 @@ class ShardWriter:
         errors_by_stage: Counter[str] = Counter()
         for part in parts:
             errors_by_stage.update(json.loads(part["errors_by_stage"]))
+        inputs = self.inputs[shard]
         marker = {
             "shard": shard,
             "job_id": self.target.job_id,
-            "inputs": self.fingerprints[shard],
+            "inputs": inputs.fingerprint,
+            "first_key": inputs.first_key,
+            "last_key": inputs.last_key,
+            "plan": inputs.plan,
             "images": len({key for part in parts for key in part["images"]}),
             "instances": sum(part["instances"] for part in parts),
             "errors": sum(part["errors"] for part in parts),

@@ -1,10 +1,10 @@
-"""The Dataset's blocks: image tasks grouped so that no block, and so no crop task or pose call, holds too many boxes.
+"""Bounded work per call: an image's boxes cut into parts, and a batch of image tasks cut into chunks of few boxes.
 
-A block holds at most `images_per_block` images and `boxes_per_block` boxes. An image with more
-boxes than that is cut into parts of at most `boxes_per_block` boxes, each a block of its own: a
-part carries the instance index of its first box (`box_offset`) and its image's box count
-(`image_boxes`, the rows the writer waits for), so a crop task, a pose call and the crops it
-holds stay bounded however many boxes one image has.
+An image with more than `resources.boxes_per_crop_task` boxes is cut into parts of at most that
+many as the plan's files are read (`in_parts`): a part carries the instance index of its first
+box (`box_offset`) and its image's box count (`image_boxes`, the rows the writer waits for). The
+croppers then cut a block's crops a chunk of at most that many boxes at a time (`image_blocks`),
+so a crop task, a pose call and the crops it holds stay bounded however many boxes one image has.
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ def image_blocks(tasks: pa.Table, images_per_block: int, boxes_per_block: int) -
     return blocks
 
 
-def frame_range_blocks(tasks: pa.Table, images_per_block: int) -> list[pa.Table]:
-    """Video frame tasks as blocks of one range of one video each (`video_range`: what a read task decodes in
-    one go); the tasks of videos that could not be read (no range) in blocks of at most `images_per_block`."""
-    uris = tasks.column("image_uri").to_pylist()
-    ranges = tasks.column("video_range").to_pylist()
-    blocks, start = [], 0
-    for row in range(1, tasks.num_rows + 1):
-        if row == tasks.num_rows or (uris[row], ranges[row]) != (uris[start], ranges[start]) or (
-                ranges[row] is None and row - start >= images_per_block):
-            blocks.append(tasks.slice(start, row - start))
-            start = row
-    return blocks
+def in_parts(tasks: pa.Table, boxes_per_part: int) -> pa.Table:
+    """`tasks` in order, each image with more than `boxes_per_part` boxes replaced by its parts (`image_parts`)."""
+    boxes = pc.list_value_length(tasks.column("box_xywh")).fill_null(0).to_numpy(zero_copy_only=False)
+    crowded = np.flatnonzero(boxes > boxes_per_part)
+    if not len(crowded):
+        return tasks
+    pieces, start = [], 0
+    for row in crowded:
+        pieces += [tasks.slice(start, row - start), *image_parts(tasks.slice(row, 1), boxes_per_part)]
+        start = row + 1
+    return pa.concat_tables([*pieces, tasks.slice(start)])
 
 
 def image_parts(task: pa.Table, boxes_per_part: int) -> list[pa.Table]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ from raypose.imaging.jpeg_region import decode_jpeg_region
 from raypose.inputs.fetch import read_cropped_image
 from raypose.models.routing import Routing
 from raypose.pipeline.arrow_views import binary_column, pixel_view, single_block_images
+from raypose.pipeline.blocks import image_blocks
 from raypose.pipeline.crop_sources import with_sources
 from raypose.pipeline.faults import inject
 from raypose.pipeline.thread_window import in_order
@@ -65,6 +66,13 @@ def make_crops(batch: pa.Table, *, options: CropOptions, threads: int = 1) -> pa
     """
     table, _ = crop_rows(batch, options, functools.partial(_decode_here, options), threads)
     return table
+
+
+def make_crops_in_parts(batch: pa.Table, *, options: CropOptions, boxes_per_part: int) -> Iterator[pa.Table]:
+    """The crop tasks' stage: `make_crops` on the batch's image rows, at most `boxes_per_part` boxes at a time,
+    each part's crop rows yielded (Ray Data holds them in its own blocks, not this task all at once)."""
+    for part in (image_blocks(batch, batch.num_rows, boxes_per_part) if batch.num_rows else [batch]):
+        yield make_crops(part, options=options)
 
 
 def crop_rows(batch: pa.Table, options: CropOptions, open_image, threads: int = 1) -> tuple[pa.Table, list[EncodedImage]]:

@@ -5,7 +5,8 @@
     DeviceCropper  tasks (`crop_stage.plan_crops`) read the images, their headers and the crops' geometry; the
                    pose actor decodes and cuts on its device (`crop_torch`)
 
-`pixels(rows, input_size)` gives those rows' crops as one (N, H, W, 3) uint8 array or tensor.
+`pixels(rows, input_size)` gives those rows' crops as one (N, H, W, 3) uint8 array or tensor; `parts(batch)`
+says how a call's batch is cut so that no more than a bounded number of crops exist at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from raypose.errors import ImageError
 from raypose.imaging.crop_torch import ImagesOnDevice
 from raypose.imaging.decode_device import EncodedImage, PillowDecoder, decode_on_device
 from raypose.pipeline.arrow_views import crop_array, pairs
+from raypose.pipeline.blocks import image_blocks
 from raypose.pipeline.crop_sources import planned_images
 from raypose.pipeline.crop_stage import CropOptions, make_crops
 from raypose.schema import fail_rows
@@ -37,16 +39,27 @@ Pixels = Callable[[list[int], tuple[int, int]], "np.ndarray | torch.Tensor"]
 class CropColumn:
     """The batch is crop rows already (crop tasks made them): the pixels are its `crop` column."""
 
+    def parts(self, batch: pa.Table) -> list[pa.Table]:
+        return [batch]
+
     def __call__(self, batch: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
         return batch, column_pixels(batch)
 
 
 @dataclass(frozen=True)
 class CpuCropper:
-    """The pose actor makes the crops from image rows on its CPU, `threads` images at a time."""
+    """The pose actor makes the crops from image rows on its CPU, `threads` images at a time, at most
+    `boxes_per_call` boxes' crops at a time (`parts`: the forwards of one part run before the next is cut)."""
 
     options: CropOptions
     threads: int = 1
+    boxes_per_call: int | None = None
+
+    def parts(self, batch: pa.Table) -> list[pa.Table]:
+        """The batch's image rows in parts of at most `boxes_per_call` boxes (images are in parts already, `blocks`)."""
+        if not self.boxes_per_call or not batch.num_rows:
+            return [batch]
+        return image_blocks(batch, batch.num_rows, self.boxes_per_call)
 
     def __call__(self, batch: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
         rows = make_crops(batch, options=self.options, threads=self.threads)
@@ -62,6 +75,9 @@ class DeviceCropper:
 
     options: CropOptions
     decoder: PillowDecoder = PillowDecoder()
+
+    def parts(self, batch: pa.Table) -> list[pa.Table]:
+        return [batch]  # pose.batch_size planned rows a call: bounded already
 
     def __call__(self, rows: pa.Table, device: torch.device) -> tuple[pa.Table, Pixels]:
         images = planned_images(rows)

@@ -22,7 +22,7 @@ from raypose.imaging.decode_device import (
 )
 from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.models.routing import Routing
-from raypose.pipeline.crop_stage import CropOptions, make_crops, plan_crops
+from raypose.pipeline.crop_stage import CropOptions, make_crops, make_crops_in_parts, plan_crops
 from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings
 
@@ -146,7 +146,7 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
                                   calls=resources.pose_calls_per_actor or (1 if on_cpu else GPU_CALLS_PER_ACTOR)),
         crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size,
-                             gpu_decoder=spec.images.gpu_decoder),
+                             gpu_decoder=spec.images.gpu_decoder, boxes_per_call=resources.boxes_per_crop_task),
         images_per_task=resources.images_per_crop_task,
         boxes_per_task=resources.boxes_per_crop_task,
         cluster=cluster,
@@ -232,15 +232,17 @@ def _largest(size: int | tuple[int, int]) -> int:
 
 
 def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int,
-                   gpu_decoder: str = "auto") -> CropPlacement:
+                   gpu_decoder: str = "auto", boxes_per_call: int | None = None) -> CropPlacement:
     """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
     regions = options.region_decode and not options.jpeg_draft and region_decoder_available()
     if crop_in == "tasks":
-        return CropPlacement("tasks", (make_crops, {"options": options}), CropColumn(), rows_per_call=batch_size,
-                             jpeg_regions=regions)
+        task = ((make_crops_in_parts, {"options": options, "boxes_per_part": boxes_per_call}) if boxes_per_call
+                else (make_crops, {"options": options}))
+        return CropPlacement("tasks", task, CropColumn(), rows_per_call=batch_size, jpeg_regions=regions)
     if crop_in == "pose_actor":
         # An actor that crops for itself takes a crop task's block at a time.
-        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None,
+        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads, boxes_per_call=boxes_per_call),
+                             rows_per_call=None,
                              jpeg_regions=regions)
     decoder = device_decoder(gpu_decoder, device)
     # Tasks read the files and plan the crops; the actor decodes and cuts pose.batch_size crops a call.

@@ -19,7 +19,9 @@ def job_counts(plan: JobPlan, committed: dict[int, dict]) -> dict[str, Any]:
     errors_by_stage = Counter(plan.missing.column("stage").to_pylist())
     for marker in markers.values():
         errors_by_stage.update(marker["errors_by_stage"])
-    counts = {**plan.counts, "instances": sum(m["instances"] for m in markers.values()),
+    counts = {**plan.counts, "images": sum(m["images"] for m in markers.values()),
+              "images_this_run": sum(m["images"] for m in committed.values()),
+              "instances": sum(m["instances"] for m in markers.values()),
               "errors": sum(errors_by_stage.values()), "errors_by_stage": dict(errors_by_stage),
               "instances_this_run": sum(m["instances"] for m in committed.values())}
     if plan.detector is not None:
@@ -68,10 +70,11 @@ def job_manifest(plan: JobPlan, layout: Layout, committed: dict[int, dict], key:
                     "pipeline": pipeline},
         "throughput": {
             "crops_per_second": counts["instances_this_run"] / pipeline if pipeline > 0 else 0.0,
-            "images_per_second": plan.tasks.num_rows / pipeline if pipeline > 0 else 0.0,
+            "images_per_second": plan.images / pipeline if pipeline > 0 else 0.0,
         },
         "counts": counts,
         "shards": {"total": plan.shards.num_shards, "reused": len(plan.shards.reused), "written": len(committed)},
+        "runs": len((plan.store.read_json("_job.json") or {}).get("runs") or []),
         "experts": {
             name: {"model": e.model.model_id, "revision": e.model.revision, "dataset_index": e.dataset_index,
                    "keypoint_schema": e.keypoint_schema, "input_size": list(e.input_size)}

@@ -1,33 +1,47 @@
 """The plan: everything about a job that can be known and checked without Ray.
 
-Model configs and routing, the detector, the output path, the listing, the boxes and the
-image tasks, and (with `output.mode: resume`) the shards an earlier run already committed.
-`raypose validate` and `raypose submit` run this same plan.
+Model configs and routing, the detector, the output path and what earlier runs left there, the
+listing, the boxes, and the shards this run labels (`output/resume.py` decides which). A plan
+made to run (`run=True`, `raypose submit`) holds the output's lease and writes each shard's
+image tasks to `_plan/` as it is cut; a plan made to check (`raypose validate`) writes nothing.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
-from raypose.inputs.boxes import BoxSet, attach_boxes, inline_boxes, load_boxes
-from raypose.inputs.listing import list_images
+from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
+from raypose.inputs.listing import ListingNotSorted, iter_images, list_images
 from raypose.inputs.storage import uri_of
+from raypose.inputs.video import frame_tasks
 from raypose.output.lease import Lease
-from raypose.output.resume import ShardPlan, check_resumable, plan_shards, result_key
-from raypose.output.writer import JOB_FILE, OutputStore
+from raypose.output.resume import (
+    OutputState,
+    ShardCutter,
+    ShardPlan,
+    check_layout,
+    check_resumable,
+    job_id_for,
+    result_key,
+)
+from raypose.output.writer import OutputStore
 
 if TYPE_CHECKING:
     from raypose.models.detector import DetectorInfo
     from raypose.models.routing import Routing
+
+# Image tasks the plan hands the shard cutter at a time.
+CHUNK_ROWS = 1 << 16
 
 
 @dataclass
@@ -37,14 +51,14 @@ class JobPlan:
     spec: JobSpec
     routing: Routing
     detector: DetectorInfo | None  # when some images need detection
-    tasks: pa.Table  # one row per image to process in this run (schema.IMAGE_TASK_SCHEMA)
     missing: pa.Table  # errors for boxes whose image is not in storage
     counts: dict[str, int]
     store: OutputStore
     shards: ShardPlan
-    previous: dict[str, Any] | None  # the _job.json of the run this one resumes
-    force: bool = False  # resume even if the settings changed
+    previous: dict[str, Any] | None  # the _job.json of the output's last run
+    force: bool = False  # resume or append even if the settings changed
     lease: Lease | None = None  # held from the plan to the run's end (None: a plan to check, not to run)
+    started: float = 0.0
 
     def close(self) -> None:
         """Give the output's lease back (run_job does at its end)."""
@@ -54,6 +68,23 @@ class JobPlan:
     @property
     def job_id(self) -> str:
         return self.shards.job_id
+
+    @property
+    def images(self) -> int:
+        """Image tasks this run labels."""
+        return self.shards.images
+
+    def plan_files(self) -> list[str]:
+        """The `_plan/` files of the shards this run writes (a plan made to run has written them)."""
+        return self.shards.plan_files(self.store)
+
+    def read_tasks(self) -> pa.Table:
+        """This run's image tasks, read back from its plan files (for tests and benchmarks of small jobs)."""
+        tables = []
+        for path in self.plan_files():
+            with self.store.fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f))
+        return pa.concat_tables(tables) if tables else pa.table({})
 
     def models(self) -> dict[str, str]:
         return model_revisions(self.routing, self.detector)
@@ -70,12 +101,16 @@ def model_revisions(routing: Routing, detector: DetectorInfo | None) -> dict[str
 def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lease: bool = False) -> JobPlan:
     """Check everything that can be checked without Ray: model configs, routing, inputs, boxes, output.
 
-    With `output.mode: resume`, shards an earlier run committed for the same inputs are kept
-    and left out of this run; other settings are refused unless `force`. With `run`, the plan
-    is for a run: it takes the output's lease first (`output/lease.py`; `break_lease` takes it
-    from a holder that still seems alive) and holds it until `run_job` ends or `close()`;
-    without, it writes nothing and fails if another run holds the output.
+    With `output.mode` resume or append, images that committed shards hold with the same inputs
+    are left out (`output/resume.py`), and changed settings are refused unless `force`. With
+    `run`, the plan is for a run: it takes the output's lease first (`output/lease.py`;
+    `break_lease` takes it from a holder that still seems alive), streams the listing and the
+    boxes in key order, writing each shard's plan file as it is cut, and holds the lease until
+    `run_job` ends or `close()`. Without, it writes nothing, fails if another run holds the
+    output, and looks at the first chunk of the listing only (`counts["listing_complete"]` says
+    whether that was all of it).
     """
+    started = time.time()
     detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
     # The model checks are mostly imports (Python, holding the GIL); the listing and the box join are
     # Arrow work that releases it: run side by side, a plan of millions of images takes the longer of the two.
@@ -85,11 +120,10 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
         try:
             store = OutputStore(spec.output, spec.output_storage_options())
             lease = _hold_output(spec, store, run, break_lease)
-            previous = _previous_run(spec, store)
+            state = _output_state(spec, store)
             store.check_writable()
-            tasks, missing, counts = _image_tasks(spec, detecting)  # sorted by key: shard by shard, each commits soon
-            if spec.output.mode == "overwrite":
-                _check_images_outside(spec, store, tasks)
+            listing = iter_images(spec.images, spec.boxes, CHUNK_ROWS)
+            first = next(listing)  # the listing's problems are found before the models' are waited for
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -97,20 +131,34 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
             raise
         try:
             routing, detector = models.result()
-            if previous is not None and not force:
-                check_resumable(previous, result_key(spec, model_revisions(routing, detector)), spec.output.path)
-            shards = plan_shards(spec, tasks.column("image_key"), store, previous)
+            if state.previous is not None and spec.output.mode in ("resume", "append") and not force:
+                check_resumable(state.previous, result_key(spec, model_revisions(routing, detector)),
+                                spec.output.path, spec.output.mode)
+            try:
+                shards, missing, counts = _cut_shards(spec, store, state, detecting, run, first, listing)
+            except ListingNotSorted:  # a manifest sorted at first and not later: listed whole, cut again
+                shards, missing, counts = _cut_shards(spec, store, state, detecting, run, None,
+                                                      iter(_whole_listing(spec)))
         except BaseException:
             if lease is not None:
                 lease.release()
             raise
     if lease is not None:
         lease.name(shards.job_id)
-    tasks = tasks.set_column(tasks.schema.get_field_index("shard"), "shard", pa.array(shards.shard_of_task, pa.int32()))
-    if shards.reused:
-        tasks = tasks.filter(pa.array(~np.isin(shards.shard_of_task, list(shards.reused))))
-    return JobPlan(spec=spec, routing=routing, detector=detector, tasks=tasks, missing=missing, counts=counts,
-                   store=store, shards=shards, previous=previous, force=force, lease=lease)
+    counts.update(images=shards.images, images_kept=shards.kept,
+                  images_superseded=sum(len(keys) for keys in shards.superseded.values()))
+    return JobPlan(spec=spec, routing=routing, detector=detector, missing=missing, counts=counts, store=store,
+                   shards=shards, previous=state.previous, force=force, lease=lease, started=started)
+
+
+def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:
+    """The pose experts' routing and, when some images need detection, the detector: configs and weights checked."""
+    # Imported here, in the plan's second thread: torch and transformers are most of what these checks cost.
+    from raypose.models.detector import inspect_detector
+    from raypose.models.routing import resolve_routing
+
+    routing = resolve_routing(spec.pose)
+    return routing, inspect_detector(spec.boxes.detector, spec.boxes.categories) if detecting else None
 
 
 def _hold_output(spec: JobSpec, store: OutputStore, run: bool, break_lease: bool) -> Lease | None:
@@ -124,6 +172,91 @@ def _hold_output(spec: JobSpec, store: OutputStore, run: bool, break_lease: bool
     return None
 
 
+def _output_state(spec: JobSpec, store: OutputStore) -> OutputState:
+    """What earlier runs left at the output path, as this run's mode sees it; refuses an output not to be touched."""
+    existing = store.existing_entries()
+    foreign = store.foreign_files() if existing else []
+    if foreign:
+        raise SpecError(f"output.path: {spec.output.path} holds {', '.join(foreign)} that raypose did not write; "
+                        "raypose writes its own there: move them, or choose another output.path")
+    mode = spec.output.mode
+    if existing and mode == "error":
+        raise SpecError(
+            f"output.path: {spec.output.path} already holds raypose output ({', '.join(existing)}); "
+            "set output.mode: append to add what is new, resume to finish an interrupted run, overwrite to "
+            "replace it, or choose another path"
+        )
+    if mode == "overwrite" or not existing:
+        return OutputState(previous=None, committed={}, leftovers=[])
+    state = OutputState.read(store)
+    if state.previous is not None:
+        check_layout(state.previous, spec.output.path, mode)
+    return state
+
+
+def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting: bool, run: bool,
+                first: pa.Table | None, listing: Iterator[pa.Table]) -> tuple[ShardPlan, pa.Table, dict[str, Any]]:
+    """The shards this run labels, cut from the listing joined with the boxes, a chunk at a time in key order.
+
+    A run writes each shard's plan file as it is cut (after clearing what an overwrite replaces and what
+    interrupted runs left); a check stops after the first chunk. Returns the plan, the errors of boxes whose
+    image is not listed, and the counts.
+    """
+    boxes = _box_stream(spec)
+    join = BoxJoin(spec.boxes.source if spec.boxes.source != "coco" else "gt", detecting)
+    cutter = ShardCutter(store, state, job_id_for(spec, state.previous), spec.output.images_per_shard, write=run,
+                         whole_videos=spec.images.format == "video")
+    missing = []
+    chunk = first if first is not None else next(listing)
+    complete, prepared = True, not run
+    while chunk is not None:
+        following = next(listing, None)
+        if following is not None and not run:
+            complete = False  # a check looks at the first chunk only
+        per_image = inline_boxes(chunk, spec.boxes).table if boxes is None else \
+            boxes.until(None if following is None and complete else chunk.column("image_key")[-1].as_py())
+        tasks, chunk_missing = join.chunk(chunk, per_image)
+        if spec.images.format == "video":  # the listing is the sampled frames (inputs/video.py)
+            tasks, chunk_missing = frame_tasks(tasks, chunk, chunk_missing)
+        if spec.output.mode == "overwrite":
+            _check_images_outside(spec, store, tasks)
+        if not prepared:  # before the first plan file: what it replaces goes
+            if spec.output.mode == "overwrite":
+                store.clear()  # only raypose's own files: never the images
+            state.clean(store)
+            prepared = True
+        cutter.add(tasks)
+        missing.append(chunk_missing)
+        chunk = following if complete else None
+        _release_unused()
+    counts: dict[str, Any] = dict(join.counts, listing_complete=complete)
+    if boxes is not None:
+        counts["boxes_dropped_by_filters"] = boxes.dropped
+    if complete:
+        join.check()
+        if not counts["boxes"] and not counts["boxes_without_image"] and not counts["images_to_detect"]:
+            raise SpecError(
+                f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "
+                f"(boxes.categories {spec.boxes.categories}, min_area {spec.boxes.min_area}, "
+                f"min_score {spec.boxes.min_score}, include_crowd {spec.boxes.include_crowd})"
+            )
+    return cutter.finish(), pa.concat_tables(missing), counts
+
+
+def _box_stream(spec: JobSpec) -> BoxStream | None:
+    """The job's boxes in key order (None: they come with each chunk of the listing, inline)."""
+    if spec.boxes.source == "detector":
+        return BoxStream.whole(BoxSet.empty("detector"))
+    if spec.boxes.source == "inline":
+        return None
+    return open_boxes(spec.boxes, spec.boxes_storage_options())
+
+
+def _whole_listing(spec: JobSpec) -> list[pa.Table]:
+    table = list_images(spec.images, spec.boxes)
+    return [table.slice(start, CHUNK_ROWS) for start in range(0, table.num_rows, CHUNK_ROWS)]
+
+
 def _check_images_outside(spec: JobSpec, store: OutputStore, tasks: pa.Table) -> None:
     """Refuse to overwrite an output that holds the images (or their tars, Parquet files) the job reads."""
     root = store.root.rstrip("/") + "/"
@@ -134,53 +267,6 @@ def _check_images_outside(spec: JobSpec, store: OutputStore, tasks: pa.Table) ->
     if inside:
         raise SpecError(f"output.mode: overwrite, but images.path ({spec.images.path}) is inside output.path "
                         f"({spec.output.path}): overwriting could remove the images; write the output elsewhere")
-
-
-def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:
-    """The pose experts' routing and, when some images need detection, the detector: configs and weights checked."""
-    # Imported here, in the plan's second thread: torch and transformers are most of what these checks cost.
-    from raypose.models.detector import inspect_detector
-    from raypose.models.routing import resolve_routing
-
-    routing = resolve_routing(spec.pose)
-    return routing, inspect_detector(spec.boxes.detector, spec.boxes.categories) if detecting else None
-
-
-def _previous_run(spec: JobSpec, store: OutputStore) -> dict[str, Any] | None:
-    """The _job.json an earlier run left, when this run resumes it; refuses an output that is not to be touched."""
-    existing = store.existing_entries()
-    if existing and spec.output.mode == "error":
-        raise SpecError(
-            f"output.path: {spec.output.path} already holds raypose output ({', '.join(existing)}); "
-            "set output.mode: overwrite to replace it, resume to finish it, or choose another path"
-        )
-    return store.read_json(JOB_FILE) if spec.output.mode == "resume" else None
-
-
-def _image_tasks(spec: JobSpec, detecting: bool) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """The listed images joined with their boxes: image tasks, listing errors and counts."""
-    images = list_images(spec.images, spec.boxes)
-    _release_unused()
-    if spec.boxes.source == "detector":
-        box_set = BoxSet.empty("detector")
-    elif spec.boxes.source == "inline":
-        box_set = inline_boxes(images, spec.boxes)
-    else:
-        box_set = load_boxes(spec.boxes, spec.boxes_storage_options())
-    _release_unused()
-    if spec.images.format == "video":  # each video's sampled frames are its images
-        from raypose.inputs.video import video_tasks
-
-        tasks, missing, counts = video_tasks(images, spec.images, box_set, detecting)
-    else:
-        tasks, missing, counts = attach_boxes(images, box_set, detect_missing=detecting)
-    if not (counts["boxes"] or counts["boxes_without_image"] or counts["images_to_detect"] or counts.get("videos_failed")):
-        raise SpecError(
-            f"boxes: no box to label: {counts['boxes_dropped_by_filters']} were dropped by the filters "
-            f"(boxes.categories {spec.boxes.categories}, min_area {spec.boxes.min_area}, "
-            f"min_score {spec.boxes.min_score}, include_crowd {spec.boxes.include_crowd})"
-        )
-    return tasks, missing, counts
 
 
 def _release_unused() -> None:

@@ -67,13 +67,17 @@ class PoseStage:
                 )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows, pixels = self.cropper(batch, self.device)
-        inject("pose")
-        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap, their
-        # forwards are submitted in turns (two at once would only fight over the cores or the GPU),
-        # and on a GPU one call's next forward is queued while another's runs.
-        return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
-                             batch_size=self.settings.batch_size, worker=self.worker, device_lock=self._forwards)
+        out = []
+        for part in self.cropper.parts(batch):  # a part's crops are cut, run and dropped before the next's
+            rows, pixels = self.cropper(part, self.device)
+            inject("pose")
+            # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap, their
+            # forwards are submitted in turns (two at once would only fight over the cores or the GPU),
+            # and on a GPU one call's next forward is queued while another's runs.
+            out.append(estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
+                                     batch_size=self.settings.batch_size, worker=self.worker,
+                                     device_lock=self._forwards))
+        return pa.concat_tables(out) if len(out) > 1 else out[0]
 
 
 def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,

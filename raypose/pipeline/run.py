@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from raypose.errors import JobFailed, RayposeError
 from raypose.imaging.keypoint_schemas import SCHEMAS
-from raypose.output.resume import check_resumable, result_key, start_run
+from raypose.output.resume import check_resumable, finish_run, result_key, start_run
 from raypose.output.tracks import link_shard_tracks
 from raypose.output.writer import PartTarget, ShardWriter
 from raypose.pipeline.build import build_dataset
@@ -53,19 +53,19 @@ def run_job(plan: JobPlan, wrap: Callable[[Stage], Stage] | None = None, progres
 
 
 def _run(plan: JobPlan, wrap: Callable[[Stage], Stage] | None, progress: Progress | None) -> JobResult:
-    started = time.time()
+    started = plan.started or time.time()
     cluster = start_ray(plan.spec.resources)
-    layout = resolve_layout(plan.spec, plan.routing, cluster, plan.tasks.num_rows, detecting=plan.detector is not None)
+    layout = resolve_layout(plan.spec, plan.routing, cluster, plan.images, detecting=plan.detector is not None)
     key = result_key(plan.spec, plan.models(), resolved_settings(layout))
-    if plan.previous is not None and not plan.force:
-        check_resumable(plan.previous, key, plan.spec.output.path)
+    if plan.previous is not None and plan.spec.output.mode in ("resume", "append") and not plan.force:
+        check_resumable(plan.previous, key, plan.spec.output.path, plan.spec.output.mode)
     ray_ready = time.time()
-    progress = progress or Progress(plan.tasks.num_rows, "off")
-    writer = _start_writer(plan, key, progress.shard_committed)
+    progress = progress or Progress(plan.images, "off")
+    writer = _start_writer(plan, key, started, progress.shard_committed)
     _log_started(plan, layout)
     progress.start()
     try:
-        if plan.tasks.num_rows:
+        if plan.images:
             for summaries in build_dataset(plan, layout, writer.target, wrap).iter_batches(batch_size=None,
                                                                                          batch_format="pyarrow"):
                 writer.take(summaries)
@@ -81,6 +81,7 @@ def _run(plan: JobPlan, wrap: Callable[[Stage], Stage] | None, progress: Progres
                             {"started": started, "ray_ready": ray_ready, "finished": time.time()},
                             writer.crops_by_worker)
     plan.lease.check()
+    finish_run(plan.store, manifest)
     plan.store.finish(manifest)
     _log_finished(plan, manifest)
     if manifest["status"] == "failed":
@@ -109,8 +110,8 @@ def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
 
 
 # Stage callables as Ray names them in its errors -> raypose's stage names.
-STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "plan_crops": "crop",
-               "read_frames": "video"}
+STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "make_crops_in_parts": "crop",
+               "plan_crops": "crop", "read_frames": "video"}
 
 
 def resolved_settings(layout: Layout) -> dict[str, Any]:
@@ -121,15 +122,16 @@ def resolved_settings(layout: Layout) -> dict[str, Any]:
     return settings
 
 
-def _start_writer(plan: JobPlan, key: dict[str, Any], on_commit: Callable[[dict], None]) -> ShardWriter:
-    start_run(plan.store, plan.spec, plan.shards, key)
+def _start_writer(plan: JobPlan, key: dict[str, Any], started: float,
+                  on_commit: Callable[[dict], None]) -> ShardWriter:
+    start_run(plan.store, plan.spec, plan.shards, key, plan.previous, started)
     experts = plan.routing.experts
     target = PartTarget(
         output=plan.spec.output, storage_options=plan.spec.output_storage_options(), job_id=plan.job_id,
         models={name: (e.model.model_id, e.model.revision) for name, e in experts.items()},
         schemas={name: SCHEMAS[name].describe() for name in sorted({e.keypoint_schema for e in experts.values()})},
     )
-    writer = ShardWriter(plan.store, target, shards=plan.shards.inputs(), on_commit=on_commit,
+    writer = ShardWriter(plan.store, target, shards=plan.shards.to_write, on_commit=on_commit,
                          before_commit=plan.lease.check,
                          finish_parts=link_shard_tracks if plan.spec.pose.track else None)
     writer.write_listing_errors(plan.missing)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,10 +98,23 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_kill_the_driver_and_resume(full_run, many_images, tiny_checkpoint, tmp_path):
-    out = tmp_path / "out"
+def test_kill_an_append_run_and_resume(full_run, many_images, tiny_checkpoint, tmp_path):
+    """The first run labels the first two images; an append run over all twelve is killed mid-run (kill -9 of
+    its driver); `--resume` finishes it: the same rows as one uninterrupted run, each exactly once."""
+    out, folder = tmp_path / "out", tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    shutil.copy(many_images / "boxes.json", folder / "boxes.json")
+    for image in sorted((many_images / "images").iterdir())[:2]:
+        shutil.copy2(image, folder / "images" / image.name)
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps(spec_for(many_images, tiny_checkpoint, out)))
+    job.write_text(json.dumps(spec_for(folder, tiny_checkpoint, out)))
+    started = submit(job, "--set", "limits.max_errored_fraction=1")  # the others' boxes: not found yet
+    assert started.exit_code == 0, started.output
+    for image in sorted((many_images / "images").iterdir())[2:]:
+        shutil.copy2(image, folder / "images" / image.name)
+    spec = spec_for(folder, tiny_checkpoint, out)
+    spec["output"]["mode"] = "append"
+    job.write_text(json.dumps(spec))
     env = dict(os.environ, RAYPOSE_FAULT="pose:sleep:5")  # half a second a pose batch: time to interrupt
     driver = subprocess.Popen(
         [sys.executable, "-m", "raypose.cli", "submit", str(job), "--quiet"],
@@ -108,8 +122,8 @@ def test_kill_the_driver_and_resume(full_run, many_images, tiny_checkpoint, tmp_
     )
     ray_processes: set[int] = set()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((out / "_shards").glob("*.json"))) < 2:
+        deadline = time.time() + 240
+        while time.time() < deadline and len(list((out / "_shards").glob("*.json"))) < 3:
             assert driver.poll() is None, driver.stdout.read().decode()[-2000:]
             time.sleep(0.05)
         ray_processes = {pid for pid in descendants(driver.pid) if "watchdog" not in _cmdline(pid)}
@@ -126,13 +140,14 @@ def test_kill_the_driver_and_resume(full_run, many_images, tiny_checkpoint, tmp_
         except ProcessLookupError:
             pass
     done = len(list((out / "_shards").glob("*.json")))
-    assert 2 <= done < 6, "the driver was to be killed mid-run"
-    assert not (out / "manifest.json").exists()
+    assert 3 <= done < 6, "the driver was to be killed mid-run"
+    assert read_json(out / "_job.json")["runs"][-1]["status"] == "running"
 
     result = submit(job, "--resume")
     assert result.exit_code == 0, result.output
     manifest = read_json(out / "manifest.json")
     assert manifest["shards"]["reused"] == done and manifest["shards"]["written"] == 6 - done
+    assert [run["status"] for run in read_json(out / "_job.json")["runs"]] == ["succeeded", "succeeded"]
     assert_same_rows(out, full_run)
 
 

@@ -260,8 +260,10 @@ def test_scheduled_variants():
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]
     assert pod["serviceAccountName"] == next(
         obj for _, obj in k8s_objects() if obj["kind"] == "RoleBinding")["subjects"][0]["name"]
-    # Both schedulers run the same nightly command.
+    # Both schedulers run the same nightly command, which grows one output with append runs.
     assert rayjob["spec"]["entrypoint"] == cron["jobTemplate"]["entrypoint"]
+    nightly = parse_job_spec(yaml.safe_load(job_spec_configmaps()["raypose-nightly"]["data"]["job.yaml"]))
+    assert nightly.output.mode == "append" and "--set" not in cron["jobTemplate"]["entrypoint"]
 
 
 def test_every_ray_cluster_autoscales_its_worker_groups():

@@ -20,11 +20,15 @@ from raypose.errors import SpecError
 from raypose.imaging.decode import decode_image
 from raypose.imaging.geometry import clip_boxes
 from raypose.inputs.boxes import (
+    BoxJoin,
+    BoxStream,
+    _box_table_chunks,
     _grouped_by_image,
     _rows_with_boxes,
     attach_boxes,
     coco_boxes,
     load_boxes,
+    open_boxes,
     table_boxes,
 )
 from raypose.inputs.fetch import read_bytes
@@ -458,3 +462,43 @@ def test_broken_boxes_are_reported_not_filtered_by_min_area():
     }
     box_set = coco_boxes(coco, BoxesSpec(source="coco", path="x.json", min_area=100))
     assert box_set.image("a.jpg")["annotation_id"] == [1, 3, 4, 5, 6] and box_set.dropped == 2
+
+
+# --- the join a chunk at a time --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows_sorted", [True, False])
+def test_a_box_table_streams_in_key_order_when_sorted(tmp_path, monkeypatch, rows_sorted):
+    from raypose.inputs import boxes as boxes_module
+
+    monkeypatch.setattr(boxes_module, "_box_table_chunks", lambda source, path, spec, rows=3:
+                        _box_table_chunks(source, path, spec, rows))  # three rows a chunk: images span chunks
+    rows = [{"image_key": f"{k}.jpg", "bbox": [float(i), 0.0, 5.0, 5.0], "score": 0.9, "category": "person"}
+            for i, k in enumerate("aabbbcdeeg")]
+    path = write_table(tmp_path / "boxes.parquet", rows if rows_sorted else rows[::-1])
+    stream = open_boxes(BoxesSpec(source="table", path=str(path)), {})
+    whole = load_boxes(BoxesSpec(source="table", path=str(path)), {}).table
+    assert stream.until("b.jpg").column("image_key").to_pylist() == ["a.jpg", "b.jpg"]
+    assert stream.until("d.jpg").column("image_key").to_pylist() == ["c.jpg", "d.jpg"]
+    rest = stream.until(None)
+    assert rest.column("image_key").to_pylist() == ["e.jpg", "g.jpg"]
+    assert rest.column("bbox").to_pylist() == whole.slice(4).column("bbox").to_pylist()
+
+
+def test_the_join_a_chunk_at_a_time_matches_the_join_at_once():
+    coco = coco_dict()
+    box_set = coco_boxes(coco, spec())
+    images = listed("a.jpg", "b.jpg", "c.jpg", "sub/b.jpg", "z.jpg")
+    at_once, missing_at_once, counts = attach_boxes(images, box_set)
+    stream = BoxStream.whole(box_set)
+    join = BoxJoin("gt")
+    tasks, missing = [], []
+    for start in (0, 2, 4):
+        chunk = images.slice(start, 2)
+        last = None if start == 4 else chunk.column("image_key")[-1].as_py()
+        chunk_tasks, chunk_missing = join.chunk(chunk, stream.until(last))
+        tasks.append(chunk_tasks)
+        missing.append(chunk_missing)
+    assert pa.concat_tables(tasks).to_pylist() == at_once.to_pylist()
+    assert pa.concat_tables(missing).to_pylist() == missing_at_once.to_pylist()
+    assert join.counts == {**counts, "boxes_dropped_by_filters": 0}

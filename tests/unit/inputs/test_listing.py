@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pytest
 from conftest import listed, save_image
 
@@ -33,7 +34,11 @@ def image_tree(tmp_path) -> Path:
 
 def test_list_directory_recursive_sorted_relative_keys(image_tree):
     table = list_images(ImagesSpec(path=str(image_tree)))
-    assert table.column_names == ["image_key", "image_uri"]
+    assert table.column_names == ["image_key", "image_uri", "image_size", "image_version"]
+    # What the store says of each file: a replaced image is labelled again (resume.input_fingerprints).
+    assert table.column("image_size").to_pylist() == [(image_tree / k).stat().st_size
+                                                      for k in table.column("image_key").to_pylist()]
+    assert all(v.startswith("mtime:") for v in table.column("image_version").to_pylist())
     # Upper-case extension kept, hidden files and folders skipped, non-images dropped, sorted by key.
     assert table.column("image_key").to_pylist() == ["A.PNG", "b.jpg", "sub/d.png", "sub/deep/c.jpeg"]
     for key, uri in listed(table):
@@ -136,3 +141,36 @@ def test_list_url_manifest_matches_line_by_line_reading(tmp_path, text):
     manifest = tmp_path / "m.txt"
     manifest.write_text(text, encoding="utf-8")
     assert listed(list_images(ImagesSpec(path=str(manifest)))) == _python_manifest(text)
+
+
+def test_a_sorted_manifest_streams_in_chunks_and_an_unsorted_one_is_listed_whole(tmp_path, monkeypatch):
+    from raypose.inputs import listing
+
+    monkeypatch.setattr(listing, "MANIFEST_BLOCK_BYTES", 64)  # a few lines a block
+    sorted_lines = [f"s3://b/img/{i:04d}.jpg" for i in range(10)]
+    sorted_lines.insert(5, sorted_lines[4])  # listed twice: labelled once
+    manifest = tmp_path / "sorted.txt"
+    manifest.write_text("\n".join(sorted_lines) + "\n")
+    whole = list_images(ImagesSpec(path=str(manifest)))
+    monkeypatch.setattr(listing, "list_images", lambda *a: pytest.fail("a sorted manifest is never listed whole"))
+    chunks = list(listing.iter_images(ImagesSpec(path=str(manifest)), chunk_rows=3))
+    assert all(c.num_rows <= 3 for c in chunks) and len(chunks) >= 4
+    assert pa.concat_tables(chunks).column("image_key").to_pylist() == whole.column("image_key").to_pylist()
+    assert len(whole) == 10
+    monkeypatch.setattr(listing, "list_images", list_images)
+
+    unsorted = tmp_path / "unsorted.txt"
+    unsorted.write_text("\n".join(reversed(sorted_lines)) + "\n")
+    chunks = list(listing.iter_images(ImagesSpec(path=str(unsorted)), chunk_rows=3))
+    assert pa.concat_tables(chunks).column("image_key").to_pylist() == whole.column("image_key").to_pylist()
+
+
+def test_a_manifest_sorted_at_first_and_not_later_is_reported(tmp_path, monkeypatch):
+    from raypose.inputs import listing
+
+    monkeypatch.setattr(listing, "MANIFEST_BLOCK_BYTES", 1000)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("".join(f"s3://b/{i:06d}.jpg\n" for i in range(400)) + "s3://b/000000-late.jpg\n")
+    with pytest.raises(listing.ListingNotSorted):
+        list(listing._sorted_manifest_chunks(*listing.open_url(str(manifest), {}, "images.path"),
+                                             ImagesSpec(path=str(manifest)), 1000))

@@ -5,22 +5,25 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from raypose.config.spec import load_job_spec, parse_job_spec
 from raypose.errors import SpecError
 from raypose.output.resume import (
     JOB_ID_ENV,
+    OutputState,
+    ShardCutter,
     check_resumable,
     fingerprint,
-    hashed_shard_of,
-    keys_fingerprint,
+    input_fingerprints,
+    job_id_for,
     new_job_id,
-    plan_shards,
     result_key,
-    shard_of,
+    supersede,
 )
 from raypose.output.writer import OutputStore
+from raypose.schema import IMAGE_TASK_SCHEMA
 
 MODELS = {"expert:coco": "m@r1"}
 
@@ -75,39 +78,102 @@ def test_a_refusal_names_each_setting_that_changed():
         check_resumable({"result_fingerprint": "abc"}, key_of(), "/out")
 
 
-def test_shards_are_stable_and_committed_ones_are_reused_only_for_the_same_images(tmp_path, monkeypatch):
-    monkeypatch.delenv(JOB_ID_ENV, raising=False)
-    spec = spec_with(output__images_per_shard=2, output__path=str(tmp_path / "out"))
-    store = OutputStore(spec.output, {})
-    keys = [f"img_{i}.jpg" for i in range(5)]
-
-    def plan(keys, previous):
-        return plan_shards(spec, pa.array(sorted(keys)), store, previous)
-
-    fresh = plan(keys, previous=None)
-    assert fresh.num_shards == 3 and fresh.shard_of_task.tolist() == [0, 0, 1, 1, 2]  # runs of sorted keys
-    assert fresh.starts == ["img_0.jpg", "img_2.jpg", "img_4.jpg"]
-    assert [shard_of(k, fresh.starts) for k in ("a.jpg", "img_1.jpg", "img_3.jpg", "z.jpg")] == [0, 0, 1, 2]
-    assert sorted(k for ks in fresh.to_write.values() for k in ks.to_pylist()) == keys and not fresh.reused
-    assert re.fullmatch(r"raypose-job-\d{8}T\d{6}Z-[0-9a-f]{6}", fresh.job_id)
-    done = next(s for s, ks in fresh.to_write.items() if len(ks))
-    store.write_json(f"_shards/{done:05d}.json", {"shard": done, "inputs": keys_fingerprint(fresh.to_write[done])})
-    previous = {"job_id": fresh.job_id, "num_shards": 3, "shard_starts": fresh.starts}
-    resumed = plan(keys, previous)
-    assert resumed.job_id == fresh.job_id and set(resumed.reused) == {done} and done not in resumed.to_write
-    changed = sorted(keys[:-1] + ["new.jpg"])
-    other = plan(changed, previous)
-    same_images = [k for k, s in zip(changed, other.shard_of_task) if s == done] == fresh.to_write[done].to_pylist()
-    assert (done in other.reused) == same_images
-    # An output from before key-range shards keeps its hashed shards when resumed.
-    older = plan(keys, {"job_id": "old", "num_shards": 3})
-    assert older.starts is None and older.shard_of_task.tolist() == [hashed_shard_of(k, 3) for k in keys]
-    # Keys before the first shard's start (new images since) belong to the first shard.
-    assert plan(["a.jpg", *keys], previous).shard_of_task.tolist() == [0, 0, 0, 1, 1, 2]
+def tasks_of(keys, sizes=None, boxes=None):
+    """Image tasks for `keys` (sorted), as the listing and the box join make them."""
+    n = len(keys)
+    return pa.Table.from_pylist([
+        {"image_key": k, "image_uri": f"file:///data/{k}", "image_size": (sizes or {}).get(k, 100),
+         "image_version": "mtime:1", "box_xywh": (boxes or {}).get(k, [[1.0, 2.0, 3.0, 4.0]]),
+         "annotation_id": [ord(k[0])], "category": ["person"], "box_score": [None], "box_source": "gt"}
+        for k in sorted(keys)], schema=IMAGE_TASK_SCHEMA) if n else IMAGE_TASK_SCHEMA.empty_table()
 
 
-def test_a_run_on_a_cluster_takes_the_submission_id(monkeypatch, tmp_path):
-    monkeypatch.setenv(JOB_ID_ENV, "nightly-20261201T000000Z-abcdef")
+def cut(store, state, tasks, per_shard=2, write=True, chunk=3):
+    cutter = ShardCutter(store, state, "job-1", per_shard, write=write)
+    for start in range(0, tasks.num_rows, chunk):
+        cutter.add(tasks.slice(start, chunk))
+    return cutter.finish()
+
+
+def commit(store, plan):
+    """Commit markers for a plan's shards, as the writer leaves them (no rows: the index is the plan file)."""
+    for shard, inputs in plan.to_write.items():
+        store.write_json(f"_shards/{shard:05d}.json", {
+            "shard": shard, "job_id": plan.job_id, "inputs": inputs.fingerprint, "first_key": inputs.first_key,
+            "last_key": inputs.last_key, "plan": inputs.plan, "images": inputs.images, "instances": 0,
+            "errors": 0, "errors_by_stage": {}, "files": []})
+
+
+def test_shards_are_runs_of_sorted_keys_written_as_plan_files(tmp_path):
     spec = spec_with(output__path=str(tmp_path / "out"))
-    assert plan_shards(spec, pa.array(["a"]), OutputStore(spec.output, {}), None).job_id == "nightly-20261201T000000Z-abcdef"
+    store = OutputStore(spec.output, {})
+    plan = cut(store, OutputState(None, {}, []), tasks_of([f"img_{i}.jpg" for i in range(5)]))
+    assert sorted(plan.to_write) == [0, 1, 2] and plan.images == 5 and not plan.reused and not plan.superseded
+    assert [(i.first_key, i.last_key, i.images) for i in plan.to_write.values()] == [
+        ("img_0.jpg", "img_1.jpg", 2), ("img_2.jpg", "img_3.jpg", 2), ("img_4.jpg", "img_4.jpg", 1)]
+    shard_1 = pa.parquet.read_table(tmp_path / "out" / "_plan" / "00001.parquet")
+    assert shard_1.column("image_key").to_pylist() == ["img_2.jpg", "img_3.jpg"]
+    assert shard_1.column("shard").to_pylist() == [1, 1] and shard_1.column("input_fingerprint").null_count == 0
+    elsewhere = OutputStore(spec_with(output__path=str(tmp_path / "checked")).output, {})
+    checked = cut(elsewhere, OutputState(None, {}, []), tasks_of(["a.jpg"]), write=False)  # validate: counts only
+    assert checked.images == 1 and not (tmp_path / "checked").exists()
+
+
+def test_a_run_over_committed_shards_labels_only_what_is_new_or_changed(tmp_path):
+    spec = spec_with(output__path=str(tmp_path / "out"))
+    store = OutputStore(spec.output, {})
+    first = cut(store, OutputState(None, {}, []), tasks_of(["b.jpg", "d.jpg", "f.jpg", "h.jpg"]))
+    commit(store, first)
+    state = OutputState.read(store)
+    assert sorted(state.committed) == [0, 1] and state.next_shard == 2
+    # New keys between and after the old ones, one image replaced (another size), one with other boxes.
+    later = tasks_of(["a.jpg", "b.jpg", "c.jpg", "d.jpg", "f.jpg", "h.jpg", "z.jpg"], sizes={"d.jpg": 999},
+                     boxes={"h.jpg": [[9.0, 9.0, 9.0, 9.0]]})
+    second = cut(store, state, later, per_shard=3)
+    assert second.kept == 2 and second.images == 5 and sorted(second.to_write) == [2, 3]
+    assert second.superseded == {0: ["d.jpg"], 1: ["h.jpg"]}
+    labelled = pa.concat_tables([pa.parquet.read_table(tmp_path / "out" / "_plan" / f"{s:05d}.parquet") for s in (2, 3)])
+    assert labelled.column("image_key").to_pylist() == ["a.jpg", "c.jpg", "d.jpg", "h.jpg", "z.jpg"]
+    # The changed images' rows leave their old shards; then nothing is new: nothing to label.
+    for shard, keys in second.superseded.items():
+        marker = supersede(store, second.reused[shard], keys)
+        assert marker["images"] == 1 and marker["superseded"] == 1
+    commit(store, second)
+    third = cut(store, OutputState.read(store), later)
+    assert third.images == 0 and third.kept == 7 and not third.superseded
+
+
+def test_shards_with_missing_files_or_no_marker_are_leftovers(tmp_path):
+    spec = spec_with(output__path=str(tmp_path / "out"))
+    store = OutputStore(spec.output, {})
+    plan = cut(store, OutputState(None, {}, []), tasks_of(["a.jpg", "b.jpg", "c.jpg"]))
+    commit(store, plan)
+    (tmp_path / "out" / "keypoints").mkdir()
+    (tmp_path / "out" / "keypoints" / "shard-00001-abc.parquet").write_bytes(b"part of an unfinished shard")
+    (tmp_path / "out" / "_plan" / "00000.parquet").unlink()  # shard 0's index is gone: not committed whole
+    state = OutputState.read(store)
+    assert sorted(state.committed) == [1] and state.next_shard == 2
+    state.clean(store)
+    assert not (tmp_path / "out" / "keypoints" / "shard-00001-abc.parquet").exists()
+    assert not (tmp_path / "out" / "_shards" / "00000.json").exists()
+
+
+def test_fingerprints_change_with_the_file_and_the_boxes_not_the_order_of_chunks():
+    base = input_fingerprints(tasks_of(["a.jpg", "b.jpg"]))
+    assert input_fingerprints(tasks_of(["a.jpg", "b.jpg"]).slice(1)) == base.slice(1)
+    assert input_fingerprints(tasks_of(["a.jpg", "b.jpg"], sizes={"a.jpg": 5}))[0] != base[0]
+    assert input_fingerprints(tasks_of(["a.jpg", "b.jpg"], boxes={"b.jpg": [[1.0, 2.0, 3.0, 5.0]]}))[1] != base[1]
+
+
+def test_resume_keeps_the_job_id_and_append_takes_a_new_one(monkeypatch):
+    monkeypatch.delenv(JOB_ID_ENV, raising=False)
+    previous = {"job_id": "nightly-1"}
+    assert job_id_for(spec_with(output__mode="resume"), previous) == "nightly-1"
+    assert job_id_for(spec_with(output__mode="append"), previous).startswith("raypose-job-")
+    assert re.fullmatch(r"raypose-job-\d{8}T\d{6}Z-[0-9a-f]{6}", job_id_for(spec_with(), None))
+
+
+def test_a_run_on_a_cluster_takes_the_submission_id(monkeypatch):
+    monkeypatch.setenv(JOB_ID_ENV, "nightly-20261201T000000Z-abcdef")
+    assert job_id_for(spec_with(), None) == "nightly-20261201T000000Z-abcdef"
     assert new_job_id("x").startswith("x-")

@@ -11,6 +11,7 @@ import pytest
 from raypose.config.spec import OutputSpec
 from raypose.errors import SpecError
 from raypose.imaging.keypoint_schemas import COCO17
+from raypose.output.resume import OutputState
 from raypose.output.writer import (
     OutputStore,
     PartTarget,
@@ -135,8 +136,10 @@ def test_parts_are_written_where_the_rows_are_and_named_by_their_rows(store, tmp
     assert writer.committed[0]["instances"] == 2 and json.loads((tmp_path / "out" / "_shards" / "00000.json").read_text())
 
 
-def test_resume_removes_what_an_unfinished_shard_left(store, tmp_path):
+def test_a_later_run_removes_what_an_unfinished_shard_left(store, tmp_path):
     writer = writer_for(store, {0: 2})
     writer.write(pose_rows({"image_key": "a", "instance_index": 0}))  # a part, not committed
-    store.remove_shard(0)
+    state = OutputState.read(store)
+    assert not state.committed and state.leftovers
+    state.clean(store)
     assert not list((tmp_path / "out").rglob("shard-00000*"))

@@ -12,8 +12,8 @@ import pytest
 from conftest import image_task, job_dict, task_table
 
 from raypose.config.spec import parse_job_spec
-from raypose.output.writer import OutputStore, PartTarget, ShardInputs, ShardWriter
-from raypose.pipeline.blocks import image_blocks
+from raypose.output.writer import OutputStore, PartTarget, ShardWriter
+from raypose.pipeline.blocks import image_blocks, in_parts
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 from raypose.pipeline.plan import plan_job
 from raypose.pipeline.stages import job_stages
@@ -38,7 +38,9 @@ def test_an_image_with_more_boxes_than_a_block_is_cut_into_parts_of_its_own():
     tasks = tasks_with([2, 7, 1])
     tasks = tasks.set_column(tasks.schema.get_field_index("box_score"), "box_score",
                              pa.array([[0.5] * 2, [0.1 * j for j in range(7)], [0.9]], pa.list_(pa.float32())))
-    blocks = image_blocks(tasks, images_per_block=16, boxes_per_block=3)
+    cut = in_parts(tasks, 3)
+    assert cut.column("image_key").to_pylist() == ["img0.png", "img1.png", "img1.png", "img1.png", "img2.png"]
+    blocks = image_blocks(cut, images_per_block=16, boxes_per_block=3)
     assert [b.column("image_key").to_pylist() for b in blocks] == [
         ["img0.png"], ["img1.png"], ["img1.png"], ["img1.png"], ["img2.png"]]
     parts = pa.concat_tables(blocks[1:4]).to_pylist()
@@ -75,38 +77,40 @@ def crowd_plan(tiny_checkpoint, tmp_path):
 
 
 def run_as_ray_data_would(stages, blocks: list[pa.Table], crops: list[int]) -> list[pa.Table]:
-    """Each block through the stages: a task per block, then pose calls of the stage's batch size (rows cut
-    into calls anywhere) or a block each; `crops` gets the crop rows each task and pose call made."""
+    """Each block through the stages: a task per block (a generator's tables each a block), then pose calls of
+    the stage's batch size (rows cut into calls anywhere) or a block each; `crops` gets the crop rows each task
+    table and each pose call's part made."""
     for stage in stages[:-1]:
-        blocks = [stage.fn(block, **stage.fn_args) for block in blocks]
+        made = [stage.fn(block, **stage.fn_args) for block in blocks]
+        blocks = [t for m in made for t in ([m] if isinstance(m, pa.Table) else list(m))]
         crops += [block.num_rows for block in blocks]
     pose = stages[-1]
     actor, size = pose.fn(**pose.fn_args), pose.map_args["batch_size"]
     if size is not None:
         rows = pa.concat_tables(blocks)
         blocks = [rows.slice(i, size) for i in range(0, rows.num_rows, size)]
-    outputs = [actor(block) for block in blocks]
-    crops += [rows.num_rows for rows in outputs]
-    return outputs
+    crops += [actor.cropper(part, actor.device)[0].num_rows for block in blocks for part in actor.cropper.parts(block)]
+    return [actor(block) for block in blocks]
 
 
 @pytest.mark.parametrize("crop_in", ["tasks", "pose_actor", "pose_device"])
 def test_a_crowded_image_goes_through_bounded_calls_and_the_writer_completes_it_once(crowd_plan, tmp_path, crop_in):
     plan = crowd_plan
     spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(update={"crop_in": crop_in})})
-    layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
-    blocks = image_blocks(plan.tasks, layout.images_per_task, layout.boxes_per_task)
-    assert [b.num_rows for b in blocks] == [1, 1, 1, 1, 1]  # the other image, then the crowd's four parts
-    crops = []  # crop rows each crop task and pose call made: never more than a block's boxes
+    layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.images)
+    tasks = in_parts(plan.read_tasks(), layout.boxes_per_task)  # as the plan's files are read
+    assert tasks.num_rows == 5  # the other image, then the crowd's four parts
+    blocks = [tasks.slice(i, layout.images_per_task) for i in range(0, tasks.num_rows, layout.images_per_task)]
+    crops = []  # crop rows each crop task's table and each pose call's part made: never more than a part's boxes
     outputs = run_as_ray_data_would(job_stages(plan, layout), blocks, crops)
-    assert max(crops) == PER_TASK
+    assert max(crops) <= max(PER_TASK, layout.pose.batch_size) and max(crops) >= 8
 
     store = OutputStore(spec.output, {})
     target = PartTarget(output=spec.output, storage_options={}, job_id="j", models={"coco": ("m", "r")}, schemas={})
-    writer = ShardWriter(store, target, shards={0: ShardInputs(2, "fp")})
-    for i, rows in enumerate(outputs):
+    writer = ShardWriter(store, target, shards={0: plan.shards.to_write[0]})
+    for rows in outputs:
         writer.write(rows)
-        assert (0 in writer.committed) == (i == len(outputs) - 1)  # the shard waits for the crowd's last part
+    assert 0 in writer.committed
     assert writer.images_done == 2 and writer.instances == CROWD - 3 + 2 and writer.errors == 3
     rows = pa.concat_tables(outputs)
     crowd = rows.filter(pa.compute.equal(rows.column("image_key"), "crowd.jpg"))
