@@ -78,6 +78,8 @@ def validate(
             for name, e in plan.routing.experts.items()
         )
         + f"; output {plan.spec.output.path}{resumes}"
+        + ("" if c["listing_complete"] else f"; listing: the first {c['images_listed']} images only (a run lists "
+                                             "them all and joins the rest of the boxes as it goes)")
     )
 
 

@@ -7,6 +7,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
+class NotSorted(Exception):
+    """Rows read in key order turned out not to be sorted past their first block (the plan reads them whole)."""
+
+
 def filtered(values: pa.Array | pa.Table, mask: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Table:
     """`values.filter(mask)` (an array or a table), or `values` itself when the mask keeps every row."""
     keeps_all = mask.null_count == 0 and pc.all(mask).as_py() is not False  # a null in the mask drops its row

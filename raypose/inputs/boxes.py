@@ -25,7 +25,7 @@ from fsspec.core import url_to_fs
 
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
-from raypose.inputs.arrays import KeySequence, ascending, filtered
+from raypose.inputs.arrays import KeySequence, NotSorted, ascending, filtered
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -97,46 +97,47 @@ class BoxStream:
         return taken
 
 
-def open_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxStream:
-    """The job's boxes as a BoxStream: a Parquet box table sorted by image key is read as the join goes (never
-    held whole); a COCO file, a JSON-lines table or an unsorted table is loaded whole first."""
+def open_boxes(boxes: BoxesSpec, storage_options: dict[str, Any], stream: bool = True) -> BoxStream:
+    """The job's boxes as a BoxStream. A Parquet box table whose first chunk is sorted by image key is read as the
+    join goes, never held whole (a later chunk out of order raises NotSorted: the plan then reads it whole);
+    a COCO file, a JSON-lines table, an unsorted table, or any with `stream` False, is loaded whole first."""
     fs, path = _box_file(boxes, storage_options)
-    if boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")) or not _sorted_keys(fs, path, boxes):
+    if not stream or boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")):
         return BoxStream.whole(load_boxes(boxes, storage_options))
-    dropped = [0]
+    source = _open(fs, path, boxes)
+    chunks = _box_table_chunks(source, boxes.path, boxes)
+    first = next(chunks, None)
+    kept, dropped = _filtered_rows(first, boxes) if first is not None else (BOX_SCHEMA.empty_table(), 0)
+    if not ascending(_contiguous(kept.column("image_key"))):
+        source.close()
+        return BoxStream.whole(load_boxes(boxes, storage_options))
+    counted = [dropped]
 
     def groups():
-        with _open(fs, path, boxes) as source:
+        nonlocal kept
+        with source:
             carried = None  # the last image's rows: the next chunk may go on with it
-            for chunk in _box_table_chunks(source, boxes.path, boxes):
-                kept, chunk_dropped = _filtered_rows(chunk, boxes)
-                dropped[0] += chunk_dropped
+            while True:
                 if carried is not None:
+                    if kept.num_rows and kept.column("image_key")[0].as_py() < carried.column("image_key")[0].as_py():
+                        raise NotSorted(boxes.path)
                     kept = pa.concat_tables([carried, kept]).combine_chunks()
                 keys = _contiguous(kept.column("image_key"))
+                if not ascending(keys):
+                    raise NotSorted(boxes.path)
                 last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
                 carried = kept.slice(len(keys) - last)
                 if len(keys) > last:
                     yield _per_image(kept.slice(0, len(keys) - last))
+                chunk = next(chunks, None)
+                if chunk is None:
+                    break
+                kept, chunk_dropped = _filtered_rows(chunk, boxes)
+                counted[0] += chunk_dropped
             if carried is not None and carried.num_rows:
                 yield _per_image(carried)
 
-    return BoxStream(groups(), "table", lambda: dropped[0])
-
-
-def _sorted_keys(fs, path: str, boxes: BoxesSpec) -> bool:
-    """Whether a Parquet box table's rows come sorted by image key (its key column read alone, a chunk at a time)."""
-    last = None
-    with _open(fs, path, boxes) as source:
-        parquet = pq.ParquetFile(source)
-        if boxes.image_key_column not in parquet.schema_arrow.names:
-            return False  # reported with the columns by the whole load
-        for batch in parquet.iter_batches(batch_size=1 << 18, columns=[boxes.image_key_column]):
-            keys = _normalised_keys(batch.column(0))
-            if keys.null_count or not ascending(keys) or (last is not None and len(keys) and keys[0].as_py() < last):
-                return False
-            last = keys[-1].as_py() if len(keys) else last
-    return True
+    return BoxStream(groups(), "table", lambda: counted[0])
 
 
 def _box_file(boxes: BoxesSpec, storage_options: dict[str, Any]):

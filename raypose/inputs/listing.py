@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
-from raypose.inputs.arrays import ascending, filtered
+from raypose.inputs.arrays import NotSorted, ascending, filtered
 from raypose.inputs.inventory import is_inventory, list_inventory
 from raypose.inputs.storage import open_url, uri_of
 
@@ -73,13 +73,9 @@ def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: 
         yield table.slice(start, chunk_rows)
 
 
-class ListingNotSorted(Exception):
-    """A manifest streamed in key order turned out not to be sorted past its first block (the plan lists it whole)."""
-
-
 def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
     """A manifest's images by blocks of lines, while they come in key order; yields nothing if the first block
-    is not sorted, and raises ListingNotSorted if a later one is not."""
+    is not sorted, and raises NotSorted if a later one is not."""
     from pyarrow import csv
 
     suffixes = tuple(s.lower() for s in images.extensions)
@@ -103,7 +99,7 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
             if not ascending(keys):
                 if listed == 0:
                     return
-                raise ListingNotSorted(manifest)
+                raise NotSorted(manifest)
             table = _last_of_each_key(table)
             if not table.num_rows:
                 continue

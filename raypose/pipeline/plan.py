@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
 from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
-from raypose.inputs.listing import ListingNotSorted, iter_images, list_images
+from raypose.inputs.arrays import NotSorted
+from raypose.inputs.listing import iter_images, list_images
 from raypose.inputs.storage import uri_of
 from raypose.inputs.video import frame_tasks
 from raypose.output.lease import Lease
@@ -34,7 +35,7 @@ from raypose.output.resume import (
     job_id_for,
     result_key,
 )
-from raypose.output.writer import OutputStore
+from raypose.output.writer import PLAN_DIR, TMP_DIR, OutputStore
 
 if TYPE_CHECKING:
     from raypose.models.detector import DetectorInfo
@@ -136,9 +137,9 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
                                 spec.output.path, spec.output.mode)
             try:
                 shards, missing, counts = _cut_shards(spec, store, state, detecting, run, first, listing)
-            except ListingNotSorted:  # a manifest sorted at first and not later: listed whole, cut again
+            except NotSorted:  # a manifest or box table sorted at first and not later: read whole, cut again
                 shards, missing, counts = _cut_shards(spec, store, state, detecting, run, None,
-                                                      iter(_whole_listing(spec)))
+                                                      iter(_whole_listing(spec)), stream=False)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -180,7 +181,9 @@ def _output_state(spec: JobSpec, store: OutputStore) -> OutputState:
         raise SpecError(f"output.path: {spec.output.path} holds {', '.join(foreign)} that raypose did not write; "
                         "raypose writes its own there: move them, or choose another output.path")
     mode = spec.output.mode
-    if existing and mode == "error":
+    # A run planned and stopped before its first shard (Ray did not start, say) leaves only plan files: not output.
+    unfinished_plan_only = existing and set(existing) <= {PLAN_DIR, TMP_DIR}
+    if existing and mode == "error" and not unfinished_plan_only:
         raise SpecError(
             f"output.path: {spec.output.path} already holds raypose output ({', '.join(existing)}); "
             "set output.mode: append to add what is new, resume to finish an interrupted run, overwrite to "
@@ -195,14 +198,15 @@ def _output_state(spec: JobSpec, store: OutputStore) -> OutputState:
 
 
 def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting: bool, run: bool,
-                first: pa.Table | None, listing: Iterator[pa.Table]) -> tuple[ShardPlan, pa.Table, dict[str, Any]]:
+                first: pa.Table | None, listing: Iterator[pa.Table],
+                stream: bool = True) -> tuple[ShardPlan, pa.Table, dict[str, Any]]:
     """The shards this run labels, cut from the listing joined with the boxes, a chunk at a time in key order.
 
     A run writes each shard's plan file as it is cut (after clearing what an overwrite replaces and what
     interrupted runs left); a check stops after the first chunk. Returns the plan, the errors of boxes whose
     image is not listed, and the counts.
     """
-    boxes = _box_stream(spec)
+    boxes = _box_stream(spec, stream)
     join = BoxJoin(spec.boxes.source if spec.boxes.source != "coco" else "gt", detecting)
     cutter = ShardCutter(store, state, job_id_for(spec, state.previous), spec.output.images_per_shard, write=run,
                          whole_videos=spec.images.format == "video")
@@ -243,13 +247,13 @@ def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting
     return cutter.finish(), pa.concat_tables(missing), counts
 
 
-def _box_stream(spec: JobSpec) -> BoxStream | None:
+def _box_stream(spec: JobSpec, stream: bool) -> BoxStream | None:
     """The job's boxes in key order (None: they come with each chunk of the listing, inline)."""
     if spec.boxes.source == "detector":
         return BoxStream.whole(BoxSet.empty("detector"))
     if spec.boxes.source == "inline":
         return None
-    return open_boxes(spec.boxes, spec.boxes_storage_options())
+    return open_boxes(spec.boxes, spec.boxes_storage_options(), stream)
 
 
 def _whole_listing(spec: JobSpec) -> list[pa.Table]:

@@ -171,6 +171,6 @@ def test_a_manifest_sorted_at_first_and_not_later_is_reported(tmp_path, monkeypa
     monkeypatch.setattr(listing, "MANIFEST_BLOCK_BYTES", 1000)
     manifest = tmp_path / "list.txt"
     manifest.write_text("".join(f"s3://b/{i:06d}.jpg\n" for i in range(400)) + "s3://b/000000-late.jpg\n")
-    with pytest.raises(listing.ListingNotSorted):
+    with pytest.raises(listing.NotSorted):
         list(listing._sorted_manifest_chunks(*listing.open_url(str(manifest), {}, "images.path"),
                                              ImagesSpec(path=str(manifest)), 1000))

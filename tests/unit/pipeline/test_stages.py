@@ -25,7 +25,9 @@ def run_locally(stages: list[Stage], batch: pa.Table) -> pa.Table:
 @pytest.fixture
 def plan(tiny_checkpoint, coco_folder, tmp_path):
     spec = parse_job_spec(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, tmp_path / "out"))
-    return plan_job(spec)
+    plan = plan_job(spec, run=True)  # writes its plan files: the tasks are read back from them
+    yield plan
+    plan.close()
 
 
 def test_each_placement_gives_its_stages_and_the_same_rows(plan):
@@ -33,14 +35,14 @@ def test_each_placement_gives_its_stages_and_the_same_rows(plan):
     for crop_in, names in [("tasks", ["make_crops", "pose"]), ("pose_actor", ["pose"]),
                            ("pose_device", ["plan_crops", "pose"])]:
         spec = plan.spec.model_copy(update={"resources": plan.spec.resources.model_copy(update={"crop_in": crop_in})})
-        layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
+        layout = resolve_layout(spec, plan.routing, ClusterShape(node_cpus=2), plan.images)
         stages = job_stages(plan, layout)
         assert [s.name for s in stages] == names
         pose = stages[-1]
         assert pose.pool == layout.pose_pool and pose.map_args["num_gpus"] == 0
         assert pose.map_args["batch_size"] == layout.crops.rows_per_call
         assert pose.map_args["max_restarts"] == spec.limits.max_retries
-        results[crop_in] = run_locally(stages, plan.tasks).sort_by([("image_key", "ascending"),
+        results[crop_in] = run_locally(stages, plan.read_tasks()).sort_by([("image_key", "ascending"),
                                                                    ("instance_index", "ascending")])
     assert results["tasks"].num_rows == 6 and results["tasks"].column("error_stage").null_count == 6
     # Where the crops are made does not change a row.
@@ -48,7 +50,7 @@ def test_each_placement_gives_its_stages_and_the_same_rows(plan):
 
 
 def test_a_stage_can_be_wrapped_without_touching_the_others(plan):
-    layout = resolve_layout(plan.spec, plan.routing, ClusterShape(node_cpus=2), plan.tasks.num_rows)
+    layout = resolve_layout(plan.spec, plan.routing, ClusterShape(node_cpus=2), plan.images)
     stages = job_stages(plan, layout)
     calls = []
 
@@ -59,7 +61,7 @@ def test_a_stage_can_be_wrapped_without_touching_the_others(plan):
 
     wrapped = [stage.with_fn(Traced) if stage.name == "pose" else stage for stage in stages]
     assert wrapped[-1].fn_args is stages[-1].fn_args and wrapped[-1].map_args == stages[-1].map_args
-    assert run_locally(wrapped, plan.tasks).num_rows == 6 and calls == [3]
+    assert run_locally(wrapped, plan.read_tasks()).num_rows == 6 and calls == [3]
 
 
 def test_actor_pools_are_fixed_or_autoscale_from_min_to_max():
