@@ -11,7 +11,6 @@ from raypose.errors import ImageError
 from raypose.inputs.video import (
     VideoIndex,
     decode_frames,
-    frame_ranges,
     index_video,
     index_videos,
     sampled_frames,
@@ -49,18 +48,6 @@ def test_sampling_every_nth_by_rate_between_times_and_capped():
     variable = VideoIndex(pts=np.arange(6), times=np.array([0, 0.1, 0.45, 0.5, 1.2, 1.25]),
                           keyframes=np.zeros(6, bool), fps=5)
     assert sampled_frames(variable, VideoSpec(fps=2)).tolist() == [0, 3, 4]  # the first frame in each half second
-
-
-def test_ranges_end_at_a_keyframe_once_full():
-    keyframes = np.zeros(40, bool)
-    keyframes[[0, 7, 12, 30]] = True
-    chosen = np.arange(0, 40, 2)  # 0, 2, ..., 38
-    ranges = frame_ranges(chosen, keyframes, per_task=3)
-    # Full after 0, 2, 4: the next range starts at 8, the first chosen frame past keyframe 7; keyframe 12 is 8's
-    # range's own frame, so that range goes on to 28 and the next starts at keyframe 30.
-    starts = [int(chosen[i]) for i in np.flatnonzero(np.diff(ranges, prepend=-1))]
-    assert starts == [0, 8, 30]  # each at or just past a keyframe, so no frame is decoded twice
-    assert frame_ranges(chosen, np.zeros(40, bool), per_task=3).max() == 1  # no keyframe: a range of 4 x 3 at most
 
 
 def test_a_range_decodes_exactly_its_frames_from_a_seek(clip):
@@ -101,9 +88,9 @@ def test_videos_that_cannot_be_labelled_are_one_error_task_each(clip, tmp_path):
     videos = pa.table({"image_key": ["clip.mp4", "gone.mp4", "noise.mp4", "sound.mp4"],
                        "image_uri": [clip.as_uri(), (tmp_path / "gone.mp4").as_uri(), (tmp_path / "noise.mp4").as_uri(),
                                      (tmp_path / "sound.mp4").as_uri()]})
-    frames, failed, counts = index_videos(videos, {}, VideoSpec(every=5, frames_per_task=2, max_seconds=100))
+    frames, failed, counts = index_videos(videos, {}, VideoSpec(every=5, max_seconds=100))
     assert frames.column("image_key").to_pylist() == [f"clip.mp4#{i:06d}" for i in (0, 5, 10, 15)]
-    assert frames.column("video_range").to_pylist() == [0, 0, 0, 0] and counts == {"clip.mp4": 20}  # one keyframe
+    assert frames.column("frame_index").to_pylist() == [0, 5, 10, 15] and counts == {"clip.mp4": 20}
     reasons = {row["image_key"]: (row["error_stage"], row["error_reason"]) for row in failed.to_pylist()}
     assert reasons["gone.mp4"] == ("read", "not found in storage")
     assert reasons["noise.mp4"][0] == "decode" and reasons["noise.mp4"][1].startswith("cannot read the video")

@@ -43,6 +43,9 @@ def test_a_range_becomes_frames_and_a_damaged_one_a_failure_row(tmp_path):
     listing, failed, _ = index_videos(pa.table({"image_key": ["clip.mp4", "gone.mp4"],
                                                 "image_uri": [path.as_uri(), (tmp_path / "gone.mp4").as_uri()]}),
                                       {}, VideoSpec())
+    failed = pa.Table.from_pylist([{"image_key": r["image_key"], "image_uri": r["image_uri"], "box_xywh": [],
+                                    "error_stage": r["error_stage"], "error_reason": r["error_reason"]}
+                                   for r in failed.to_pylist()], schema=IMAGE_TASK_SCHEMA)
     tasks = pa.concat_tables([frame_tasks(listing, [[4, 4, 20, 30]]), failed])
     out = pa.concat_tables(list(read_frames(tasks, storage_options={})))
     rows = {row["image_key"]: row for row in out.to_pylist()}
