@@ -12,7 +12,7 @@ from raypose.imaging.decode_device import (
     NvjpegDecoder,
     PillowDecoder,
 )
-from raypose.pipeline.crop_stage import make_crops, plan_crops
+from raypose.pipeline.crop_stage import make_crops_in_parts, plan_crops
 from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 
@@ -97,7 +97,7 @@ def test_an_autoscaling_pool_is_min_to_max_actors():
 def test_each_crop_placement_is_a_strategy_object():
     tasks, in_actor, on_device = (layout(CPU, resources={"crop_in": name}).crops
                                   for name in ("tasks", "pose_actor", "pose_device"))
-    assert tasks.task[0] is make_crops and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
+    assert tasks.task[0] is make_crops_in_parts and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
     assert in_actor.task is None and isinstance(in_actor.cropper, CpuCropper) and in_actor.rows_per_call is None
     assert in_actor.cropper.threads == 1
     assert on_device.task[0] is plan_crops and isinstance(on_device.cropper, DeviceCropper)
