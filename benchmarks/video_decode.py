@@ -5,7 +5,7 @@ every 250 frames), then:
 
 1. indexes it as the plan does (packets only) and times it;
 2. runs the read stage (`video_stage.read_frames`: seek, decode forward, turn upright, PPM) on
-   each range the plan cut, pinned to one CPU, sampling every frame and every 10th: sampled
+   each block of `--frames-per-task` frames, pinned to one CPU, sampling every frame and every 10th: sampled
    frames per CPU-second (the process's CPU time, FFmpeg's threads included, so that other
    work on the machine does not count), and the wall time;
 3. with `--end-to-end`, runs `raypose submit` twice on the same frames and boxes (a box table,
@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from raypose.config.spec import VideoSpec  # noqa: E402
 from raypose.inputs.video import index_videos  # noqa: E402
-from raypose.pipeline.blocks import frame_range_blocks  # noqa: E402
 from raypose.pipeline.video_stage import read_frames  # noqa: E402
 from raypose.schema import IMAGE_TASK_SCHEMA  # noqa: E402
 from raypose.testing.synthetic import make_checkpoint, make_video  # noqa: E402
@@ -51,18 +50,19 @@ def frame_tasks(listing: pa.Table) -> pa.Table:
 
 
 def read_rate(video: Path, every: int, per_task: int) -> dict:
-    """The read stage over every range of the video, sampling every `every`-th frame: seconds and frames/s."""
+    """The read stage over every block of the video, sampling every `every`-th frame: seconds and frames/s."""
     videos = pa.table({"image_key": [video.name], "image_uri": [video.as_uri()]})
     started = time.perf_counter()
     listing, _, counts = index_videos(videos, {}, VideoSpec(every=every, frames_per_task=per_task))
     indexed = time.perf_counter() - started
-    blocks = frame_range_blocks(frame_tasks(listing), 16)
+    tasks = frame_tasks(listing)
+    blocks = [tasks.slice(i, per_task) for i in range(0, tasks.num_rows, per_task)]  # as the Dataset cuts them
     started, cpu = time.perf_counter(), time.process_time()
     frames = sum(table.num_rows for block in blocks for table in read_frames(block, storage_options={}))
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     # Pinned to one CPU, the process's CPU time (FFmpeg's threads included) is what the frames cost that CPU,
     # whatever else the machine runs; the wall time is given too.
-    return {"every": every, "frames_in_video": counts[video.name], "frames_read": frames, "ranges": len(blocks),
+    return {"every": every, "frames_in_video": counts[video.name], "frames_read": frames, "blocks": len(blocks),
             "index_seconds": round(indexed, 2), "read_seconds": round(seconds, 2), "read_cpu_seconds": round(cpu_seconds, 2),
             "frames_per_cpu_second": round(frames / cpu_seconds, 1), "load_average": os.getloadavg()[0]}
 

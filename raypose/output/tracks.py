@@ -1,6 +1,6 @@
 """Track ids (pose.track): a shard's instances linked across each video's frames as the shard commits.
 
-Shards hold whole videos (`resume.video_shard_firsts`), so when the writer has all of a shard's
+Shards hold whole videos (`resume.ShardCutter`, `whole_videos`), so when the writer has all of a shard's
 rows it has all of each of its videos' rows: the keypoint parts are read back, each video's
 instances linked frame by frame (`imaging/tracking.py`), and the parts rewritten with `track_id`
 before they are moved into place. A shard redone on resume is linked again from the same rows,

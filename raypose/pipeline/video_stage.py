@@ -1,7 +1,8 @@
 """The video read stage: image tasks of video frames (a range of one video a block) -> the same tasks with their pixels.
 
-Each block is one range of one video (`blocks.frame_range_blocks`): the task seeks to the
-keyframe before the range's first frame and decodes forward (`inputs/video.decode_frames`),
+A block is `images.video.frames_per_task` consecutive frames (of one video, or of the end of one
+and the start of the next): for each video the task seeks to the keyframe before its first frame
+and decodes forward (`inputs/video.decode_frames`),
 turning each wanted frame upright and handing it on as a PPM in `image_bytes`. From there a
 frame is an image: the detector, the crop stage and the pose stage read it as they read any.
 A frame the decoder does not give becomes the frame's error (stage `decode`); the frames around
