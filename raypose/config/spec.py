@@ -196,8 +196,8 @@ class ResourcesSpec(_Section):
     cpus_per_detector_actor: PositiveFloat = 1.0
     gpus_per_detector_actor: NonNegativeFloat | None = None
     images_per_crop_task: PositiveInt = 16
-    # At most this many boxes in a crop task (one Ray block), so in a pose call: an image with more is
-    # cut into parts of this many (pipeline/blocks.py), and memory is bounded per call, not per image.
+    # The most boxes whose crops a crop task or a pose actor holds at once: an image with more is cut into
+    # parts of this many, a block's crops a part at a time (pipeline/blocks.py): memory bounded per call.
     boxes_per_crop_task: PositiveInt = 256
     # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
     # pose actors' device (images.gpu_decoder); auto = pose_actor on CPU, tasks on a GPU.
