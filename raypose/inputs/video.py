@@ -190,6 +190,15 @@ def frame_tasks(tasks: pa.Table, listed: pa.Table, missing: pa.Table) -> tuple[p
     return tasks, missing.filter(pc.invert(unsampled)) if len(unsampled) else missing
 
 
+def video_counts(listed: pa.Table) -> dict[str, int | None]:
+    """The videos a chunk of a video job's listing comes from: each one's frame count, None for one that cannot be read."""
+    counts: dict[str, int | None] = json.loads((listed.schema.metadata or {}).get(FRAME_COUNTS.encode(), b"{}"))
+    if "error_stage" in listed.column_names:
+        failed = listed.filter(pc.is_valid(listed.column("error_stage")))
+        counts.update(dict.fromkeys(failed.column("image_key").to_pylist()))
+    return counts
+
+
 def with_frames(tasks: pa.Table, frames: pa.Table) -> pa.Table:
     """Image tasks of frames (the box join keeps only the listing's key columns) with their `FRAME_COLUMNS`."""
     if "frame_index" not in frames.column_names:
