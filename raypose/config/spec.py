@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from pydantic_core import PydanticCustomError
 
+from raypose.config.job_yaml import load_bounded_yaml, read_job_text
 from raypose.config.paths import resolve_paths
 from raypose.errors import SpecError
 from raypose.imaging.keypoint_schemas import EXPERT_SCHEMA
@@ -286,13 +288,13 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec
     """Read a job YAML, apply `dotted.key=value` overrides, and validate it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_job_text(path)
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job file ({exc.strerror or exc})") from exc
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = load_bounded_yaml(text, str(path))
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from exc
     if raw is None:
@@ -359,7 +361,7 @@ def apply_override(raw: dict[str, Any], override: str) -> str:
     if not sep or not key.strip():
         raise SpecError(f"--set {override!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_bounded_yaml(text, f"--set {key.strip()}") if text.strip() else ""
     except yaml.YAMLError:
         value = text
     parts = key.strip().split(".")
@@ -404,9 +406,18 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _shown(value: Any) -> str:
+def _shown(value: Any, width: int = 80) -> str:
+    """`value` as JSON for an error message, cut at `width`: serialised only as far as it is shown."""
+    chunks, length = [], 0
     try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+        for chunk in json.JSONEncoder().iterencode(value):  # a generator: a huge value is not walked to its end
+            chunks.append(chunk)
+            length += len(chunk)
+            if length > width:
+                break
+        text = "".join(chunks)
+    except (TypeError, ValueError):  # not JSON (a YAML date), or a value that contains itself
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = width
+        text = short.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

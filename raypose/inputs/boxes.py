@@ -26,6 +26,7 @@ from fsspec.core import url_to_fs
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import KeySequence, NotSorted, ascending, filtered
+from raypose.inputs.names import name_array
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
 
@@ -246,7 +247,8 @@ def coco_box_table(coco: dict, names: dict[int, str], boxes: BoxesSpec) -> tuple
     for image in images:
         if not image.get("file_name"):
             raise SpecError(f"boxes.path: image id {image.get('id')} has no file_name")
-    image_keys = _normalised_keys(pa.array([str(image["file_name"]) for image in images], pa.string()))
+    # name_array: a file_name Python wrote from os.listdir holds its non-UTF-8 bytes as surrogates (docs/names.md)
+    image_keys = _normalised_keys(name_array([str(image["file_name"]) for image in images]))
     anns = [ann for ann in coco["annotations"] if isinstance(ann, dict)]
     at = pc.index_in(pa.array([ann.get("image_id") for ann in anns]), pa.array(ids))
     known = at.is_valid()
@@ -590,7 +592,7 @@ def _box_table_chunks(source, path: str, boxes: BoxesSpec, rows: int = 1 << 18):
         if path.lower().endswith((".jsonl", ".ndjson", ".json")):
             yield pa_json.read_json(source)
             return
-        parquet = pq.ParquetFile(source)
+        parquet = pq.ParquetFile(source, pre_buffer=False)  # a row group read whole would be held beside the join
         names = parquet.schema_arrow.names
         _check_columns(names, boxes)
         used = (boxes.image_key_column, boxes.bbox_column, boxes.score_column, boxes.category_column, "annotation_id")

@@ -4,22 +4,48 @@ from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from raypose.errors import ImageError
-from raypose.inputs.storage import with_retries
+from raypose.inputs.storage import open_listed
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
-    """Read one object's bytes; missing or unreadable objects raise ImageError."""
+    """Read one listed object's bytes (its URI taken literally); missing or unreadable objects raise ImageError."""
     try:
-        with fsspec.open(uri, "rb", **with_retries(uri, storage_options)) as f:
+        fs, path = open_listed(uri, storage_options)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as exc:
         raise ImageError("not found in storage", stage="read") from exc
     except Exception as exc:  # any storage failure (network, permissions) is this image's error
         raise ImageError(f"cannot read: {type(exc).__name__}: {exc}", stage="read") from exc
+
+
+def read_image(uri: str, storage_options: dict[str, Any], image_column: str = "image",
+               cache: dict | None = None) -> bytes:
+    """The bytes of the image an output row's `image_uri` names, read as the job read them: a file of its own,
+    a WebDataset member (`SHARD.tar#MEMBER`) or a row of a Parquet file's `image_column` (`FILE.parquet#ROW`).
+
+    `cache` keeps what a container's next image needs (a tar's member index, a Parquet file's column)
+    across calls. Failures raise ImageError (stage `read`).
+    """
+    from raypose.inputs.containers import CONTAINER_SUFFIXES, read_container_image
+
+    container, sep, inside = uri.rpartition("#")
+    lower = container.lower()
+    in_tar = lower.endswith(CONTAINER_SUFFIXES["webdataset"])
+    if not sep or not (in_tar or (lower.endswith(CONTAINER_SUFFIXES["parquet"]) and inside.isdigit())):
+        return read_bytes(uri, storage_options)
+    try:
+        return read_container_image(container, inside, storage_options, image_column, {} if cache is None else cache)
+    except FileNotFoundError as exc:
+        try:  # a file of its own whose name holds "x.tar#": a path that exists is a path
+            return read_bytes(uri, storage_options)
+        except ImageError:
+            raise ImageError(f"not found in storage: {exc}", stage="read") from exc
+    except Exception as exc:  # a broken container, a row past its end
+        raise ImageError(f"cannot read from {container}: {type(exc).__name__}: {exc}", stage="read") from exc
 
 
 def read_task_bytes(task: dict, storage_options: dict[str, Any], image_column: str, containers: dict) -> bytes:

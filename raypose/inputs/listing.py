@@ -1,10 +1,17 @@
-"""Listing: the images under a directory, glob or manifest (or inside tar/Parquet containers), with stable keys."""
+"""Listing: the images under a directory, glob or manifest (or inside tar/Parquet containers), with stable keys.
+
+Any name storage holds is listed: bytes that are not UTF-8 are `%XX` in keys and URIs (`names`),
+a path that exists is taken as a path even with glob characters in it, and names that cannot be
+images (a null Parquet key, a tar's links and duplicates) are error rows, not silent gaps.
+"""
 
 from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -14,14 +21,25 @@ from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import NotSorted, ascending, filtered
 from raypose.inputs.inventory import is_inventory, list_inventory
+from raypose.inputs.names import name_array
 from raypose.inputs.storage import open_url, uri_of
+from raypose.schema import ERRORS_SCHEMA
 
 MANIFEST_SUFFIXES = (".txt", ".lst")
 MANIFEST_BLOCK_BYTES = 1 << 22  # a streamed manifest is read this much at a time
 GLOB_CHARS = "*?["
 
 
-def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
+@dataclass(frozen=True)
+class Listing:
+    """What listing found: the images, sorted by key, and what it could not take as an image."""
+
+    images: pa.Table  # image_key, image_uri [, container, offset, length [, inline boxes]]
+    errors: pa.Table = field(default_factory=ERRORS_SCHEMA.empty_table)  # stage "list", one row a name
+    counts: dict[str, int] = field(default_factory=dict)  # what was passed over, by kind (docs/names.md)
+
+
+def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
     """List (image_key, image_uri) under a directory, glob or manifest, sorted by key.
 
     Keys are stable across runs: the path relative to the directory (or to the glob's
@@ -39,7 +57,7 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 
         files = _list_files(images, CONTAINER_SUFFIXES[images.format], f"{images.format} files")
-        table = list_container_images(images, boxes, files.column("image_uri").to_pylist())
+        table, errors, counts = list_container_images(images, boxes, files.column("image_uri").to_pylist())
         if not table.num_rows:
             raise SpecError(f"images.path: no images inside the {images.format} files under {images.path}")
         table = _with_container_facts(table, files)
@@ -49,11 +67,21 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> pa.Table:
         if pc.any(repeated).as_py():
             duplicate = keys[pc.index(repeated, True).as_py()].as_py()
             raise SpecError(f"images.path: image key {duplicate!r} appears more than once in the {images.format} files")
-        return table
-    return _list_files(images, tuple(s.lower() for s in images.extensions), "images")
+        return Listing(table, _error_rows(errors), counts)
+    return Listing(_list_files(images, tuple(s.lower() for s in images.extensions), "images"))
 
 
-def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: int = 1 << 16) -> Iterator[pa.Table]:
+def _error_rows(rows: list[dict]) -> pa.Table:
+    """Error-table rows (stage `list`) for names that are not images: dicts of image_key, image_uri, reason."""
+    n = len(rows)
+    return pa.table({
+        "job_id": pa.nulls(n, pa.string()), "image_key": [r["image_key"] for r in rows],
+        "image_uri": [r["image_uri"] for r in rows], "instance_index": pa.nulls(n, pa.int32()),
+        "stage": ["list"] * n, "reason": [r["reason"] for r in rows],
+    }, schema=ERRORS_SCHEMA)
+
+
+def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: int = 1 << 16) -> ListedChunks:
     """The listing (as `list_images` gives it) in key order, at most `chunk_rows` images at a time.
 
     A manifest whose lines are sorted is read a block at a time and never held whole (the way a
@@ -65,12 +93,27 @@ def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: 
             streamed = _sorted_manifest_chunks(fs, root, images, chunk_rows)
             first = next(streamed, None)
             if first is not None:  # None: not sorted, or empty: listed whole below
-                yield first
-                yield from streamed
-                return
-    table = list_images(images, boxes)
-    for start in range(0, table.num_rows, chunk_rows):
-        yield table.slice(start, chunk_rows)
+                return ListedChunks(chain([first], streamed))  # a manifest's lines are all images' names
+    listing = list_images(images, boxes)
+    table = listing.images
+    return ListedChunks((table.slice(start, chunk_rows) for start in range(0, table.num_rows, chunk_rows)),
+                        listing.errors, listing.counts)
+
+
+class ListedChunks:
+    """`iter_images`' chunks of images (iterate it), with the error rows and counts of what the listing could
+    not take as an image (`Listing`'s), known before the first chunk."""
+
+    def __init__(self, chunks: Iterable[pa.Table], errors: pa.Table | None = None, counts: dict[str, int] | None = None):
+        self.chunks = iter(chunks)
+        self.errors = ERRORS_SCHEMA.empty_table() if errors is None else errors
+        self.counts = counts or {}
+
+    def __iter__(self) -> ListedChunks:
+        return self
+
+    def __next__(self) -> pa.Table:
+        return next(self.chunks)
 
 
 def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
@@ -89,7 +132,7 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
         raise SpecError(f"images.path: cannot read manifest {manifest}: {exc}") from exc
     with f:
         for batch in reader:
-            keys, paths = _manifest_entries(fs, manifest, batch.column(0))
+            keys, paths = _manifest_entries(fs, manifest, _text_lines(batch.column(0)))
             table = _wanted(pa.table({"image_key": keys, "image_uri": _uris(fs, paths),
                                       "image_size": pa.nulls(len(keys), pa.int64()),
                                       "image_version": pa.nulls(len(keys), pa.string())}), suffixes)
@@ -127,16 +170,17 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
         keys, paths = _list_manifest(fs, root)
         sizes, versions = pa.nulls(len(keys), pa.int64()), pa.nulls(len(keys), pa.string())
     else:
-        if any(c in images.path for c in GLOB_CHARS):
-            base = root[: min(root.find(c) for c in GLOB_CHARS if c in root)].rsplit("/", 1)[0]
-            found = _call(fs.glob, root, detail=True, url=images.path)
-        else:
-            if not _call(fs.isdir, root, url=images.path):
-                raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
+        # A path that exists is a path (a folder named "photos [2023]"); a glob only where none does.
+        if _call(fs.isdir, root, url=images.path):
             base, found = root, _call(find_in_parallel, fs, root, url=images.path)
+        elif any(c in images.path for c in GLOB_CHARS):
+            base, found = _glob_base(root), _call(fs.glob, root, detail=True, url=images.path)
+        else:
+            raise SpecError(f"images.path: {images.path} is not a directory, glob or manifest (.txt) that exists")
         found = {path: info for path, info in found.items() if info.get("type") != "directory"}
-        keys = pa.array([posixpath.relpath(p, base) for p in found], pa.string())
-        paths = pa.array(list(found), pa.string())
+        names = list(found)
+        paths = name_array(names)
+        keys = _relative_keys(paths, names, base)
         sizes, versions = object_facts(found.values())
     table = pa.table({"image_key": keys, "image_uri": _uris(fs, paths), "image_size": sizes,
                       "image_version": versions})
@@ -144,6 +188,36 @@ def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.
     if not table.num_rows:
         raise SpecError(f"images.path: no {what} under {images.path} (looked for {', '.join(suffixes)})")
     return table
+
+
+def _glob_base(pattern: str) -> str:
+    """The folder a glob's keys are relative to: its parts before the first with a wildcard, where a
+    one-character class such as `[[]` or `[*]` is that character (how a glob names a literal `[`)."""
+    parts = []
+    for part in pattern.split("/"):
+        literal = SINGLE_CHARACTER_CLASS.sub(r"\1", part)
+        if any(c in SINGLE_CHARACTER_CLASS.sub("", part) for c in GLOB_CHARS):
+            break
+        parts.append(literal)
+    return "/".join(parts[:-1] if len(parts) == len(pattern.split("/")) else parts)
+
+
+SINGLE_CHARACTER_CLASS = re.compile(r"\[([^\]])\]")
+
+
+def _relative_keys(paths: pa.Array, found: list[str], base: str) -> pa.Array:
+    """Each found path relative to `base`, as `posixpath.relpath` gives it: a byte slice where that is the
+    same (every path under `base/`, with no `.`, `..` or empty part to normalise), else relpath one by one."""
+    prefix = base.rstrip("/") + "/"
+    if prefix != "/" and pc.all(pc.starts_with(paths, prefix)).as_py() is not False:
+        sliced = pc.binary_slice(paths.cast(pa.binary()), len(prefix.encode()), (1 << 31) - 1).cast(pa.string())
+        if not pc.any(pc.match_substring_regex(sliced, NOT_NORMAL)).as_py():
+            return sliced
+    return name_array([posixpath.relpath(p, base) for p in found])
+
+
+# A part relpath would change: empty ("a//b", a leading or trailing "/"), "." or "..".
+NOT_NORMAL = r"(^|/)(\.{1,2})?(/|$)"
 
 
 # Sub-prefixes listed at once: a bucket of millions of objects takes hours to list with one paginated
@@ -276,19 +350,29 @@ WHITESPACE_BYTES = np.array([9, 10, 11, 12, 13, 28, 29, 30, 31, 32], np.uint8)  
 
 
 def _manifest_lines(f) -> pa.Array:
-    """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting)."""
+    """A text file's lines as one Arrow string array (read by Arrow's CSV reader: one column, no quoting);
+    a line that is not UTF-8 is kept, its undecodable bytes `%XX` as in any listed name (`names`)."""
     from pyarrow import csv
 
     table = csv.read_csv(f, read_options=csv.ReadOptions(column_names=["line"]), parse_options=MANIFEST_PARSE,
                          convert_options=MANIFEST_CONVERT)
-    return table.column("line").combine_chunks()
+    return _text_lines(table.column("line").combine_chunks())
+
+
+def _text_lines(lines: pa.Array) -> pa.Array:
+    """Manifest lines read as bytes, as strings: checked as UTF-8 at once (as Arrow's reader would), and where
+    one is not, its undecodable bytes written `%XX` as in any listed name (`names`)."""
+    try:
+        return lines.cast(pa.string())
+    except pa.ArrowInvalid:
+        return name_array([line.decode("utf-8", "surrogateescape") for line in lines.to_pylist()])
 
 
 def _manifest_csv():
     from pyarrow import csv
 
     return (csv.ParseOptions(delimiter="\x1f", quote_char=False, escape_char=False),
-            csv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False))
+            csv.ConvertOptions(column_types={"line": pa.binary()}, strings_can_be_null=False))
 
 
 MANIFEST_PARSE, MANIFEST_CONVERT = _manifest_csv()  # one column a line: no delimiter, quoting or nulls

@@ -21,9 +21,11 @@ import functools
 import os
 from typing import Any
 
-from fsspec.core import url_to_fs
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
 
 from raypose.errors import RayposeError, SpecError
+from raypose.inputs.names import on_disk
 
 S3_PROTOCOLS = ("s3://", "s3a://")
 # 10 attempts in all (botocore's `max_attempts` counts retries, `total_max_attempts` attempts);
@@ -72,6 +74,16 @@ def open_url(url: str, storage_options: dict[str, Any] | None, field: str,
         return url_to_fs(str(url), **with_retries(str(url), storage_options))
     except (ImportError, ValueError, TypeError) as exc:
         raise error(f"{field}: cannot open {url}: {exc}") from exc
+
+
+def open_listed(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """(filesystem, path) of a URI the listing recorded, taken literally: no glob (`*?[`), no `::` chaining;
+    a local name's `%XX` escapes read as the bytes they stand for where it is not on disk as written (`names.on_disk`)."""
+    protocol = split_protocol(uri)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **with_retries(uri, storage_options)})
+    path = cls._strip_protocol(uri)
+    return fs, on_disk(path) if protocol in ("file", "local") else path
 
 
 def uri_of(fs, path: str) -> str:

@@ -9,8 +9,8 @@ image tasks to `_plan/` as it is cut; a plan made to check (`raypose validate`) 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
-from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
 from raypose.inputs.arrays import NotSorted
+from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
 from raypose.inputs.listing import iter_images, list_images
 from raypose.inputs.storage import uri_of
 from raypose.inputs.video import frame_tasks, video_counts
@@ -52,7 +52,7 @@ class JobPlan:
     spec: JobSpec
     routing: Routing
     detector: DetectorInfo | None  # when some images need detection
-    missing: pa.Table  # errors for boxes whose image is not in storage
+    missing: pa.Table  # errors for boxes whose image is not in storage, and names listing could not take as images
     counts: dict[str, int]
     store: OutputStore
     shards: ShardPlan
@@ -147,7 +147,8 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
     if lease is not None:
         lease.name(shards.job_id)
     counts.update(images=shards.images, images_kept=shards.kept,
-                  images_superseded=sum(len(keys) for keys in shards.superseded.values()))
+                  images_superseded=sum(len(keys) for keys in shards.superseded.values()), **listing.counts)
+    missing = pa.concat_tables([listing.errors, missing])  # names the listing could not take as images, first
     return JobPlan(spec=spec, routing=routing, detector=detector, missing=missing, counts=counts, store=store,
                    shards=shards, previous=state.previous, force=force, lease=lease, started=started)
 
@@ -261,7 +262,7 @@ def _box_stream(spec: JobSpec, stream: bool) -> BoxStream | None:
 
 
 def _whole_listing(spec: JobSpec) -> list[pa.Table]:
-    table = list_images(spec.images, spec.boxes)
+    table = list_images(spec.images, spec.boxes).images
     return [table.slice(start, CHUNK_ROWS) for start in range(0, table.num_rows, CHUNK_ROWS)]
 
 

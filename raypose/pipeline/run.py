@@ -93,10 +93,16 @@ def _run(plan: JobPlan, wrap: Callable[[Stage], Stage] | None, progress: Progres
 
 
 def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
-    """What stopped the Dataset, as one line: the stage, how often it died, and Ray's reason."""
+    """What stopped the Dataset, as one line: the line of a raypose error a task raised (a write task's
+    `output.path: cannot write ...` when the disk fills or permissions go), else the stage, how often it
+    died, and Ray's reason."""
     import ray.exceptions
 
-    text = " ".join(str(getattr(exc, "error_msg", None) or exc).split())
+    raw = str(getattr(exc, "error_msg", None) or exc)
+    raised = RAYPOSE_ERROR_LINE.findall(raw)  # a task's error reaches the driver as its traceback's text
+    if raised:
+        return JobFailed(raised[-1].strip())  # the last: the outermost, raised on purpose
+    text = " ".join(raw.split())
     found = re.search(r"MapWorker\(MapBatches\((\w+)\)\)|MapBatches\((\w+)\)", text)
     stage = STAGE_NAMES.get(next((g for g in found.groups() if g), ""), "pipeline") if found else "pipeline"
     because = re.search(r"The actor is dead because (.*?)(?: Some common causes|\s*class_name:|$)", text)
@@ -109,9 +115,11 @@ def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
     return JobFailed(f"{stage} stage: {type(exc).__name__}: {cause[:300]}; {kept}")
 
 
+# "raypose.errors.JobFailed: output.path: cannot write ...", as a task's traceback ends when raypose raised it.
+RAYPOSE_ERROR_LINE = re.compile(r"^raypose\.errors\.\w+: (.+)$", re.MULTILINE)
 # Stage callables as Ray names them in its errors -> raypose's stage names.
 STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "make_crops_in_parts": "crop",
-               "plan_crops": "crop", "read_frames": "video"}
+               "plan_crops": "crop", "read_frames": "video", "write_parts": "write"}
 
 
 def resolved_settings(layout: Layout) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,3 +228,28 @@ def test_a_job_over_its_error_budget_fails_clearly(full_run, many_images, tiny_c
     assert result.exit_code == 1
     assert "above limits.max_errored_fraction (1.0%)" in result.output
     assert read_json(tmp_path / "out" / "manifest.json")["status"] == "failed"
+
+
+def test_a_write_task_that_cannot_write_ends_the_job_with_the_documented_line(ray_session, coco_folder, tiny_checkpoint,
+                                                                              tmp_path, monkeypatch):
+    # The write tasks' folder becomes unusable once the run has started (as a full disk or lost permission
+    # would, but portable: a file where the parts' folder goes fails even for root).
+    from raypose.output.writer import ShardWriter
+
+    out = tmp_path / "out"
+    original = ShardWriter.write_listing_errors
+
+    def then_block_the_parts_folder(self, errors):
+        original(self, errors)
+        (out / "_tmp" / "parts").write_text("in the way")
+
+    monkeypatch.setattr(ShardWriter, "write_listing_errors", then_block_the_parts_folder)
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, out)))
+    result = runner.invoke(app, ["submit", str(job)])
+    assert result.exit_code == 1, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert re.match(rf"error: output.path: cannot write _tmp/parts/keypoints/shard-\d{{5}}-\w+\.parquet to {out}: "
+                    r"NotADirectoryError: \[Errno 20\] Not a directory", line), line
+    assert line.endswith("the job stopped (committed shards are kept: rerun with --resume when the output is writable)")
+    assert "RayTaskError" not in result.output and "Traceback" not in result.output

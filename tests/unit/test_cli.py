@@ -110,7 +110,7 @@ def test_unknown_key(command, good_job, write_job):
 
 def test_several_problems_are_all_printed(good_job, write_job):
     good_job["pose"]["batch_size"] = "abc"
-    good_job["output"]["mode"] = "append"
+    good_job["output"]["mode"] = "sometimes"
     result = invoke("validate", str(write_job(good_job)))
     assert result.exit_code == 2
     assert result.stderr.startswith("error: invalid job spec:")
@@ -186,18 +186,25 @@ def test_unreachable_hub_id_fails_fast_with_a_fix(command, good_job, write_job, 
 def test_existing_output_with_mode_error(command, good_job, write_job, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "_job.json").write_text("{}")
     one_error_line(invoke(command, str(write_job(good_job))), "output.path:", "already holds raypose output", "overwrite")
-    assert (out / "manifest.json").read_text() == "{}"
+    assert (out / "_job.json").read_text() == "{}"
+
+
+def test_a_manifest_raypose_did_not_write_is_never_replaced(good_job, write_job, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text('{"owner": "the data team"}')
+    one_error_line(invoke("submit", str(write_job(good_job)), "--set", "output.mode=overwrite"), "output.path:",
+                   "holds manifest.json that raypose did not write")
 
 
 def test_existing_output_with_mode_overwrite_validates(good_job, write_job, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "_job.json").write_text("{}")
     result = invoke("validate", str(write_job(good_job)), "--set", "output.mode=overwrite")
     assert result.exit_code == 0, result.output
-    assert (out / "manifest.json").exists()  # validate never clears output
+    assert (out / "_job.json").exists()  # validate never clears output
 
 
 # --- --debug --------------------------------------------------------------------------
@@ -222,7 +229,7 @@ def test_debug_shows_the_traceback(good_job, write_job):
     [
         lambda job, tmp: job["pose"].update(batch_size=-1),
         lambda job, tmp: job["images"].update(path=str(tmp / "missing")),
-        lambda job, tmp: (tmp / "out").mkdir() or (tmp / "out" / "manifest.json").write_text("{}"),
+        lambda job, tmp: (tmp / "out").mkdir() or (tmp / "out" / "_job.json").write_text("{}"),
     ],
     ids=["spec", "images", "output"],
 )
@@ -246,11 +253,12 @@ def test_validate_resume_checks_a_resume_without_running_it(good_job, write_job,
     from raypose.pipeline.plan import plan_job
 
     job = write_job(good_job)
-    plan = plan_job(load_job_spec(job))
-    start_run(plan.store, plan.spec, plan.shards, result_key(plan.spec, plan.models()))  # as a run that was killed
+    plan = plan_job(load_job_spec(job), run=True)
+    start_run(plan.store, plan.spec, plan.shards, result_key(plan.spec, plan.models()), None, 0.0)  # a killed run's
+    plan.close()
     ok = invoke("validate", str(job), "--resume")
     assert ok.exit_code == 0, ok.output
-    assert ok.output.strip().endswith("resume: 0 of 1 shards committed, 1 to do")
+    assert "resume: 0 shards committed, 0 images in them kept, 3 to label in 1 new shards" in ok.output
     changed = invoke("validate", str(job), "--resume", "--set", "pose.flip_test=true")
     assert changed.exit_code == 2
     assert "error: output.mode: resume:" in changed.output and "pose.flip_test: false -> true" in changed.output

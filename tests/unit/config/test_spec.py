@@ -204,7 +204,7 @@ def test_every_problem_is_listed_in_one_error():
     raw = minimal()
     raw["pose"]["batch_size"] = "abc"
     raw["pose"]["dtype"] = "fp8"
-    raw["output"]["mode"] = "append"
+    raw["output"]["mode"] = "sometimes"
     raw["colour"] = "red"
     del raw["images"]["path"]
     message = problems(raw)
@@ -477,3 +477,19 @@ def test_a_gpu_decoder_is_refused_where_the_device_does_not_decode():
     spec["resources"] = {"crop_in": "pose_device"}
     assert parse_job_spec(spec).images.gpu_decoder == "nvimgcodec"
     assert "images.gpu_decoder:" in problems(with_field("images", "gpu_decoder", "dali"))
+
+
+def test_an_error_message_serialises_no_more_of_a_value_than_it_shows():
+    import tracemalloc
+
+    bomb = ["lol"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9  # 9**10 strings once walked, one list a level in memory
+    tracemalloc.start()
+    try:
+        message = problems(with_field("pose", "routing", {"person": bomb}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message.startswith('invalid job spec: pose.routing: expected a mapping') and message.endswith('"lol", ...')
+    assert len(message) < 200 and peak < 1 << 20

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -88,6 +89,15 @@ def test_coco_person_boxes_in_file_order():
     b = boxes.image("sub/b.jpg")
     assert (b["annotation_id"], b["bbox"], b["expected_width"], b["expected_height"]) == ([30], [[1, 2, 30, 40]], 320, 240)
     assert boxes.dropped == 3  # the dog, the crowd, the annotation of an unknown image
+
+
+def test_coco_file_name_written_from_os_listdir_is_keyed_as_the_listing_keys_it(tmp_path):
+    # Python's json.dump of an os.listdir name writes its non-UTF-8 byte as the surrogate "\\udce9".
+    coco = coco_dict()
+    coco["images"][0]["file_name"] = os.fsdecode(b"caf\xe9.jpg")
+    (tmp_path / "boxes.json").write_text(json.dumps(coco))
+    boxes = load_boxes(spec(path=str(tmp_path / "boxes.json")), {})
+    assert image_keys(boxes) == ["caf%E9.jpg", "sub/b.jpg"]
 
 
 def test_coco_include_crowd():
@@ -418,7 +428,7 @@ def test_real_coco_sample():
     }
 
     boxes = load_boxes(BoxesSpec(path=str(COCO_SAMPLE / "test_coco.json"), categories=["person"]), {})
-    images = list_images(ImagesSpec(path=str(COCO_SAMPLE)))
+    images = list_images(ImagesSpec(path=str(COCO_SAMPLE))).images
     tasks, errors, counts = attach_boxes(images, boxes)
 
     assert images.column("image_key").to_pylist() == sorted(per_file)

@@ -9,7 +9,7 @@ from conftest import listed, save_image
 from raypose.config.spec import ImagesSpec
 from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
-from raypose.inputs.fetch import read_bytes, read_images
+from raypose.inputs.fetch import read_bytes, read_image, read_images
 from raypose.inputs.listing import list_images
 from raypose.schema import IMAGE_TASK_SCHEMA
 
@@ -21,7 +21,7 @@ MAX_PIXELS = 1_000_000
 
 def test_read_bytes_odd_file_names(tmp_path):
     path = save_image(tmp_path / "odd names" / "a photo é ü 写真.jpg", size=(5, 4), color=(200, 100, 50))
-    [(key, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path / "odd names"))))
+    [(key, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path / "odd names"))).images)
     assert key == "a photo é ü 写真.jpg"
     assert uri.startswith("file://")
     data = read_bytes(uri, {})
@@ -54,7 +54,7 @@ def decode_error(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageError:
 def test_decode_non_image_named_jpg_through_storage(tmp_path):
     path = tmp_path / "photo.jpg"
     path.write_text("this is a text file with a .jpg name")
-    [(_, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path))))
+    [(_, uri)] = listed(list_images(ImagesSpec(path=str(tmp_path))).images)
     error = decode_error(read_bytes(uri, {}))
     assert "unknown format" in str(error) and error.stage == "decode"
 
@@ -70,3 +70,13 @@ def test_read_images_attaches_bytes_and_turns_a_failed_read_into_the_rows_error(
     assert got[0]["image_bytes"] == path.read_bytes() and got[0]["error_stage"] is None
     assert (got[1]["image_bytes"], got[1]["error_stage"], got[1]["error_reason"]) == (None, "read", "not found in storage")
     assert got[2]["image_bytes"] is None and got[2]["error_stage"] is None  # no box: nothing to read
+
+
+def test_read_image_of_files_of_their_own_even_named_like_a_tar_member(tmp_path):
+    for name in ("a.jpg", "x.tar#y.jpg", "p.parquet#3"):
+        path = tmp_path / name
+        path.write_bytes(name.encode())
+        assert read_image(f"file://{path}", {}) == path.read_bytes()
+    with pytest.raises(ImageError, match="not found in storage") as info:
+        read_image(f"file://{tmp_path}/gone.tar#y.jpg", {})
+    assert info.value.stage == "read"

@@ -55,12 +55,12 @@ def inventory_at(s3_server, file_format: str) -> tuple[str, dict]:
 @pytest.mark.parametrize("file_format", ["CSV", "Parquet"])
 def test_an_inventory_lists_the_current_images_under_its_prefix(s3_server, file_format):
     manifest, options = inventory_at(s3_server, file_format)
-    table = list_images(ImagesSpec(path=manifest, storage_options=options, inventory_prefix="photos/"))
+    table = list_images(ImagesSpec(path=manifest, storage_options=options, inventory_prefix="photos/")).images
     assert table.to_pylist() == [
         {"image_key": "a b+c.jpg", "image_uri": "s3://src/photos/a b+c.jpg", "image_size": 11, "image_version": "ETag:e-a"},
         {"image_key": "b.jpg", "image_uri": "s3://src/photos/b.jpg", "image_size": 10, "image_version": "ETag:e-b"},
     ]
-    everything = list_images(ImagesSpec(path=manifest, storage_options=options))
+    everything = list_images(ImagesSpec(path=manifest, storage_options=options)).images
     assert everything.column("image_key").to_pylist() == ["other/x.jpg", "photos/a b+c.jpg", "photos/b.jpg"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fsspec
@@ -12,7 +13,7 @@ from conftest import listed, save_image
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.fetch import read_bytes
-from raypose.inputs.listing import list_images
+from raypose.inputs.listing import iter_images, list_images
 
 # --- list_images ----------------------------------------------------------------------------
 
@@ -33,7 +34,7 @@ def image_tree(tmp_path) -> Path:
 
 
 def test_list_directory_recursive_sorted_relative_keys(image_tree):
-    table = list_images(ImagesSpec(path=str(image_tree)))
+    table = list_images(ImagesSpec(path=str(image_tree))).images
     assert table.column_names == ["image_key", "image_uri", "image_size", "image_version"]
     # What the store says of each file: a replaced image is labelled again (resume.input_fingerprints).
     assert table.column("image_size").to_pylist() == [(image_tree / k).stat().st_size
@@ -47,23 +48,23 @@ def test_list_directory_recursive_sorted_relative_keys(image_tree):
 
 
 def test_list_extension_filter_is_case_insensitive(image_tree):
-    table = list_images(ImagesSpec(path=str(image_tree), extensions=[".PNG"]))
+    table = list_images(ImagesSpec(path=str(image_tree), extensions=[".PNG"])).images
     assert table.column("image_key").to_pylist() == ["A.PNG", "sub/d.png"]
 
 
 def test_list_glob_keys_relative_to_fixed_prefix(image_tree):
-    table = list_images(ImagesSpec(path=f"{image_tree}/sub/**/*.*"))
+    table = list_images(ImagesSpec(path=f"{image_tree}/sub/**/*.*")).images
     assert table.column("image_key").to_pylist() == ["d.png", "deep/c.jpeg"]
     assert dict(listed(table))["deep/c.jpeg"] == (image_tree / "sub/deep/c.jpeg").as_uri()
 
-    table = list_images(ImagesSpec(path=f"{image_tree}/sub/*/*.jpeg"))
+    table = list_images(ImagesSpec(path=f"{image_tree}/sub/*/*.jpeg")).images
     assert listed(table) == [("deep/c.jpeg", (image_tree / "sub/deep/c.jpeg").as_uri())]
 
 
 def test_list_manifest_relative_to_its_folder(image_tree):
     manifest = image_tree / "list.txt"
     manifest.write_text("# a comment\n\nsub/d.png\n  b.jpg  \n./sub/deep/c.jpeg\r\n   \n# sub/nope.jpg\n")
-    table = list_images(ImagesSpec(path=str(manifest)))
+    table = list_images(ImagesSpec(path=str(manifest))).images
     assert table.column("image_key").to_pylist() == ["b.jpg", "sub/d.png", "sub/deep/c.jpeg"]
     for key, uri in listed(table):
         assert read_bytes(uri, {}) == (image_tree / key).read_bytes()
@@ -74,7 +75,7 @@ def test_list_manifest_entries_above_its_folder(image_tree):
     manifest = image_tree.parent / "lists" / "val.txt"
     manifest.parent.mkdir()
     manifest.write_text("../images/b.jpg\n../images/sub/d.png\n")
-    table = list_images(ImagesSpec(path=str(manifest)))
+    table = list_images(ImagesSpec(path=str(manifest))).images
     assert table.column("image_key").to_pylist() == ["../images/b.jpg", "../images/sub/d.png"]
     assert table.column("image_uri").to_pylist() == [
         (image_tree / "b.jpg").as_uri(),
@@ -83,7 +84,7 @@ def test_list_manifest_entries_above_its_folder(image_tree):
 
 
 def test_list_memory_url(memory_root):
-    table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs"))
+    table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs")).images
     assert listed(table) == [
         ("p/q.jpg", f"memory://{memory_root}/imgs/p/q.jpg"),
         ("r.PNG", f"memory://{memory_root}/imgs/r.PNG"),
@@ -91,14 +92,14 @@ def test_list_memory_url(memory_root):
     assert [read_bytes(uri, {}) for _, uri in listed(table)] == [b"q-bytes", b"r-bytes"]
 
     # One level only; the folder p/, the hidden .s.png and the .txt are not listed.
-    table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs/*"))
+    table = list_images(ImagesSpec(path=f"memory://{memory_root}/imgs/*")).images
     assert listed(table) == [("r.PNG", f"memory://{memory_root}/imgs/r.PNG")]
 
 
 def test_list_memory_manifest_resolves_parent_entries(memory_root):
     # Object stores do not resolve "a/../b" themselves, so the URI must already be resolved.
     fsspec.filesystem("memory").pipe(f"{memory_root}/lists/m.txt", b"../imgs/p/q.jpg\n../imgs/r.PNG\n")
-    table = list_images(ImagesSpec(path=f"memory://{memory_root}/lists/m.txt"))
+    table = list_images(ImagesSpec(path=f"memory://{memory_root}/lists/m.txt")).images
     assert table.column("image_uri").to_pylist() == [
         f"memory://{memory_root}/imgs/p/q.jpg",
         f"memory://{memory_root}/imgs/r.PNG",
@@ -140,7 +141,50 @@ def _python_manifest(text: str) -> list[tuple[str, str]]:
 def test_list_url_manifest_matches_line_by_line_reading(tmp_path, text):
     manifest = tmp_path / "m.txt"
     manifest.write_text(text, encoding="utf-8")
-    assert listed(list_images(ImagesSpec(path=str(manifest)))) == _python_manifest(text)
+    assert listed(list_images(ImagesSpec(path=str(manifest))).images) == _python_manifest(text)
+
+
+# --- any name storage holds -------------------------------------------------------------------
+
+
+@pytest.fixture
+def odd_names(tmp_path) -> Path:
+    """A folder with glob characters in its name, holding a Latin-1 name, a colon name and glob characters."""
+    root = tmp_path / "photos [2023]"
+    save_image(root / "co::lon.jpg", color=(1, 2, 3))
+    save_image(root / "star*[1]?.jpg", color=(4, 5, 6))
+    with open(os.fsencode(root) + b"/caf\xe9.jpg", "wb") as f:  # bytes that are not UTF-8
+        f.write(save_image(tmp_path / "latin1.jpg", color=(7, 8, 9)).read_bytes())
+    return root
+
+
+def test_list_and_read_any_name_a_folder_holds(odd_names):
+    listing = list_images(ImagesSpec(path=str(odd_names)))
+    assert listing.errors.num_rows == 0
+    keys = listing.images.column("image_key").to_pylist()
+    assert keys == ["caf%E9.jpg", "co::lon.jpg", "star*[1]?.jpg"]
+    on_disk = {"caf%E9.jpg": os.fsencode(odd_names) + b"/caf\xe9.jpg"}
+    for key, uri in listed(listing.images):
+        assert uri == f"file://{odd_names}/{key}"
+        with open(on_disk.get(key, odd_names / key), "rb") as f:
+            assert read_bytes(uri, {}) == f.read()  # no glob, no "::" chaining, the escape read as its byte
+
+
+def test_a_glob_only_where_no_path_exists(odd_names):
+    assert list_images(ImagesSpec(path=f"{odd_names}/")).images.num_rows == 3
+    # A glob through the folder escapes its "[" as fsspec's glob wants: "[[]".
+    pattern = str(odd_names).replace("[", "[[]") + "/c*.jpg"
+    assert list_images(ImagesSpec(path=pattern)).images.column("image_key").to_pylist() == ["caf%E9.jpg", "co::lon.jpg"]
+
+
+def test_manifest_lines_that_are_not_utf8_are_escaped_as_listed_names(odd_names):
+    manifest = odd_names.parent / "list.txt"
+    manifest.write_bytes(b"photos [2023]/caf\xe9.jpg\nphotos [2023]/co::lon.jpg\n")
+    images = list_images(ImagesSpec(path=str(manifest))).images
+    assert images.column("image_key").to_pylist() == ["photos [2023]/caf%E9.jpg", "photos [2023]/co::lon.jpg"]
+    assert read_bytes(images.column("image_uri")[0].as_py(), {}) == (odd_names.parent / "latin1.jpg").read_bytes()
+    streamed = pa.concat_tables(iter_images(ImagesSpec(path=str(manifest)), chunk_rows=1))  # sorted: read by blocks
+    assert streamed.column("image_key").to_pylist() == images.column("image_key").to_pylist()
 
 
 def test_a_sorted_manifest_streams_in_chunks_and_an_unsorted_one_is_listed_whole(tmp_path, monkeypatch):
@@ -151,7 +195,7 @@ def test_a_sorted_manifest_streams_in_chunks_and_an_unsorted_one_is_listed_whole
     sorted_lines.insert(5, sorted_lines[4])  # listed twice: labelled once
     manifest = tmp_path / "sorted.txt"
     manifest.write_text("\n".join(sorted_lines) + "\n")
-    whole = list_images(ImagesSpec(path=str(manifest)))
+    whole = list_images(ImagesSpec(path=str(manifest))).images
     monkeypatch.setattr(listing, "list_images", lambda *a: pytest.fail("a sorted manifest is never listed whole"))
     chunks = list(listing.iter_images(ImagesSpec(path=str(manifest)), chunk_rows=3))
     assert all(c.num_rows <= 3 for c in chunks) and len(chunks) >= 4

@@ -19,3 +19,33 @@ def test_a_pipeline_that_stopped_is_one_line_naming_the_stage_and_the_cause():
     assert "\n" not in message and "OOM" not in message and message.endswith("rerun with --resume")
     other = str(pipeline_failure(RuntimeError("Failed to apply MapBatches(make_crops): boom. And more."), retries=1))
     assert other.startswith("crop stage: RuntimeError: Failed to apply MapBatches(make_crops): boom")
+
+
+def test_a_write_tasks_storage_error_is_the_documented_output_line(tmp_path, monkeypatch):
+    import errno
+    import traceback
+
+    import pyarrow as pa
+    import ray.exceptions
+
+    from raypose.config.spec import OutputSpec
+    from raypose.errors import JobFailed
+    from raypose.output.writer import OutputStore
+    from raypose.pipeline.run import pipeline_failure
+
+    store = OutputStore(OutputSpec(path=str(tmp_path / "out")), {})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.fs, "open", disk_full)
+    try:  # what a write task raises, wrapped as Ray Data and Ray hand it to the driver
+        try:
+            store.write_parquet(pa.table({"a": [1]}), store.path("keypoints", "shard-00000.parquet"), pa.schema([("a", pa.int64())]))
+        except JobFailed as exc:
+            raise ray.exceptions.UserCodeException("UDF failed to process a data block.") from exc
+    except ray.exceptions.UserCodeException as exc:
+        failed = ray.exceptions.RayTaskError("MapBatches(write_parts)", traceback.format_exc(), exc).as_instanceof_cause()
+    assert str(pipeline_failure(failed, retries=3)) == (
+        f"output.path: cannot write keypoints/shard-00000.parquet to {tmp_path / 'out'}: OSError: [Errno 28] No space "
+        "left on device; the job stopped (committed shards are kept: rerun with --resume when the output is writable)")
