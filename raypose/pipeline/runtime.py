@@ -39,7 +39,7 @@ def start_ray(resources: ResourcesSpec) -> ClusterShape:
         else:
             # The embedded Ray's workers inherit this environment. glibc gives every thread that allocates an
             # arena of its own and keeps what is freed there: a pose actor labelling one image of 50,000 boxes
-            # held 1.24 GiB with the default arenas, 0.75 with two (benchmarks/README.md). The cluster image
+            # held 1.24 GiB with the default arenas, 0.71 with two (benchmarks/README.md). The cluster image
             # sets the same (infra/Dockerfile).
             os.environ.setdefault("MALLOC_ARENA_MAX", "2")
             ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level,
