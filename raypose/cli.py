@@ -55,32 +55,11 @@ def validate(
     debug: DebugOpt = False,
 ) -> None:
     """Check a job without running it: spec, model config and weights, images, boxes, output path."""
-    from raypose.config.spec import load_job_spec
-    from raypose.pipeline.plan import plan_job
+    from raypose.job import Job
 
     with _errors_as_exit(debug):
-        plan = plan_job(load_job_spec(job, [*(set_ or []), *(["output.mode=resume"] if resume else [])]), force=force)
-    c = plan.counts
-    shards = plan.shards
-    resumes = (f"; {plan.spec.output.mode}: {len(shards.reused)} shards committed, {c['images_kept']} images in them "
-               f"kept, {c['images']} to label in {len(shards.to_write)} new shards"
-               + (f" ({c['images_superseded']} changed since)" if c["images_superseded"] else "")) \
-        if plan.previous is not None else ""
-    videos = f"{c['videos']} videos ({c['videos_failed']} that cannot be read), their " if "videos" in c else ""
-    typer.echo(
-        f"ok: {videos}{c['images_listed']} {'frames' if videos else 'images'} "
-        f"({c['images_with_boxes']} with boxes, {c['images_without_boxes']} without"
-        f"{', ' + str(c['images_to_detect']) + ' to detect' if c['images_to_detect'] else ''}), "
-        f"{c['boxes']} boxes; "
-        + "; ".join(
-            f"expert {name}: {e.model.model_id} ({e.model.num_keypoints} keypoints, "
-            f"input {e.input_size[0]}x{e.input_size[1]})"
-            for name, e in plan.routing.experts.items()
-        )
-        + f"; output {plan.spec.output.path}{resumes}"
-        + ("" if c["listing_complete"] else f"; listing: the first {c['images_listed']} images only (a run lists "
-                                             "them all and joins the rest of the boxes as it goes)")
-    )
+        check = Job.from_yaml(job, set_ or []).validate(resume=resume, force=force)
+    typer.echo(check.describe())
 
 
 class LogFormat(str, Enum):
@@ -147,28 +126,17 @@ def _submit_local(job: str, overrides: list[str], quiet: bool, fmt: str, *, wait
                   break_lease: bool = False) -> None:
     import json
 
-    from raypose.config.spec import load_job_spec
     from raypose.errors import SpecError
+    from raypose.job import Job
     from raypose.logs import flush_stderr
-    from raypose.pipeline.plan import plan_job
-    from raypose.pipeline.progress import Progress
-    from raypose.pipeline.run import run_job
     from raypose.pipeline.runtime import quiet_ray
 
     if not wait or runtime_env_json is not None:
         raise SpecError(f"{'--no-wait' if not wait else '--runtime-env-json'}: only with --address (a cluster)")
-    plan = plan_job(load_job_spec(job, overrides), force=force, run=True, break_lease=break_lease)
-    c = plan.counts
-    if not quiet and fmt == "text":
-        typer.echo(
-            f"job {plan.job_id}: {c['images']} images to label, {c['boxes']} boxes "
-            f"({c['images_without_boxes']} images without boxes skipped"
-            + (f", {c['images_kept']} already labelled" if c["images_kept"] else "") + "); "
-            f"{len(plan.shards.to_write)} new shards, {len(plan.shards.reused)} kept",
-            err=True,
-        )
+    to_run = Job.from_yaml(job, overrides)  # a bad spec fails here, before Ray is imported
     quiet_ray(fmt, quiet, verbose=verbose)
-    result = run_job(plan, progress=Progress.for_cli(plan.images, fmt, quiet))
+    progress = "off" if quiet else "json" if fmt == "json" else "auto"
+    result = to_run.run(progress=progress, force=force, break_lease=break_lease)
     flush_stderr()  # the summary is the last line
     c = result.counts
     if fmt == "json":
@@ -220,7 +188,19 @@ class _submit_errors_as_exit(_errors_as_exit):
         raise typer.Exit(exc.exit_code)
 
 
-# --- Reading a job's output back: export, render, inspect (raypose/output/) ---
+@app.command("schema")
+def schema_command(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the job spec's reference page (docs/job-spec.md) instead.")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of a job file, for editors and checkers (docs/job-spec.schema.json)."""
+    from raypose.config.reference import job_json_schema_text, job_spec_markdown
+
+    typer.echo(job_spec_markdown() if markdown else job_json_schema_text(), nl=False)
+
+
+# --- Reading a job's output back: export, render, inspect (raypose/review/) ---
 
 OutputArg = Annotated[str, typer.Argument(help="A job's output.path (local path or fsspec URL such as s3://b/out).")]
 StorageOpt = Annotated[
@@ -238,19 +218,132 @@ def export_coco_command(
     results: Annotated[Optional[str], typer.Option("--results", help="Write COCO results (for COCOeval) here.")] = None,
     gt: Annotated[Optional[str], typer.Option("--gt", help="COCO file the boxes came from: image and category ids.")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    corrections: Annotated[
+        str, typer.Option("--corrections", help="use: reviewed instances from corrections/ (raypose import); skip: predictions only.")
+    ] = "use",
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Write a COCO keypoints dataset (--to) and/or COCO results (--results) from a job's output."""
-    from raypose.output.export import export_coco
-    from raypose.output.reading import parse_storage_options
+    from raypose.review.export import export_coco
+    from raypose.review.reading import parse_storage_options
 
     with _errors_as_exit(debug):
         done = export_coco(output, to, results, gt=gt, min_score=min_score,
-                          storage_options=parse_storage_options(storage_option))
+                          storage_options=parse_storage_options(storage_option), corrections=corrections)
     written = [p for p in (done["to"], done["results_path"]) if p]
-    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations, "
+    corrected = f", {done['corrected']} from reviewers' corrections" if done["corrected"] else ""
+    if done["stale"]:
+        typer.echo(f"warning: {done['stale']} corrections left out: their images were relabelled since the review",
+                   err=True)
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations{corrected}, "
                f"{done['categories']} categories -> {', '.join(written)}")
+
+
+SampleOpt = Annotated[int, typer.Option("--sample", help="How many images.")]
+OrderOpt = Annotated[str, typer.Option("--order", help="worst (lowest --by score first), best, name or random.")]
+ByOpt = Annotated[str, typer.Option("--by", help="What worst and the score range go by: instance_score, flip_oks or instance_doubt (highest is worst).")]
+MinScoreOpt = Annotated[Optional[float], typer.Option("--min-score", help="Only images with an instance whose --by score is at least this.")]
+MaxScoreOpt = Annotated[Optional[float], typer.Option("--max-score", help="Only images with an instance whose --by score is at most this.")]
+ExpertOpt = Annotated[Optional[str], typer.Option("--expert", help="Only images with an instance of this expert.")]
+CategoryOpt = Annotated[Optional[str], typer.Option("--category", help="Only images with an instance of this category.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --order random.")]
+
+
+@export_app.command("label-studio")
+def export_label_studio_command(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for tasks.json, label_config.xml (and images/).")],
+    sample: SampleOpt = 100,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
+    seed: SeedOpt = 0,
+    keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are shown (as export coco labels them).")] = 0.2,
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ (tar members and Parquet rows too).")] = False,
+    url_prefix: Annotated[str, typer.Option("--url-prefix", help="With --copy-images: the tasks' image URL before the file name.")] = "/data/local-files/?d=images/",
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Label Studio tasks with raypose's predictions for the chosen images, and the labeling config (skeleton included)."""
+    from raypose.review.labelstudio import export_label_studio
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.selection import Selection
+
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
+    with _errors_as_exit(debug):
+        done = export_label_studio(output, out, selection=selection, min_score=keypoint_min_score,
+                                   copy_images=copy_images, url_prefix=url_prefix,
+                                   storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(f"exported: {done['tasks']} tasks ({done['instances']} instances) of {done['matching']} matching images "
+               f"-> {out.rstrip('/')}/tasks.json, label_config.xml")
+
+
+@export_app.command("cvat")
+def export_cvat_command(
+    output: OutputArg,
+    out: Annotated[str, typer.Option("--out", help="Folder for cvat_labels.json, annotations/ (and images/).")],
+    sample: SampleOpt = 100,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
+    seed: SeedOpt = 0,
+    keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
+    corrections: Annotated[str, typer.Option("--corrections", help="use: reviewed instances from corrections/; skip: predictions only.")] = "use",
+    copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ to create the CVAT task from.")] = False,
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """CVAT: COCO Keypoints 1.0 annotations for the chosen images, and the skeleton labels to create first."""
+    from raypose.review.cvat import export_cvat
+    from raypose.review.reading import OutputError, parse_storage_options
+    from raypose.review.selection import Selection
+
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
+                          category=category, seed=seed)
+    with _errors_as_exit(debug):
+        if corrections not in ("use", "skip"):
+            raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
+        done = export_cvat(output, out, selection=selection, min_score=keypoint_min_score,
+                           corrections=corrections == "use", copy_images=copy_images,
+                           storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"warning: {problem}", err=True)
+    typer.echo(f"exported: {done['images']} images, {done['annotations']} annotations of {done['matching']} matching "
+               f"images -> {out.rstrip('/')}/cvat_labels.json, annotations/person_keypoints_default.json")
+
+
+import_app = typer.Typer(help="Take reviewers' corrections back into a job's output (its corrections/ table).",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("label-studio")
+def import_label_studio_command(
+    output: OutputArg,
+    export: Annotated[str, typer.Argument(help="A Label Studio project's JSON export (tasks with annotations).")],
+    storage_option: StorageOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Add a Label Studio export's annotations to OUTPUT/corrections/ (importing one export twice changes nothing)."""
+    from raypose.review.labelstudio import import_label_studio
+    from raypose.review.reading import parse_storage_options
+
+    with _errors_as_exit(debug):
+        done = import_label_studio(output, export, storage_options=parse_storage_options(storage_option))
+    for problem in done["problems"]:
+        typer.echo(f"not placed: {problem}", err=True)
+    typer.echo(f"imported: {done['annotations']} annotations of {done['tasks']} tasks, {done['instances']} instances; "
+               f"{done['added']} new correction rows, {len(done['problems'])} items not placed")
 
 
 @app.command("render")
@@ -258,24 +351,26 @@ def render_command(
     output: OutputArg,
     out: Annotated[str, typer.Option("--out", help="Folder for the QA page (index.html), its pictures and pages.")],
     images: Annotated[Optional[str], typer.Option("--images", help="Read images from here + image_key instead of image_uri.")] = None,
-    sample: Annotated[int, typer.Option("--sample", help="How many images to draw.")] = 50,
-    order: Annotated[str, typer.Option("--order", help="worst (lowest instance score first), best, name or random.")] = "worst",
-    min_score: Annotated[Optional[float], typer.Option("--min-score", help="Only images with an instance scored at least this.")] = None,
-    max_score: Annotated[Optional[float], typer.Option("--max-score", help="Only images with an instance scored at most this.")] = None,
-    expert: Annotated[Optional[str], typer.Option("--expert", help="Only images with an instance of this expert.")] = None,
-    category: Annotated[Optional[str], typer.Option("--category", help="Only images with an instance of this category.")] = None,
+    sample: SampleOpt = 50,
+    order: OrderOpt = "worst",
+    by: ByOpt = "instance_score",
+    min_score: MinScoreOpt = None,
+    max_score: MaxScoreOpt = None,
+    expert: ExpertOpt = None,
+    category: CategoryOpt = None,
     keypoint_threshold: Annotated[
         float, typer.Option("--keypoint-threshold", help="Draw keypoints and limbs scored above this.")
     ] = 0.3,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of --order random.")] = 0,
+    seed: SeedOpt = 0,
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Draw a job's images for review, worst first, with a QA page (index.html) and a page per image."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.render import Selection, render_output
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.render import render_output
+    from raypose.review.selection import Selection
 
-    selection = Selection(sample=sample, order=order, min_score=min_score, max_score=max_score, expert=expert,
+    selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
                           category=category, seed=seed)
     with _errors_as_exit(debug):
         rendered = render_output(output, out, images=images, selection=selection,
@@ -286,7 +381,7 @@ def render_command(
         typer.echo(f"warning: {r.image_key}: {r.problem}", err=True)
     drawn = sum(1 for r in rendered if r.file)
     typer.echo(f"rendered: {drawn} of {len(rendered)} chosen images -> {out.rstrip('/')}/index.html")
-    from raypose.output.render_video import render_video_clips
+    from raypose.review.render_video import render_video_clips
 
     with _errors_as_exit(debug):
         clips = render_video_clips(output, out, keypoint_threshold=keypoint_threshold,
@@ -307,8 +402,8 @@ def inspect_command(
     debug: DebugOpt = False,
 ) -> None:
     """Summarize a job: status, model, counts, errors by stage and reason, keypoint scores, speed, spec."""
-    from raypose.output.reading import parse_storage_options
-    from raypose.output.summary import format_json, format_text, summarize
+    from raypose.review.reading import parse_storage_options
+    from raypose.review.summary import format_json, format_text, summarize
 
     with _errors_as_exit(debug):
         summary = summarize(output, storage_options=parse_storage_options(storage_option))

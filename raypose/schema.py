@@ -98,6 +98,14 @@ POSE_FIELDS = [
     pa.field("instance_score", pa.float32()),
 ]
 
+# How far the plain and the mirrored crop's predictions disagree (`imaging/uncertainty.py`);
+# null where pose.uncertainty is off.
+UNCERTAINTY_FIELDS = [
+    pa.field("keypoint_flip_error", pa.list_(pa.float32())),  # per keypoint, in input-crop pixels
+    pa.field("flip_oks", pa.float32()),
+    pa.field("instance_doubt", pa.float32()),  # 1 - box score x mean(keypoint score x flip agreement): highest first
+]
+
 RUN_FIELDS = [
     pa.field("model_id", pa.string()),
     pa.field("model_revision", pa.string()),
@@ -122,14 +130,18 @@ CROP_SCHEMA = pa.schema(
 # Which pose actor made a row ("node id:pid"): the writer tallies the layout that ran.
 WORKER_FIELD = pa.field("pose_worker", pa.string())
 
-POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD])
+POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD] + UNCERTAINTY_FIELDS)
 
 # The instance's track across its video's frames (pose.track; output/tracks.py); null otherwise.
 TRACK_FIELD = pa.field("track_id", pa.int64())
 
 KEYPOINTS_SCHEMA = pa.schema(
-    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + [TRACK_FIELD]
+    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS + [TRACK_FIELD]
 )
+
+# What `raypose.annotate` gives per row: the keypoints table's columns but the job's, and a failure's stage and
+# reason (null for a labelled instance; a failure's keypoint columns are null).
+ANNOTATED_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS + FAILURE_FIELDS[:2])
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -142,6 +154,28 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# Reviewers' corrections (`raypose import`): one row per instance an annotation covered, keyed to
+# the keypoints table's (image_key, instance_index), or to a new instance the reviewer added.
+CORRECTIONS_SCHEMA = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("instance_index", pa.int32()),  # null: an instance the reviewer added
+        pa.field("new_instance", pa.string()),  # the added instance's id in the tool (its box region)
+        pa.field("category", pa.string()),
+        pa.field("keypoint_schema", pa.string()),
+        pa.field("bbox", pa.list_(pa.float32(), 4)),  # COCO xywh in image pixels
+        pa.field("keypoint_x", pa.list_(pa.float32())),  # NaN where not labelled
+        pa.field("keypoint_y", pa.list_(pa.float32())),
+        pa.field("keypoint_visibility", pa.list_(pa.int8())),  # COCO v: 2 labelled, 0 not
+        pa.field("deleted", pa.bool_()),  # the reviewer removed the instance (not a person, a duplicate, ...)
+        pa.field("reviewer", pa.string()),
+        pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
+        pa.field("tool", pa.string()),  # label-studio
+        pa.field("task_id", pa.string()),
+        pa.field("annotation_id", pa.string()),
+        pa.field("job_id", pa.string()),  # the run that wrote the corrected rows: a rewritten image's no longer match
+    ]
+)
 
 # What a failure that stands for its whole image leaves empty: nothing is known of its boxes.
 IMAGE_FAILURE_NULLS = (

@@ -1,11 +1,11 @@
-"""Shared fixtures and builders: tiny checkpoints, drawn images with COCO boxes, image tasks, one Ray per session.
+"""Shared fixtures: tiny checkpoints, drawn images with COCO boxes, WebDataset and Parquet inputs, one Ray per session.
 
-tests/unit/<package>/ mirrors raypose/<package>/ and never starts Ray; tests/e2e/ runs jobs.
+tests/unit/<package>/ mirrors raypose/<package>/ and never starts Ray; tests/e2e/ runs jobs. Plain helpers
+(job_dict, image_task, ...) are in helpers.py.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import tarfile
@@ -16,79 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from helpers import DETECTOR_LABELS, add_tar_member, coco_boxes_by_image, job_dict
 from raypose.testing.synthetic import make_checkpoint, make_coco_dataset
-
-REPO = Path(__file__).resolve().parents[1]  # the repository's root: jobs/, docs/, infra/, benchmarks/
-
-
-# Boxes inside, across the border, tiny, wide, tall, fractional, the whole image.
-REFERENCE_BOXES = [
-    [10, 20, 50, 80],
-    [-10, -5, 200, 150],
-    [100, 60, 30, 20],
-    [3.3, 7.7, 40.2, 10.1],
-    [0, 0, 160, 120],
-    [150, 110, 30, 40],
-    [40.5, 0.25, 8.0, 119.0],
-]
-
-
-def image_task(path: Path, boxes: list[list[float]], *, categories: list[str] | None = None,
-               size: tuple[int, int] | None = None, first_annotation: int = 1) -> dict:
-    """One image task (schema.IMAGE_TASK_SCHEMA) for the file at `path`, keyed by its name, with ground-truth boxes."""
-    n = len(boxes)
-    return {
-        "image_key": path.name, "image_uri": path.as_uri(),
-        "expected_width": size[0] if size else None, "expected_height": size[1] if size else None,
-        "box_xywh": boxes, "annotation_id": list(range(first_annotation, first_annotation + n)),
-        "category": categories or ["person"] * n, "box_score": [None] * n, "box_source": "gt",
-    }
-
-
-def task_table(*tasks: dict):
-    """Image tasks as the Arrow batch the stages take."""
-    from raypose.schema import IMAGE_TASK_SCHEMA
-
-    return pa.Table.from_pylist(list(tasks), schema=IMAGE_TASK_SCHEMA)
-
-
-def routing_for(input_sizes: dict[str, tuple[int, int]], rules: dict[str, str] | None = None, default: str = "coco"):
-    """A Routing of experts known only by their input size (width, height): enough for the crop stage."""
-    from raypose.models.routing import Expert, Routing
-    from raypose.models.vitpose import ModelInfo
-
-    experts = {
-        name: Expert(name=name, dataset_index=None, keypoint_schema="coco17",
-                     model=ModelInfo(model_id=f"stand-in/{name}", revision="0", input_size=tuple(size), num_keypoints=17,
-                                     num_experts=1, image_mean=(0.5,) * 3, image_std=(0.5,) * 3))
-        for name, size in input_sizes.items()
-    }
-    return Routing(experts=experts, rules=dict(rules or {}), default=default)
-
-
-def crop_options(input_sizes: dict[str, tuple[int, int]] | None = None, rules: dict[str, str] | None = None,
-                 routing=None, **options):
-    """The crop stage's options for stand-in experts (`routing_for`) or a real routing."""
-    from raypose.pipeline.crop_stage import CropOptions
-
-    return CropOptions(routing=routing or routing_for(input_sizes, rules), **options)
-
-
-def gaussian_blur(heatmaps, kernel: int, sigma: float, border: str = "reflect"):
-    """Separable Gaussian smoothing of whole heatmaps (N, K, h, w): `heatmaps.blurred_at` every pixel (a reference)."""
-    import torch
-
-    from raypose.imaging.heatmaps import blurred_at
-
-    n, k, height, width = heatmaps.shape
-    device = heatmaps.device
-    planes = torch.arange(n * k, device=device).view(-1, 1, 1)
-    ys, xs = torch.arange(height, device=device).view(1, -1, 1), torch.arange(width, device=device).view(1, 1, -1)
-    return blurred_at(heatmaps, planes, ys, xs, kernel, sigma, border).reshape(n, k, height, width)
-
-
-DETECTOR_LABELS = ["person", "bicycle", "dog", "cat"]
-DETECTOR_THRESHOLD = 0.005  # random weights score near the focal-loss prior (~0.01)
 
 
 @pytest.fixture(scope="session")
@@ -97,20 +26,6 @@ def detector_checkpoint(tmp_path_factory) -> Path:
     from raypose.testing.synthetic import make_detector_checkpoint
 
     return make_detector_checkpoint(tmp_path_factory.mktemp("detr") / "rtdetr-tiny", DETECTOR_LABELS)
-
-
-def direct_detections(checkpoint, image, threshold: float):
-    """The seed's detection step: processor -> RTDetrForObjectDetection -> post_process_object_detection."""
-    import torch
-    from transformers import AutoImageProcessor, RTDetrForObjectDetection
-
-    processor = AutoImageProcessor.from_pretrained(checkpoint)
-    model = RTDetrForObjectDetection.from_pretrained(checkpoint).eval()
-    with torch.no_grad():
-        outputs = model(**processor(images=image, return_tensors="pt"))
-    return processor.post_process_object_detection(
-        outputs, threshold=threshold, target_sizes=[(image.shape[0], image.shape[1])]
-    )[0]
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +64,22 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def coco_job_output(ray_session, coco_folder, tiny_checkpoint, tmp_path_factory) -> Path:
+    """`raypose submit` of `job_dict` over coco_folder, once a session: the output other inputs must reproduce."""
+    from typer.testing import CliRunner
+
+    from raypose.cli import app
+
+    folder = tmp_path_factory.mktemp("coco-job")
+    job = folder / "job.yaml"
+    job.write_text(yaml.safe_dump(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint,
+                                           folder / "out")))
+    result = CliRunner().invoke(app, ["submit", str(job)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return folder / "out"
+
+
 @pytest.fixture
 def write_job(tmp_path):
     """Write a job YAML from a dict and return its path."""
@@ -159,28 +90,6 @@ def write_job(tmp_path):
         return path
 
     return write
-
-
-def job_dict(images: Path | str, boxes: Path | str, model: Path | str, output: Path | str, **sections) -> dict:
-    """A minimal valid job spec as a dict; keyword sections are merged in.
-
-    float32, as the reference runs: `auto` is bfloat16 on CPUs that have it natively
-    (tests/unit/pipeline/test_layout.py), which moves keypoints by more than the parity tolerance.
-    """
-    spec = {
-        "name": "test-job",
-        "images": {"path": str(images)},
-        "boxes": {"source": "coco", "path": str(boxes)},
-        "pose": {"model": str(model), "batch_size": 4, "dtype": "float32"},
-        "output": {"path": str(output)},
-    }
-    for section, values in sections.items():
-        spec.setdefault(section, {}).update(values)
-    return spec
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 @pytest.fixture(scope="session")
@@ -196,33 +105,6 @@ def s3_server() -> str:
     server.stop()
 
 
-def s3_bucket(endpoint: str, bucket: str, key: str = "testing", secret: str = "testing-secret") -> dict:
-    """Create `bucket` on the S3 server at `endpoint`; return the fsspec storage_options that reach it.
-
-    moto accepts any credentials, so tests pick their own to check that none leaks.
-    """
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    return {"key": key, "secret": secret, "endpoint_url": endpoint, "client_kwargs": {"region_name": "us-east-1"}}
-
-
-def coco_boxes_by_image(coco_folder: Path) -> dict[str, list]:
-    coco = read_json(coco_folder / "boxes.json")
-    names = {image["id"]: image["file_name"] for image in coco["images"]}
-    boxes: dict[str, list] = {name: [] for name in names.values()}
-    for ann in coco["annotations"]:
-        boxes[names[ann["image_id"]]].append(ann["bbox"])
-    return boxes
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="session")
 def webdataset_shards(coco_folder, tmp_path_factory) -> Path:
     """Two WebDataset shards holding the three images, each with a .json of its boxes."""
@@ -233,9 +115,9 @@ def webdataset_shards(coco_folder, tmp_path_factory) -> Path:
         with tarfile.open(folder / f"shard-{shard:04d}.tar", "w") as tar:
             for name in members:
                 stem = name.rsplit(".", 1)[0]
-                _add_member(tar, name, (coco_folder / "images" / name).read_bytes())
-                _add_member(tar, f"{stem}.json", json.dumps({"bbox": boxes[name], "category": ["person"] * len(boxes[name])}).encode())
-                _add_member(tar, f"{stem}.txt", b"a caption, ignored")
+                add_tar_member(tar, name, (coco_folder / "images" / name).read_bytes())
+                add_tar_member(tar, f"{stem}.json", json.dumps({"bbox": boxes[name], "category": ["person"] * len(boxes[name])}).encode())
+                add_tar_member(tar, f"{stem}.txt", b"a caption, ignored")
     return folder
 
 
@@ -252,20 +134,6 @@ def parquet_images(coco_folder, tmp_path_factory) -> Path:
         })
         pq.write_table(table, folder / f"part-{part}.parquet")
     return folder
-
-
-def save_image(path: Path, size=(4, 3), color=(10, 20, 30)) -> Path:
-    """A plain RGB image file at `path` (folders made)."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def listed(table) -> list[tuple[str, str]]:
-    """A listing's (image_key, image_uri) pairs."""
-    return list(zip(table.column("image_key").to_pylist(), table.column("image_uri").to_pylist()))
 
 
 @pytest.fixture

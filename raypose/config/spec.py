@@ -13,10 +13,11 @@ import os
 import re
 import reprlib
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from raypose.config.job_yaml import load_bounded_yaml, read_job_text
@@ -46,20 +47,6 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-PositiveInt = Annotated[int, _expect(lambda v: _is_int(v) and v > 0, "expected a positive integer")]
-NonNegativeFloat = Annotated[
-    float, _expect(lambda v: _is_number(v) and v >= 0, "expected a number >= 0")
-]
-PositiveFloat = Annotated[float, _expect(lambda v: _is_number(v) and v > 0, "expected a number > 0")]
-Fraction = Annotated[
-    float, _expect(lambda v: _is_number(v) and 0 <= v <= 1, "expected a number between 0 and 1")
-]
-Flag = Annotated[bool, _expect(lambda v: isinstance(v, bool), "expected true or false")]
-Text = Annotated[str, _expect(lambda v: isinstance(v, str) and v != "", "expected a non-empty string")]
-Options = Annotated[
-    dict[str, Any],
-    _expect(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "expected a mapping"),
-]
 def _is_pool(v: Any) -> bool:
     if _is_int(v):
         return v > 0
@@ -67,10 +54,34 @@ def _is_pool(v: Any) -> bool:
             and v[0] <= v[1])
 
 
+# Each type: its strict check, the message that names what was expected, and the JSON Schema that says
+# the same to an editor (`raypose schema`).
+PositiveInt = Annotated[int, _expect(lambda v: _is_int(v) and v > 0, "expected a positive integer"),
+                        WithJsonSchema({"type": "integer", "minimum": 1})]
+NonNegativeInt = Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0"),
+                           WithJsonSchema({"type": "integer", "minimum": 0})]
+NonNegativeFloat = Annotated[float, _expect(lambda v: _is_number(v) and v >= 0, "expected a number >= 0"),
+                             WithJsonSchema({"type": "number", "minimum": 0})]
+PositiveFloat = Annotated[float, _expect(lambda v: _is_number(v) and v > 0, "expected a number > 0"),
+                          WithJsonSchema({"type": "number", "exclusiveMinimum": 0})]
+Fraction = Annotated[float, _expect(lambda v: _is_number(v) and 0 <= v <= 1, "expected a number between 0 and 1"),
+                     WithJsonSchema({"type": "number", "minimum": 0, "maximum": 1})]
+Flag = Annotated[bool, _expect(lambda v: isinstance(v, bool), "expected true or false"),
+                 WithJsonSchema({"type": "boolean"})]
+Text = Annotated[str, _expect(lambda v: isinstance(v, str) and v != "", "expected a non-empty string"),
+                 WithJsonSchema({"type": "string", "minLength": 1})]
+Options = Annotated[
+    dict[str, Any],
+    _expect(lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "expected a mapping"),
+    WithJsonSchema({"type": "object"}),
+]
 # A fixed actor pool (N) or an autoscaling one ([min, max]).
 PoolSize = Annotated[
     int | tuple[int, int],
     _expect(_is_pool, "expected a positive integer, or [min, max] with 0 < min <= max"),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2,
+                               "maxItems": 2}]}),
 ]
 TextList = Annotated[
     list[str],
@@ -78,7 +89,31 @@ TextList = Annotated[
         lambda v: isinstance(v, list) and all(isinstance(s, str) and s for s in v),
         "expected a list of strings",
     ),
+    WithJsonSchema({"type": "array", "items": {"type": "string", "minLength": 1}}),
 ]
+JOB_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+JobName = Annotated[
+    str,
+    _expect(lambda v: isinstance(v, str) and re.fullmatch(JOB_NAME, v),
+            "expected letters, digits, '.', '_' or '-' (at most 128)"),
+    WithJsonSchema({"type": "string", "pattern": f"^{JOB_NAME}$"}),
+]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _field(default: Any, description: str, *, decides_rows: bool) -> Any:
+    """A spec field that documents itself: what it means, and whether it decides the output rows.
+
+    The fields that decide the rows make the result key (output/resume.py): a resumed output never mixes
+    rows made with different values of them. `default` is `...` for a required field.
+    """
+    return Field(default, description=description, json_schema_extra={"decides_rows": decides_rows})
+
+
+def _section(default: Any, description: str) -> Any:
+    """A field that is a section of its own (its fields say whether they decide the rows)."""
+    return Field(default, description=description)
 
 
 class _Section(BaseModel):
@@ -86,165 +121,260 @@ class _Section(BaseModel):
 
 
 class VideoSpec(_Section):
-    """With images.format: video, which frames of each video are labelled (docs/video.md)."""
+    """With `images.format: video`, which frames of each video are labelled (docs/video.md)."""
 
-    every: PositiveInt = 1  # every Nth frame
-    fps: PositiveFloat | None = None  # or about this many frames a second, by the frames' timestamps
-    start: NonNegativeFloat = 0.0  # seconds into the video
-    end: PositiveFloat | None = None
-    max_frames: PositiveInt | None = None  # at most this many frames of a video
-    max_seconds: PositiveFloat = 86_400.0  # a longer video is an error row, not labelled
-    frames_per_task: PositiveInt = 64  # sampled frames per read task, a range cut at a keyframe where one is near
-    extensions: TextList = [".mp4", ".mov", ".mkv", ".webm", ".avi"]
+    every: PositiveInt = _field(1, "Every Nth frame, counted from the first frame at or after `start`.",
+                                decides_rows=True)
+    fps: PositiveFloat | None = _field(
+        None, "Instead of `every`: the first frame in each 1/fps second, by the frames' own timestamps.",
+        decides_rows=True)
+    start: NonNegativeFloat = _field(0.0, "Seconds into the video where sampling starts.", decides_rows=True)
+    end: PositiveFloat | None = _field(None, "Seconds into the video where sampling ends (excluded).",
+                                       decides_rows=True)
+    max_frames: PositiveInt | None = _field(None, "At most this many sampled frames of a video.", decides_rows=True)
+    max_seconds: PositiveFloat = _field(
+        86_400.0, "A longer video is not labelled: one errors-table row (stage `decode`).", decides_rows=True)
+    frames_per_task: PositiveInt = _field(
+        64, "Consecutive sampled frames a read task decodes in one go, from the keyframe before the first.",
+        decides_rows=False)
+    extensions: TextList = _field([".mp4", ".mov", ".mkv", ".webm", ".avi"],
+                                  "Which listed files are videos (case-insensitive).", decides_rows=True)
 
 
 class ImagesSpec(_Section):
     """Where the images are."""
 
-    path: Text
-    format: Literal["files", "webdataset", "parquet", "video"] = "files"
-    storage_options: Options = {}
-    image_column: Text = "image"  # parquet: binary, or a struct with `bytes` (and `path`), as HF datasets export
-    key_column: Text | None = None  # parquet: the image key (default: image.path, else file/row)
-    # With an S3 Inventory manifest.json as images.path: the source bucket's objects under this prefix, keyed
-    # relative to it (as a listing of s3://BUCKET/PREFIX/ keys them); default: the whole bucket.
-    inventory_prefix: str | None = None
-    extensions: TextList = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"]
-    max_pixels: PositiveInt = 100_000_000
-    jpeg_draft: Flag = False  # decode a JPEG at 1/2-1/8 size when its crops need no more pixels (geometry.jpeg_reduction)
-    region_decode: Flag = True  # decode only the part of a JPEG its crops read (imaging/jpeg_region.py): same pixels
-    # With resources.crop_in: pose_device on a GPU, who decodes the JPEGs (imaging/decode_device.py):
-    # auto = nvimgcodec where installed, else nvjpeg where torchvision is, else pillow (Pillow's pixels).
-    gpu_decoder: Literal["auto", "pillow", "nvimgcodec", "nvjpeg"] = "auto"
-    video: VideoSpec = VideoSpec()  # images.format: video: the frames to label
+    path: Text = _field(
+        ..., "A directory (listed recursively), a glob (`s3://b/imgs/**/*.jpg`), or a manifest `.txt`/`.lst` "
+        "(one path or URL a line; relative lines are relative to the manifest), or an S3 Inventory "
+        "`manifest.json`. Local or any fsspec URL. Which images an output holds is each image's own fingerprint's "
+        "to say, so the path may change between runs that build on each other.", decides_rows=False)
+    format: Literal["files", "webdataset", "parquet", "video"] = _field(
+        "files", "`files`: image files; `webdataset`: `.tar` shards, keys are member names (`000123.jpg`); "
+        "`parquet`: files with an image-bytes column; `video`: video files, their sampled frames labelled as images "
+        "(keys `VIDEO#NNNNNN`; `images.video`).", decides_rows=True)
+    storage_options: Options = _field(
+        {}, "Passed to fsspec/s3fs (`endpoint_url`, `key`, `secret`, `anon`, `client_kwargs`, `config_kwargs`, ...); "
+        "redacted in every log and manifest. For `s3://`, `config_kwargs.retries` defaults to "
+        "`{mode: standard, total_max_attempts: 10}`. `boxes` and `output` reuse these unless they set their own.",
+        decides_rows=False)
+    image_column: Text = _field(
+        "image", "Parquet images: the bytes column, binary or a struct with `bytes` (and `path`, the key), "
+        "as Hugging Face datasets export.", decides_rows=True)
+    key_column: Text | None = _field(
+        None, "Parquet images: a column holding the image key (default: `image.path`, else `FILE/ROW`).",
+        decides_rows=True)
+    inventory_prefix: str | None = _field(
+        None, "With an S3 Inventory `manifest.json` as `images.path`: the source bucket's objects under this prefix, "
+        "keyed relative to it (as a listing of `s3://BUCKET/PREFIX/` keys them); default: the whole bucket.",
+        decides_rows=False)
+    extensions: TextList = _field(
+        [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"],
+        "Which listed files are images (case-insensitive).", decides_rows=True)
+    max_pixels: PositiveInt = _field(
+        100_000_000, "Larger images are refused as possible decompression bombs (an errors-table row).",
+        decides_rows=True)
+    jpeg_draft: Flag = _field(
+        False, "Decode a JPEG at 1/2, 1/4 or 1/8 size (in the DCT) when every crop of it samples no finer: "
+        "a cheaper crop stage, but crop pixels become block means, no longer the reference's.", decides_rows=True)
+    region_decode: Flag = _field(
+        True, "Decode only the rectangle of a JPEG its crops read (nvImageCodec's libjpeg-turbo, Linux): the same "
+        "pixels as Pillow's full decode, less work. Kinds not proven identical, damaged files and non-JPEGs are "
+        "decoded whole by Pillow.", decides_rows=False)
+    gpu_decoder: Literal["auto", "pillow", "nvimgcodec", "nvjpeg"] = _field(
+        "auto", "With `resources.crop_in: pose_device` on a GPU, who decodes the JPEGs: `nvimgcodec` (the GPU's "
+        "JPEG engine, only the regions the crops read), `nvjpeg` (torchvision, whole images) or `pillow` "
+        "(Pillow's pixels). `auto`: nvimgcodec where installed, else nvjpeg where torchvision is, else pillow. "
+        "GPU decoders' pixels differ slightly from Pillow's; the decoder used is part of the result key.",
+        decides_rows=False)
+    video: VideoSpec = _section(VideoSpec(), VideoSpec.__doc__)
 
 
 class DetectorSpec(_Section):
     """An RT-DETR (or RT-DETRv2) checkpoint that finds the boxes."""
 
-    model: Text = "PekingU/rtdetr_r50vd_coco_o365"
-    revision: Text | None = None
-    threshold: Fraction = 0.3
-    max_per_image: PositiveInt = 100
-    min_size: NonNegativeFloat = 0.0
-    nms_iou: Fraction | None = None
-    batch_size: PositiveInt = 8
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: Text = _field("PekingU/rtdetr_r50vd_coco_o365",
+                         "Hub id or local directory of an RT-DETR or RT-DETRv2 checkpoint.", decides_rows=True)
+    revision: Text | None = _field(None, "Hub revision (branch, tag or commit).", decides_rows=True)
+    threshold: Fraction = _field(0.3, "Minimum detection score.", decides_rows=True)
+    max_per_image: PositiveInt = _field(100, "Keep this many best-scored boxes per image.", decides_rows=True)
+    min_size: NonNegativeFloat = _field(0.0, "Drop boxes narrower or shorter than this (pixels).", decides_rows=True)
+    nms_iou: Fraction | None = _field(
+        None, "Class-aware NMS at this IoU (RT-DETR needs none; off by default).", decides_rows=True)
+    batch_size: PositiveInt = _field(8, "Images per detector forward pass.", decides_rows=False)
+    dtype: DType = _field("auto", "As `pose.dtype`; the resolved dtype is part of the result key.",
+                          decides_rows=False)
+    device: Device = _field("auto", "As `pose.device`; the resolved device is part of the result key.",
+                            decides_rows=False)
 
 
 class BoxesSpec(_Section):
     """Where the person (or animal) boxes come from."""
 
-    source: Literal["coco", "table", "detector", "inline"] = "coco"
-    path: Text | None = None
-    detector: DetectorSpec = DetectorSpec()
-    detect_missing: Flag = False
-    storage_options: Options | None = None
-    categories: TextList | None = ["person"]
-    min_area: NonNegativeFloat = 0.0
-    include_crowd: Flag = False
-    min_score: Fraction = 0.0
-    image_key_column: Text = "image_key"
-    bbox_column: Text = "bbox"
-    score_column: Text = "score"
-    category_column: Text = "category"
+    source: Literal["coco", "table", "detector", "inline"] = _field(
+        "coco", "`coco`: a COCO annotations JSON; `table`: a Parquet or JSON-lines table, one row per box; "
+        "`detector`: RT-DETR finds them (`boxes.detector`); `inline`: with `webdataset`/`parquet` images, each "
+        "sample's own boxes (the `.json` member's, or the row's `bbox_column`, `category_column`, "
+        "`score_column`).", decides_rows=True)
+    path: Text | None = _field(None, "The boxes file, local or URL; required with `coco` and `table`. Which boxes an "
+                               "image has is part of its own fingerprint, not of the result key.", decides_rows=False)
+    detector: DetectorSpec = _section(DetectorSpec(), "The detector, with `source: detector` or `detect_missing`.")
+    detect_missing: Flag = _field(
+        False, "With `coco`/`table`/`inline`: detect boxes for the listed images the file has none for.",
+        decides_rows=True)
+    storage_options: Options | None = _field(
+        None, "fsspec options for the boxes file (default: `images.storage_options`).", decides_rows=False)
+    categories: TextList | None = _field(
+        ["person"], "Category names to keep (`null` for all): the COCO file's category names or the detector's "
+        "labels; an unknown name is an error.", decides_rows=True)
+    min_area: NonNegativeFloat = _field(0.0, "Drop smaller boxes (COCO `area`, else w x h).", decides_rows=True)
+    include_crowd: Flag = _field(False, "Keep COCO `iscrowd` boxes.", decides_rows=True)
+    min_score: Fraction = _field(0.0, "Drop boxes scored lower (boxes without a score are kept).", decides_rows=True)
+    image_key_column: Text = _field("image_key", "Box table: the image key column.", decides_rows=True)
+    bbox_column: Text = _field(
+        "bbox", "Box table: the COCO `[x, y, w, h]` column (an `annotation_id` column is kept when present).",
+        decides_rows=True)
+    score_column: Text = _field("score", "Box table: the box score column.", decides_rows=True)
+    category_column: Text = _field("category", "Box table: the category column.", decides_rows=True)
 
 
 class ExpertSpec(_Section):
     """One pose expert: a checkpoint, its ViTPose++ dataset_index, and what its heatmaps mean."""
 
-    model: Text | None = None  # default: pose.model
-    revision: Text | None = None
-    dataset_index: Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")] | None = None
-    keypoint_schema: Text | None = None  # default: the built-in expert's schema
-    head_schema: Text | None = None  # what the checkpoint's head emits, when its config does not say (overrides)
+    model: Text | None = _field(None, "The checkpoint that serves this expert (default: `pose.model`).",
+                                decides_rows=True)
+    revision: Text | None = _field(None, "Hub revision of this expert's `model`.", decides_rows=True)
+    dataset_index: NonNegativeInt | None = _field(
+        None, "ViTPose++ (MoE) `dataset_index` (default: the built-in expert's); required for a custom expert on a "
+        "MoE checkpoint, refused for a dense one.", decides_rows=True)
+    keypoint_schema: Text | None = _field(
+        None, "`coco17`, `aic14`, `mpii16`, `ap10k17`, `apt36k17` or `wholebody133` (default: the built-in "
+        "expert's); required for a custom expert unless its checkpoint records one.", decides_rows=True)
+    head_schema: Text | None = _field(
+        None, "What the checkpoint's head emits, overriding what its config says or raypose assumes.",
+        decides_rows=True)
 
 
 class PoseSpec(_Section):
     """The ViTPose checkpoint(s) and how to run them."""
 
-    model: Text
-    revision: Text | None = None
-    expert: Text = "coco"  # the expert for categories without a routing rule
+    model: Text = _field(..., "Hub id or local directory of a `VitPoseForPoseEstimation` checkpoint.",
+                         decides_rows=True)
+    revision: Text | None = _field(None, "Hub revision (branch, tag or commit).", decides_rows=True)
+    expert: Text = _field("coco", "The expert for boxes whose category has no routing rule.", decides_rows=True)
     experts: Annotated[
         dict[str, ExpertSpec], _expect(lambda v: isinstance(v, dict), "expected a mapping of expert names")
-    ] = {}
+    ] = _field({}, "Expert name -> its checkpoint, `dataset_index` and keypoint schema (built-in experts: coco, "
+               "aic, mpii, ap10k, apt36k, wholebody).", decides_rows=True)
     routing: Annotated[
         dict[str, str],
         _expect(
             lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
             "expected a mapping of category -> expert name",
         ),
-    ] = {}
-    batch_size: PositiveInt | None = None  # crops per forward pass; default by device (pipeline.layout)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    flip_test: Flag = False
-    fold_expert: Flag = False  # fold a MoE checkpoint's one used expert into a dense model at load time
-    compile: Flag = False  # torch.compile the model: faster forward, a compile per actor before the first batch
-    decode: Literal["transformers", "original"] = "transformers"  # DARK smoothing: sigma 0.8, or cv2's k=11 (2.0)
-    track: Flag = False  # video: link each video's instances across its frames (track_id)
+    ] = _field({}, "Category -> expert, e.g. `{person: coco, dog: ap10k}`.", decides_rows=True)
+    batch_size: PositiveInt | None = _field(
+        None, "Crops per forward pass (default by device: 8 on CPU, 256 on GPU).", decides_rows=False)
+    dtype: DType = _field(
+        "auto", "`auto`: bfloat16 on GPUs that have it, else float16; on CPU bfloat16 where the CPU computes it "
+        "natively (AVX512-BF16, AMX), else float32. bfloat16 moves keypoints by its rounding: set `float32` for "
+        "reference-exact keypoints. The resolved dtype is part of the result key.", decides_rows=False)
+    device: Device = _field(
+        "auto", "`auto`: GPU when the cluster has GPUs; `cuda` is an error on a cluster without GPUs unless "
+        "`resources.gpus_per_pose_actor` promises them to an autoscaler. The resolved device is part of the "
+        "result key.", decides_rows=False)
+    flip_test: Flag = _field(False, "Average each crop's heatmaps with its mirror's (left and right swapped).",
+                             decides_rows=True)
+    uncertainty: Literal["auto", "none", "flip"] = _field(
+        "auto", "Flip disagreement columns (`keypoint_flip_error`, `flip_oks`, `instance_doubt`): `auto` = `flip` "
+        "when `flip_test` is on (no extra forward); `flip` with `flip_test` off runs the mirrored forward for them "
+        "alone; `none` leaves them null. Whether they are on is part of the result key.", decides_rows=False)
+    fold_expert: Flag = _field(
+        False, "Fold a ViTPose++ (MoE) checkpoint's one used expert into a dense model at load time: same "
+        "heatmaps, faster.", decides_rows=True)
+    compile: Flag = _field(
+        False, "`torch.compile` the model: a faster forward, after a compile per actor before its first batch.",
+        decides_rows=False)
+    decode: Literal["transformers", "original"] = _field(
+        "transformers", "DARK smoothing of the heatmaps: `transformers` (sigma 0.8, parity with transformers) or "
+        "`original` (the ViTPose code's cv2 kernel 11, sigma 2.0).", decides_rows=True)
+    track: Flag = _field(
+        False, "Video: link each video's instances across its sampled frames (`track_id`, by box IoU and keypoint "
+        "OKS), as each shard commits.", decides_rows=True)
 
 
 class ResourcesSpec(_Section):
     """How much of the cluster each stage takes."""
 
-    pose_actors: PoolSize | None = None  # auto: pipeline.layout (one per GPU; on CPU two per node)
-    cpus_per_pose_actor: PositiveFloat = 1.0
-    threads_per_pose_actor: PositiveInt | None = None  # torch threads of a CPU pose actor; default: pipeline.layout
-    gpus_per_pose_actor: NonNegativeFloat | None = None
-    detector_actors: PoolSize = 1
-    cpus_per_detector_actor: PositiveFloat = 1.0
-    gpus_per_detector_actor: NonNegativeFloat | None = None
-    images_per_crop_task: PositiveInt = 16
-    # The most boxes whose crops a crop task or a pose actor holds at once: an image with more is cut into
-    # parts of this many, a block's crops a part at a time (pipeline/blocks.py): memory bounded per call.
-    boxes_per_crop_task: PositiveInt = 256
-    # Where images are decoded and cropped: Ray tasks of their own, inside the pose actors, or on the
-    # pose actors' device (images.gpu_decoder); auto = pose_actor on CPU, tasks on a GPU.
-    crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = "auto"
-    # Calls a pose actor runs at once, in threads: above 1, one call's crops and rows are made while
-    # another's forwards run, and on a GPU one's forward is queued while another's runs (forwards are
-    # submitted one at a time). Default: pipeline.layout (2 on a GPU, 1 on CPU).
-    pose_calls_per_actor: PositiveInt | None = None
-    num_cpus: PositiveInt | None = None
+    pose_actors: PoolSize | None = _field(
+        None, "Pose actors (each loads the model once): `N`, or `[min, max]` for a pool Ray Data grows as work "
+        "queues up. Default: one per GPU; on CPU two per node when they make their own crops, else one.",
+        decides_rows=False)
+    cpus_per_pose_actor: PositiveFloat = _field(1.0, "CPUs each pose actor reserves in Ray's accounting.",
+                                                decides_rows=False)
+    threads_per_pose_actor: PositiveInt | None = _field(
+        None, "Torch threads of a CPU pose actor (default: its node's CPUs / pose actors).", decides_rows=False)
+    gpus_per_pose_actor: NonNegativeFloat | None = _field(
+        None, "GPUs per pose actor (default: 1 when the cluster has GPUs, else 0).", decides_rows=False)
+    detector_actors: PoolSize = _field(1, "Detector actors: `N` or `[min, max]`.", decides_rows=False)
+    cpus_per_detector_actor: PositiveFloat = _field(1.0, "CPUs each detector actor reserves.", decides_rows=False)
+    gpus_per_detector_actor: NonNegativeFloat | None = _field(
+        None, "GPUs per detector actor (default: 1 when the cluster has GPUs, else 0).", decides_rows=False)
+    images_per_crop_task: PositiveInt = _field(16, "Images per crop task (one Ray block).", decides_rows=False)
+    boxes_per_crop_task: PositiveInt = _field(
+        256, "The most boxes whose crops a crop task or a pose actor holds at once: an image with more is cut into "
+        "parts of this many, a block's crops are cut a part at a time, so memory is bounded per call.",
+        decides_rows=False)
+    crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = _field(
+        "auto", "Where images are decoded and cropped: `tasks` (Ray tasks of their own), `pose_actor` (inside the "
+        "pose actors), or `pose_device` (on the pose actors' device, decoded by `images.gpu_decoder`). "
+        "`auto`: `pose_actor` on CPU, `tasks` on a GPU.", decides_rows=False)
+    pose_calls_per_actor: PositiveInt | None = _field(
+        None, "Calls a pose actor runs at once, in threads: above 1, one call's crops and rows are made while "
+        "another's forwards run (default: 2 on a GPU, 1 on CPU).", decides_rows=False)
+    num_cpus: PositiveInt | None = _field(None, "CPUs of the embedded Ray (default: all; ignored on a cluster).",
+                                          decides_rows=False)
 
 
 class OutputSpec(_Section):
     """Where the Parquet goes."""
 
-    path: Text
-    mode: Literal["error", "overwrite", "resume", "append"] = "error"
-    storage_options: Options | None = None
-    images_per_shard: PositiveInt = 10_000
-    row_group_size: PositiveInt = 65_536
-    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    path: Text = _field(..., "The output folder, local or URL.", decides_rows=False)
+    mode: Literal["error", "overwrite", "resume", "append"] = _field(
+        "error", "`error`: refuse a path that holds raypose output; `overwrite`: replace it; `resume`: keep the "
+        "shards an earlier run committed and do the rest (as `submit --resume`); `append`: keep what earlier runs "
+        "labelled and label what is new or changed since, in new shards.", decides_rows=False)
+    storage_options: Options | None = _field(
+        None, "fsspec options for the output (default: `images.storage_options`).", decides_rows=False)
+    images_per_shard: PositiveInt = _field(
+        10_000, "Images per shard: the unit of commit and of resume.", decides_rows=False)
+    row_group_size: PositiveInt = _field(65_536, "Rows per Parquet row group.", decides_rows=False)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = _field("zstd", "Parquet compression.",
+                                                                      decides_rows=False)
 
 
 class LimitsSpec(_Section):
     """How much failure a job tolerates."""
 
-    max_retries: Annotated[int, _expect(lambda v: _is_int(v) and v >= 0, "expected an integer >= 0")] = 3
-    max_errored_fraction: Fraction = 0.1
+    max_retries: NonNegativeInt = _field(
+        3, "Retries of a crop task or a detector or pose actor that dies.", decides_rows=False)
+    max_errored_fraction: Fraction = _field(
+        0.1, "The job fails (exit code 1) when more of its rows than this are errors.", decides_rows=False)
 
 
 class JobSpec(_Section):
     """A whole job, validated. Build it with `load_job_spec`."""
 
-    name: Annotated[
-        str,
-        _expect(
-            lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v),
-            "expected letters, digits, '.', '_' or '-' (at most 128)",
-        ),
-    ] = "raypose-job"
-    images: ImagesSpec
-    boxes: BoxesSpec
-    pose: PoseSpec
-    resources: ResourcesSpec = ResourcesSpec()
-    limits: LimitsSpec = LimitsSpec()
-    output: OutputSpec
+    model_config = ConfigDict(extra="forbid", frozen=True, title="raypose job")
+
+    name: JobName = _field("raypose-job", "The job's name (letters, digits, `.`, `_`, `-`): the job id's prefix.",
+                           decides_rows=False)
+    images: ImagesSpec = _section(..., ImagesSpec.__doc__)
+    boxes: BoxesSpec = _section(..., BoxesSpec.__doc__)
+    pose: PoseSpec = _section(..., PoseSpec.__doc__)
+    resources: ResourcesSpec = _section(ResourcesSpec(), ResourcesSpec.__doc__)
+    limits: LimitsSpec = _section(LimitsSpec(), LimitsSpec.__doc__)
+    output: OutputSpec = _section(..., OutputSpec.__doc__)
 
     def boxes_storage_options(self) -> dict[str, Any]:
         """Boxes read with their own options, or the images' when none are given."""
@@ -273,6 +403,25 @@ class JobSpec(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def row_deciding_fields(section: type[BaseModel] = JobSpec, prefix: str = "") -> tuple[str, ...]:
+    """The dotted names of the fields that decide the output rows (`decides_rows`), in spec order.
+
+    Sections are walked into; a field that is a mapping of sections (`pose.experts`) counts as one field.
+    """
+    names: list[str] = []
+    for name, info in section.model_fields.items():
+        if (inner := section_type(info.annotation)) is not None:
+            names += row_deciding_fields(inner, f"{prefix}{name}.")
+        elif (info.json_schema_extra or {}).get("decides_rows"):
+            names.append(f"{prefix}{name}")
+    return tuple(names)
+
+
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section a field's annotation is (a model of its own), else None."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def redact(value: Any, key: str = "") -> Any:
     """Replace the values of credential-like keys (key, secret, token, ...) with '***'."""
     if isinstance(value, dict):
@@ -284,8 +433,9 @@ def redact(value: Any, key: str = "") -> Any:
     return value
 
 
-def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec:
-    """Read a job YAML, apply `dotted.key=value` overrides, and validate it."""
+def load_job_spec(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> JobSpec:
+    """Read a job YAML, apply overrides (`dotted.key=value` strings, or a mapping of dotted keys to values), and
+    validate it."""
     path = Path(path)
     try:
         text = read_job_text(path)
@@ -303,9 +453,17 @@ def load_job_spec(path: str | os.PathLike, overrides: list[str] = ()) -> JobSpec
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     resolve_paths(raw, path.resolve().parent)
-    overridden = {apply_override(raw, override) for override in overrides}
+    return parse_job_spec(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Apply overrides to a raw spec in place (their relative paths are relative to the working directory)."""
+    if isinstance(overrides, Mapping):
+        overridden = {set_field(raw, key, value, f"overrides[{key!r}]") for key, value in overrides.items()}
+    else:
+        overridden = {apply_override(raw, override) for override in overrides}
     resolve_paths(raw, Path.cwd(), fields=overridden)
-    return parse_job_spec(raw)
+    return raw
 
 
 def parse_job_spec(raw: dict[str, Any]) -> JobSpec:
@@ -364,13 +522,19 @@ def apply_override(raw: dict[str, Any], override: str) -> str:
         value = load_bounded_yaml(text, f"--set {key.strip()}") if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    return set_field(raw, key, value, f"--set {key}")
+
+
+def set_field(raw: dict[str, Any], key: str, value: Any, where: str) -> str:
+    """Set the dotted `key` of a raw spec to `value` (sections made as needed) and return the key."""
     parts = key.strip().split(".")
+    if not all(parts):
+        raise SpecError(f"{where}: expected a dotted key such as pose.batch_size")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(parts[: depth + 1])
-            raise SpecError(f"--set {key}: {where} is not a section")
+            raise SpecError(f"{where}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
     return ".".join(parts)

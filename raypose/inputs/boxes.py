@@ -477,8 +477,10 @@ def _listing_errors(missing) -> pa.Table:
 
 
 def inline_boxes(images: pa.Table, boxes: BoxesSpec) -> BoxSet:
-    """Boxes that came with the images (WebDataset .json members, Parquet columns), filtered like a table's."""
-    exploded = _one_row_per_box(images, ("bbox", "category", "score"), ("image_key",))
+    """Boxes that came with the images (WebDataset .json members, Parquet columns), filtered like a table's;
+    their annotation ids too where the images have an `annotation_id` list column (a Dataset's rows)."""
+    lists = ("bbox", "category", "score") + (("annotation_id",) if "annotation_id" in images.column_names else ())
+    exploded = _one_row_per_box(images, lists, ("image_key",))
     spec = boxes.model_copy(update={"image_key_column": "image_key", "bbox_column": "bbox",
                                     "category_column": "category", "score_column": "score"})
     return table_boxes(exploded, spec, source="inline")

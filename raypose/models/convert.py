@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from raypose.errors import RayposeError
+from raypose.errors import ConvertError
 from raypose.imaging.keypoint_schemas import EXPERT_INDEX, EXPERT_SCHEMA, SCHEMAS
 
 DATASETS: tuple[str, ...] = tuple(sorted(EXPERT_INDEX, key=EXPERT_INDEX.get))  # coco, aic, mpii, ap10k, apt36k, wholebody
@@ -49,12 +49,6 @@ _HEAD_NAMES = {
     "final_layer.weight": "conv.weight",
     "final_layer.bias": "conv.bias",
 }
-
-
-class ConvertError(RayposeError):
-    """The checkpoint is not what the converter expects: names the keys or option to look at."""
-
-    exit_code = 2
 
 
 def head_prefix(dataset: str) -> str:

@@ -40,9 +40,10 @@ def load_pretrained(load, model: str, revision: str | None, field: str, *args, *
             pass  # not in the local cache: go to the hub
         if not hub_reachable():
             raise SpecError(
-                f"{field}: cannot fetch {ref!r}: the Hugging Face hub is not reachable from here "
-                "and the checkpoint is not in the local cache. Download it where there is network "
-                f"(`hf download {ref} --local-dir DIR`), copy DIR here and set {field}: DIR"
+                f"{field}: cannot fetch {ref!r}: it is not a folder here (a relative path in a job file is "
+                f"relative to the file; with --set, to the working directory {Path.cwd()}), the Hugging Face hub "
+                "is not reachable from here and the checkpoint is not in the local cache. For a hub id, download "
+                f"it where there is network (`hf download {ref} --local-dir DIR`), copy DIR here and set {field}: DIR"
             )
     try:
         return load(ref, *args, revision=revision, **kwargs)

@@ -111,6 +111,7 @@ class SubmittedBatch:
     keypoints: torch.Tensor
     scores: torch.Tensor
     done: torch.cuda.Event | None = None  # None: computed already (a CPU device)
+    views: torch.Tensor | None = None  # (2, N, K, 2): the plain and the mirrored crops' keypoints, decoded apart
 
 
 class PoseEngine:
@@ -152,9 +153,10 @@ class PoseEngine:
         scales: np.ndarray,
         dataset_index: int | None = None,
         flip_pairs: tuple[tuple[int, int], ...] | None = None,
+        average_flip: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """`submit` and `collect` in one: keypoints (N, K, 2) in image px and scores (N, K)."""
-        return self.collect(self.submit(crops, centers, scales, dataset_index, flip_pairs))
+        return self.collect(self.submit(crops, centers, scales, dataset_index, flip_pairs, average_flip))
 
     @torch.inference_mode()
     def submit(
@@ -164,14 +166,19 @@ class PoseEngine:
         scales: np.ndarray,
         dataset_index: int | None = None,
         flip_pairs: tuple[tuple[int, int], ...] | None = None,
+        average_flip: bool = True,
+        flip_views: bool = False,
     ) -> SubmittedBatch:
         """Crops (N, H, W, 3) + centers/scales (N, 2) -> keypoints in image px and scores, queued on the device.
 
         The crops (0-255, uint8 or float; never written to) may already be on the device
-        (`crop_torch`). `flip_pairs` turns on the flip test: the mirrored crops run in the
-        same forward pass. On a GPU nothing here waits for the device (host memory goes over
-        pinned, the answers come back into pinned memory behind an event), so the caller
-        prepares the next batch, or another thread submits its own, while this one runs.
+        (`crop_torch`). `flip_pairs` runs the mirrored crops in the same forward pass: their
+        heatmaps, flipped back, are averaged with the plain ones (the flip test) unless
+        `average_flip` is false (then the keypoints are the plain crops' own). `flip_views` also
+        decodes the plain and the flipped-back heatmaps apart (`views`, for the flip uncertainty):
+        two more decodes, no more forwards. On a GPU nothing here waits for the device (host
+        memory goes over pinned, the answers come back into pinned memory behind an event), so
+        the caller prepares the next batch, or another thread submits its own, while this one runs.
         """
         if isinstance(crops, torch.Tensor):
             pixels = crops
@@ -189,15 +196,24 @@ class PoseEngine:
         if flip_pairs is not None:
             pixels = torch.cat([pixels, pixels.flip(-1)])
         heatmaps = self._heatmaps(pixels, dataset_index)
+        views = None
         if flip_pairs is not None:
-            heatmaps = 0.5 * (heatmaps[:n] + flip_back(heatmaps[n:], self._pairs(flip_pairs)))
+            plain, mirrored = heatmaps[:n], flip_back(heatmaps[n:], self._pairs(flip_pairs))
+            if flip_views:
+                views, _ = decode_heatmaps(torch.cat([plain, mirrored]), geometry[0].repeat(2, 1),
+                                           geometry[1].repeat(2, 1), decode=self.decode)
+                views = views.unflatten(0, (2, n))
+            heatmaps = 0.5 * (plain + mirrored) if average_flip else plain
+        elif flip_views:
+            raise ValueError("flip_views: the flip uncertainty needs the mirrored crops (flip_pairs)")
         keypoints, scores = decode_heatmaps(heatmaps, geometry[0], geometry[1], decode=self.decode)
         if self.device.type != "cuda":
-            return SubmittedBatch(keypoints, scores)
+            return SubmittedBatch(keypoints, scores, views=views)
         keypoints, scores = keypoints.to("cpu", non_blocking=True), scores.to("cpu", non_blocking=True)
+        views = views.to("cpu", non_blocking=True) if views is not None else None
         done = torch.cuda.Event()
         done.record()
-        return SubmittedBatch(keypoints, scores, done)
+        return SubmittedBatch(keypoints, scores, done, views)
 
     @staticmethod
     def collect(submitted: SubmittedBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +221,15 @@ class PoseEngine:
         if submitted.done is not None:
             submitted.done.synchronize()
         return submitted.keypoints.numpy(), submitted.scores.numpy()
+
+    @staticmethod
+    def collect_views(submitted: SubmittedBatch) -> np.ndarray | None:
+        """The plain and the mirrored crops' keypoints (2, N, K, 2) in image px, where `flip_views` asked for them."""
+        if submitted.views is None:
+            return None
+        if submitted.done is not None:
+            submitted.done.synchronize()
+        return submitted.views.numpy()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda" and tensor.device.type == "cpu":

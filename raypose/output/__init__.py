@@ -1,1 +1,1 @@
-"""A job's output folder: the shard writer, resume, reading outputs back, summary, export, render."""
+"""A job's output folder, the write side: the shard writer and resume."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from raypose.errors import RayposeError
+from raypose.errors import LeaseHeld, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ HEARTBEAT_SECONDS = 30.0
 # Long enough that a heartbeat delayed by storage retries (botocore waits up to 20 s a try) never
 # lets a second run in beside a live one; short enough that a killed scheduled run is retried soon.
 EXPIRY_SECONDS = 300.0
-
-
-class LeaseHeld(RayposeError):
-    """Another run holds the output's lease (or took it over from this one)."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -96,9 +90,22 @@ class Lease:
         self._write_lock = threading.Lock()
 
     def acquire(self, break_lease: bool = False) -> Lease:
-        """Take the lease, or raise LeaseHeld naming the run that holds it; then keep it alive in a thread."""
-        for _ in range(5):  # another run may take the next number between our look and our create
-            current = self.holder()
+        """Take the lease, or raise LeaseHeld naming the run that holds it; then keep it alive in a thread.
+
+        A store that cannot be read or written (no such bucket, no permission) is the output's SpecError,
+        as the plan's own checks of the output path word it.
+        """
+        current = self.current()
+        try:
+            return self._acquire(current, break_lease)
+        except (LeaseHeld, SpecError):
+            raise
+        except Exception as exc:
+            raise SpecError(f"output.path: cannot write to {self.output_url}: {type(exc).__name__}: {exc}") from exc
+
+    def _acquire(self, current: Holder | None, break_lease: bool) -> Lease:
+        for attempt in range(5):  # another run may take the next number between our look and our create
+            current = current if attempt == 0 else self.holder()
             if current is not None and not break_lease:
                 why = current.stale_because(time.time())
                 if why is None:
@@ -123,6 +130,13 @@ class Lease:
         self.job_id = job_id
         if self.number is not None:
             self._write(released=False)
+
+    def current(self) -> Holder | None:
+        """`holder()`, with a store that cannot be read (no such bucket, no permission) as the output's SpecError."""
+        try:
+            return self.holder()
+        except Exception as exc:
+            raise SpecError(f"output.path: cannot access {self.output_url}: {type(exc).__name__}: {exc}") from exc
 
     def holder(self) -> Holder | None:
         """The current lease: the highest-numbered file under `_lease/`, or None."""

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raypose.config.spec import JobSpec
+from raypose.config.spec import JobSpec, row_deciding_fields
 from raypose.errors import SpecError
 from raypose.inputs.arrays import row_hashes
 from raypose.output.writer import (
@@ -57,19 +57,12 @@ JOB_ID_ENV = "RAYPOSE_JOB_ID"  # set by `submit --address` for the run on the cl
 # Outputs written before (shards as fixed key ranges, or hashed) are refused by resume and append, naming the fix.
 LAYOUT = 2
 
-# The spec fields that decide how a job's rows are made (an allow-list: resources, batch sizes, limits,
-# output layout and credentials do not). Where the images and boxes are (images.path, boxes.path) is not
-# among them: which images an output holds, and with which boxes, is each image's input fingerprint's
-# to say, so a growing bucket can be read through a listing one night and an inventory the next. The
-# device and dtype the layout resolves, and the decoder, are added to the key from the layout.
-RESULT_FIELDS = {
-    "images": ("format", "image_column", "key_column", "extensions", "max_pixels", "jpeg_draft"),
-    "boxes": ("source", "detect_missing", "categories", "min_area", "include_crowd", "min_score",
-              "image_key_column", "bbox_column", "score_column", "category_column"),
-    "boxes.detector": ("model", "revision", "threshold", "max_per_image", "min_size", "nms_iou"),
-    "pose": ("model", "revision", "expert", "experts", "routing", "flip_test", "fold_expert", "decode", "track"),
-    "images.video": ("every", "fps", "start", "end", "max_frames", "max_seconds", "extensions"),
-}
+# The spec fields that decide how a job's rows are made, as the spec says (`decides_rows`): resources, batch
+# sizes, limits, output layout and credentials do not. Where the images and boxes are (images.path,
+# boxes.path) does not either: which images an output holds, and with which boxes, is each image's input
+# fingerprint's to say, so a growing bucket can be read through a listing one night and an inventory the
+# next. The device and dtype the layout resolves, and the decoder, are added to the key from the layout.
+RESULT_FIELDS = row_deciding_fields()
 # What an image's input fingerprint covers: what the store says of its file, and its boxes.
 FINGERPRINTED = ("image_size", "image_version", "box_xywh", "annotation_id", "category", "box_score",
                  "expected_width", "expected_height", "needs_detection")
@@ -82,15 +75,15 @@ def new_job_id(name: str) -> str:
 
 
 def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every setting that decides the output rows, by field name: the allow-listed spec fields, the
+    """Every setting that decides the output rows, by field name: the spec fields that say so, the
     models' revisions, and (once the layout is known) what it resolved: device, dtype, decoder."""
     data = spec.model_dump(mode="json")
     key: dict[str, Any] = {}
-    for section, names in RESULT_FIELDS.items():
+    for name in RESULT_FIELDS:
         node = data
-        for part in section.split("."):
+        for part in name.split("."):
             node = node[part]
-        key.update({f"{section}.{name}": node[name] for name in names})
+        key[name] = node
     if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
         key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
     if spec.images.format != "video":  # outputs of images keep the key they had

@@ -44,7 +44,7 @@ import raypose
 from raypose import __version__
 from raypose.config.paths import local_paths
 from raypose.config.spec import JobSpec, apply_override, load_job_spec, redact
-from raypose.errors import RayposeError, SpecError
+from raypose.errors import ClusterError, SpecError
 from raypose.logs import as_json_line
 from raypose.output.resume import JOB_ID_ENV, new_job_id
 from raypose.pipeline.runtime import quiet_ray
@@ -54,12 +54,6 @@ log = logging.getLogger(__name__)
 SPEC_FILE = "raypose-job.json"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
-
-
-class ClusterError(RayposeError):
-    """The cluster could not be reached, refused the job, or the job did not finish."""
-
-    exit_code = 1
 
 
 @dataclass

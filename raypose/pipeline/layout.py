@@ -122,8 +122,12 @@ class Layout:
 
 
 def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, images: int,
-                   detecting: bool = False) -> Layout:
-    """Every auto of the spec resolved for this cluster and a job of `images` image tasks; SpecError if it cannot run."""
+                   detecting: bool = False, source_tasks: bool = False) -> Layout:
+    """Every auto of the spec resolved for this cluster and a job of `images` image tasks; SpecError if it cannot run.
+
+    `source_tasks`: the image tasks come out of CPU tasks of their own (a user's Dataset, `raypose.annotate`),
+    which run beside the pose actors.
+    """
     resources = spec.resources
     blocks = max(1, math.ceil(images / resources.images_per_crop_task))
     gpus, device = accelerator(resources.gpus_per_pose_actor, spec.pose.device, cluster, "pose")
@@ -132,15 +136,16 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     detector = (accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, cluster, "boxes.detector")
                 if detecting else None)
     detector_gpus = detector[0] * _largest(resources.detector_actors) if detector else 0.0
-    # Video read tasks, like a detector, need CPUs beside the pose actors' (two actors would take both of a
-    # 2-CPU node and the read tasks never start).
-    beside = detecting or spec.images.format == "video"
-    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks, beside)
+    # Video read tasks, like a detector or source tasks, need CPUs beside the pose actors' (two actors would
+    # take both of a 2-CPU node and the read tasks never start).
+    actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks,
+                                                          detecting or source_tasks or spec.images.format == "video")
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)
     settings = PoseSettings(device=device, dtype=dtype, batch_size=batch_size,
-                            threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile)
+                            threads=threads, flip_test=spec.pose.flip_test, compile=spec.pose.compile,
+                            flip_uncertainty=flip_uncertainty(spec.pose.uncertainty, spec.pose.flip_test))
     layout = Layout(
         pose=settings,
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
@@ -184,6 +189,11 @@ def accelerator(gpus: float | None, device: str, cluster: ClusterShape, field: s
     return gpus, device
 
 
+def flip_uncertainty(asked: str, flip_test: bool) -> bool:
+    """`pose.uncertainty` resolved: auto = the flip columns whenever the flip test runs the mirrored crops anyway."""
+    return asked == "flip" or (asked == "auto" and flip_test)
+
+
 def resolve_dtype(dtype: str, device: str, cluster: ClusterShape, cpu_bf16: bool = False) -> str:
     """`auto` -> bfloat16 on GPUs that have it, else float16; on a CPU bfloat16 when `cpu_bf16` (the CPUs
     run it natively and the model was measured in it), else float32."""
@@ -202,17 +212,18 @@ def gpus_have_bf16(cluster: ClusterShape) -> bool:
 
 
 def default_pose_actors(cluster: ClusterShape, gpus: float, detector_gpus: float, crop_in: str, blocks: int,
-                        detecting: bool) -> int:
+                        beside_other_work: bool) -> int:
     """Pose actors when the job leaves it out: the cluster's, across every node.
 
     On GPUs, one per GPU (what the detector's actors leave of them). On CPUs the forward takes
     every core it is given: two actors a node when they crop for themselves (one crops while
-    the other runs forwards), one a node beside crop or read tasks or a detector, which need
-    CPUs of their own; never more than there are blocks to give them.
+    the other runs forwards), one a node beside crop or read tasks, a detector or the tasks that
+    make the image rows (`beside_other_work`), which need CPUs of their own; never more than
+    there are blocks to give them.
     """
     if gpus > 0:
         return max(1, int((cluster.gpus - detector_gpus) // gpus))
-    per_node = min(2, max(1, cluster.node_cpus)) if crop_in == "pose_actor" and not detecting else 1
+    per_node = min(2, max(1, cluster.node_cpus)) if crop_in == "pose_actor" and not beside_other_work else 1
     return max(1, min(per_node * cluster.nodes, blocks))
 
 

@@ -168,7 +168,7 @@ def _hold_output(spec: JobSpec, store: OutputStore, run: bool, break_lease: bool
     lease = Lease(store.fs, store.root, job_id="(planning)", output_url=spec.output.path)
     if run:
         return lease.acquire(break_lease)
-    holder = lease.holder()
+    holder = lease.current()
     if holder is not None and holder.stale_because(time.time()) is None:
         lease.acquire()  # raises LeaseHeld naming the holder, as a run would
     return None

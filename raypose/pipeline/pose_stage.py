@@ -16,6 +16,7 @@ import torch
 
 from raypose.imaging.heatmaps import instance_scores
 from raypose.imaging.keypoint_schemas import SCHEMAS
+from raypose.imaging.uncertainty import flip_agreements, instance_doubts, keypoint_flip_errors
 from raypose.models.routing import Routing
 from raypose.models.vitpose import PoseEngine
 from raypose.pipeline.arrow_views import pairs
@@ -35,6 +36,7 @@ class PoseSettings:
     batch_size: int = 8  # crops per forward
     threads: int | None = None  # torch threads on a CPU; None on a GPU
     flip_test: bool = False
+    flip_uncertainty: bool = False  # pose.uncertainty: flip (resolved): the plain and mirrored predictions compared
     compile: bool = False
 
 
@@ -76,17 +78,19 @@ class PoseStage:
             # and on a GPU one call's next forward is queued while another's runs.
             out.append(estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
                                      batch_size=self.settings.batch_size, worker=self.worker,
-                                     device_lock=self._forwards))
+                                     device_lock=self._forwards, flip_uncertainty=self.settings.flip_uncertainty))
         return pa.concat_tables(out) if len(out) > 1 else out[0]
 
 
 def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,
                   batch_size: int | None = None, worker: str | None = None,
-                  device_lock: ContextManager = contextlib.nullcontext()) -> pa.Table:
+                  device_lock: ContextManager = contextlib.nullcontext(), flip_uncertainty: bool = False) -> pa.Table:
     """Run each expert on its own rows (homogeneous forward batches of at most `batch_size`); failed rows pass through.
 
     `pixels(rows, input_size)` gives the crops of some rows; each forward is submitted holding
     `device_lock` (its crops cut, and on a CPU the forward run) and collected outside it.
+    `flip_uncertainty` fills the flip columns (`imaging/uncertainty.py`) from the same forward
+    as the flip test's, or from a mirrored forward of its own when the flip test is off.
     """
     n = batch.num_rows
     experts = batch.column("expert").to_pylist()
@@ -98,7 +102,8 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
         rows = [i for i in range(n) if experts[i] == name and stage[i] is None]
         step = batch_size or len(rows)
         forwards += [(name, rows[start : start + step]) for start in range(0, len(rows), step)]
-    done = []  # (rows, keypoints, scores, keypoint schema) of each forward that ran
+    areas = _box_areas(batch.column("bbox"))
+    done = []  # (rows, keypoints, scores, keypoint schema, flip (errors, agreements) or None) of each forward that ran
     failed = np.zeros(n, bool)
     reasons = np.full(n, None, dtype=object)
 
@@ -108,7 +113,13 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
 
     def collect(name: str, rows: list[int], engine: PoseEngine, submitted, schema: str) -> None:
         try:
-            done.append((rows, *engine.collect(submitted), schema))
+            keypoints, scores = engine.collect(submitted)
+            views = engine.collect_views(submitted)
+            flip = None
+            if views is not None:
+                flip = (keypoint_flip_errors(views[0], views[1], scales[rows], routing.experts[name].input_size),
+                        flip_agreements(views[0], views[1], areas[rows], SCHEMAS[schema].sigmas))
+            done.append((rows, keypoints, scores, schema, flip))
         except Exception as exc:
             fail(name, rows, exc)
 
@@ -122,7 +133,8 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
                 inject("model")
                 submitted = engine.submit(
                     pixels(rows, expert.input_size), centers[rows], scales[rows], dataset_index=expert.dataset_index,
-                    flip_pairs=SCHEMAS[expert.keypoint_schema].flip_pairs if flip_test else None,
+                    flip_pairs=SCHEMAS[expert.keypoint_schema].flip_pairs if flip_test or flip_uncertainty else None,
+                    average_flip=flip_test, flip_views=flip_uncertainty,
                 )
         except Exception as exc:
             fail(name, rows, exc)
@@ -150,27 +162,43 @@ def _node_id() -> str:
 
 
 def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict[str, pa.Array]:
-    """The expert, keypoint and instance-score columns from each forward's (rows, keypoints, scores,
-    schema), written forward by forward (no per-row Python); null where no forward ran."""
+    """The expert, keypoint, instance-score and flip columns from each forward's (rows, keypoints, scores,
+    schema, flip), written forward by forward (no per-row Python); null where no forward (or no flip) ran."""
     n = len(experts)
     lengths = np.zeros(n, np.int32)
     schemas = np.full(n, None, dtype=object)
-    for rows, keypoints, _, schema in done:
-        lengths[rows], schemas[rows] = keypoints.shape[1], schema
+    flipped = np.zeros(n, bool)
+    for rows, keypoints, _, schema, flip in done:
+        lengths[rows], schemas[rows], flipped[rows] = keypoints.shape[1], schema, flip is not None
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    xs, ys, ss = (np.empty(offsets[-1], np.float32) for _ in range(3))
-    instance = np.zeros(n, np.float32)
-    for rows, keypoints, scores, _ in done:
+    xs, ys, ss, errors = (np.empty(offsets[-1], np.float32) for _ in range(4))
+    instance, oks, doubt = np.zeros(n, np.float32), np.ones(n, np.float32), np.zeros(n, np.float32)
+    for rows, keypoints, scores, _, flip in done:
         at = offsets[rows][:, None] + np.arange(keypoints.shape[1])
         xs[at], ys[at], ss[at] = keypoints[..., 0], keypoints[..., 1], scores
         instance[rows] = instance_scores(scores, box_scores[rows])
+        if flip is not None:
+            errors[at], oks[rows] = flip[0], flip[1].mean(axis=1)
+            doubt[rows] = instance_doubts(scores, flip[1], box_scores[rows])
     missing = lengths == 0
     lists = {name: pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=pa.array(missing))
              for name, values in (("keypoint_x", xs), ("keypoint_y", ys), ("keypoint_score", ss))}
+    no_flip = pa.array(~flipped)
     return {
         "expert": pa.array(np.where(missing, None, np.array(experts, dtype=object)), pa.string()),
         "keypoint_schema": pa.array(schemas, pa.string()),
         **lists,
         "instance_score": pa.array(instance, pa.float32(), mask=missing),
+        "keypoint_flip_error": pa.ListArray.from_arrays(pa.array(offsets), pa.array(errors), mask=no_flip),
+        "flip_oks": pa.array(oks, pa.float32(), mask=~flipped),
+        "instance_doubt": pa.array(doubt, pa.float32(), mask=~flipped),
     }
+
+
+def _box_areas(bbox: pa.ChunkedArray) -> np.ndarray:
+    """w x h of each row's COCO xywh box (a fixed_size_list<float32, 4> column); null rows read as NaN."""
+    boxes = bbox.combine_chunks()
+    values = boxes.values.slice(boxes.offset * 4, len(boxes) * 4)  # .values ignores the offset
+    xywh = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 4)
+    return np.where(np.asarray(boxes.is_valid()), xywh[:, 2] * xywh[:, 3], np.nan)

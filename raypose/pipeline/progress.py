@@ -11,7 +11,9 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
+
+from raypose.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ class Progress:
     """Fed by the writer's counts after every batch; reports on a timer of its own."""
 
     def __init__(self, total_images: int, mode: str = "log", interval: float = 30.0, stream: TextIO | None = None):
-        """`mode`: terminal (a line redrawn in place), log (a line every `interval` s), json (records), or off."""
+        """`mode`: terminal (a line redrawn in place), log (a line every `interval` s), json (records), call
+        (`self.call(status)` every `interval` s and at the end; see `of`), or off."""
         self.total = total_images
         self.mode = mode
         self.interval = 0.5 if mode == "terminal" else interval
@@ -31,15 +34,35 @@ class Progress:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.call: Callable[[dict[str, Any]], None] | None = None
 
     @classmethod
-    def for_cli(cls, total_images: int, log_format: str, quiet: bool) -> "Progress":
-        """What `raypose submit` shows: nothing with --quiet, JSON records, a terminal line or periodic log lines."""
-        if quiet:
+    def of(cls, total_images: int, option: Any) -> "Progress":
+        """The progress a run reports, from `Job.run`'s option (raypose.job.ProgressOption): None or "off",
+        "auto" (a terminal line where stderr is one, else log lines), "terminal", "log", "json", or a function
+        called with `status()` every second and once at the end."""
+        if option is None or option == "off":
             return cls(total_images, "off")
-        if log_format == "json":
-            return cls(total_images, "json")
-        return cls(total_images, "terminal" if sys.stderr.isatty() else "log")
+        if option == "auto":
+            return cls(total_images, "terminal" if sys.stderr.isatty() else "log")
+        if option in ("terminal", "log", "json"):
+            return cls(total_images, option)
+        if callable(option):
+            progress = cls(total_images, "call", interval=1.0)
+            progress.call = option
+            return progress
+        raise SpecError(f"progress: expected None, 'off', 'auto', 'terminal', 'log', 'json' or a function, "
+                        f"got {option!r}")
+
+    def planned(self, job_id: str, counts: dict[str, int], new_shards: int, kept_shards: int) -> None:
+        """Say what the run will do, before Ray starts (terminal and log modes: one line on stderr)."""
+        if self.mode in ("terminal", "log"):
+            kept = f", {counts['images_kept']} already labelled" if counts.get("images_kept") else ""
+            stream = self.stream or sys.stderr
+            stream.write(f"job {job_id}: {counts['images']} images to label, {counts['boxes']} boxes "
+                         f"({counts['images_without_boxes']} images without boxes skipped{kept}); "
+                         f"{new_shards} new shards, {kept_shards} kept\n")
+            stream.flush()
 
     def start(self) -> "Progress":
         if self.mode != "off" and self._thread is None:
@@ -66,6 +89,8 @@ class Progress:
             self._thread.join(timeout=2)
         if self.mode == "terminal":
             self._draw(final=True)
+        elif self.mode == "call":
+            self.call(self.status())
 
     def status(self) -> dict[str, Any]:
         """The numbers of the moment: images done and total, instances, errors, crops/s, ETA (s)."""
@@ -88,15 +113,21 @@ class Progress:
         return (f"{s['images_done']}/{s['images']} images ({percent:.0f}%), {s['instances']} instances, "
                 f"{s['errors']} errors, {s['crops_per_second']:.1f} crops/s{eta}")
 
+    def report(self) -> None:
+        """One report of the moment, as the mode has it: what the timer does every `interval` seconds."""
+        if self.mode == "terminal":
+            self._draw()
+        elif self.mode == "json":
+            s = self.status()
+            log.info(self.line(), extra={"event": "progress", **s})
+        elif self.mode == "call":
+            self.call(self.status())
+        elif self.mode == "log":
+            log.info(self.line())
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.mode == "terminal":
-                self._draw()
-            elif self.mode == "json":
-                s = self.status()
-                log.info(self.line(), extra={"event": "progress", **s})
-            else:
-                log.info(self.line())
+            self.report()
 
     def _draw(self, final: bool = False) -> None:
         stream = self.stream or sys.stderr

@@ -125,6 +125,10 @@ STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop
 def resolved_settings(layout: Layout) -> dict[str, Any]:
     """What the layout resolved that changes the rows: the result key's `layout.*` entries."""
     settings = {"pose_device": layout.pose.device, "pose_dtype": layout.pose.dtype, "decoder": layout.crops.decoder}
+    # The flip columns never change the keypoints. Keyed only when on: a resume that turns them on
+    # is refused (earlier rows have none), and outputs made before they existed still resume.
+    if layout.pose.flip_uncertainty:
+        settings["flip_uncertainty"] = True
     if layout.detector_pool is not None:
         settings.update(detector_device=layout.detector_device, detector_dtype=layout.detector_dtype)
     return settings

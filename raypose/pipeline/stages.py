@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from raypose.config.spec import JobSpec
+from raypose.models.routing import Routing
 from raypose.output.writer import PartTarget, write_parts
 from raypose.pipeline.detect_stage import DetectStage
 from raypose.pipeline.faults import fault_env
@@ -65,19 +67,34 @@ class Stage:
 
 def job_stages(plan: JobPlan, layout: Layout, target: PartTarget | None = None) -> list[Stage]:
     """The job's stages in order, each with its arguments and resources; with `target`, the write tasks last."""
-    spec = plan.spec
+    stages = labelling_stages(plan.spec, plan.routing, plan.detector is not None, layout)
+    if target is not None:
+        spec = plan.spec
+        boxes_per_image = plan.counts["boxes"] / max(1, plan.counts["images_with_boxes"])
+        # The rows are written where they are made; only each part's summary reaches the driver.
+        # No CPU reserved: they mostly wait on storage, and must never wait for a pose actor's CPU.
+        stages.append(Stage("write", write_parts, {"target": target},
+                            {"batch_size": rows_per_part(spec.output.images_per_shard, boxes_per_image,
+                                                         plan.counts["boxes"] + plan.counts["images_to_detect"]),
+                             "num_cpus": 0, **_task_args(spec)}))
+    return stages
+
+
+def labelling_stages(spec: JobSpec, routing: Routing, detecting: bool, layout: Layout) -> list[Stage]:
+    """Image tasks -> pose rows (`schema.POSE_OUTPUT_SCHEMA`): [detect] -> [crop or read tasks] -> pose.
+
+    A job's stages before its writes, and what `raypose.annotate` applies to a user's Dataset.
+    """
     retries = spec.limits.max_retries
-    env = fault_env()
-    runtime_env = {"runtime_env": {"env_vars": env}} if env else {}
     # Dead workers are retried (tasks re-run, actors restart and retry), at most max_retries times;
     # Ray Data's own default for actor pools is to retry forever, which a poison batch would.
-    task_args = {"max_retries": retries, **runtime_env}
-    actor_args = {"max_restarts": retries, "max_task_retries": retries, **runtime_env}
+    task_args = _task_args(spec)
+    actor_args = {"max_restarts": retries, "max_task_retries": retries, **_runtime_env()}
     stages = []
-    if spec.images.format == "video":  # frames decoded a range a task; from here on they are images
+    if spec.images.format == "video":  # frames decoded a block a task; from here on they are images
         stages.append(Stage("read_frames", read_frames, {"storage_options": dict(spec.images.storage_options)},
                             {"batch_size": None, "num_cpus": 1, **task_args}))
-    if plan.detector is not None:
+    if detecting:
         stages.append(Stage(
             "detect", DetectStage,
             {"detector": spec.boxes.detector, "categories": spec.boxes.categories,
@@ -94,19 +111,21 @@ def job_stages(plan: JobPlan, layout: Layout, target: PartTarget | None = None) 
     pool = layout.pose_pool
     stages.append(Stage(
         "pose", PoseStage,
-        {"routing": plan.routing, "settings": layout.pose, "cropper": layout.crops.cropper},
+        {"routing": routing, "settings": layout.pose, "cropper": layout.crops.cropper},
         {"batch_size": layout.crops.rows_per_call, "num_cpus": pool.cpus, "num_gpus": pool.gpus, **actor_args},
         pool=pool,
     ))
-    if target is not None:
-        boxes_per_image = plan.counts["boxes"] / max(1, plan.counts["images_with_boxes"])
-        # The rows are written where they are made; only each part's summary reaches the driver.
-        # No CPU reserved: they mostly wait on storage, and must never wait for a pose actor's CPU.
-        stages.append(Stage("write", write_parts, {"target": target},
-                            {"batch_size": rows_per_part(spec.output.images_per_shard, boxes_per_image,
-                                                         plan.counts["boxes"] + plan.counts["images_to_detect"]),
-                             "num_cpus": 0, **task_args}))
     return stages
+
+
+def _task_args(spec: JobSpec) -> dict[str, Any]:
+    """A task stage's retries (and the test faults' environment)."""
+    return {"max_retries": spec.limits.max_retries, **_runtime_env()}
+
+
+def _runtime_env() -> dict[str, Any]:
+    env = fault_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _actor_pool(pool: ActorPool):

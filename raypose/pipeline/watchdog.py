@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 PROC = Path("/proc")
 
@@ -55,14 +56,19 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def watch(driver: int, poll: float = 0.5) -> None:
-    """Until the driver is gone, remember its process tree; then kill every process of it still alive."""
+def watch(driver: int, poll: float = 0.5, on_poll: Callable[[set[int]], None] | None = None) -> None:
+    """Until the driver is gone, remember its process tree; then kill every process of it still alive.
+
+    `on_poll(tree)` is called with the processes remembered so far after each look (the tests wait on it).
+    """
     born = _start_time(driver)
     me = os.getpid()
     tree: dict[int, str | None] = {}
     while born is not None and _start_time(driver) == born:
         for pid in descendants(driver) - {me}:
             tree.setdefault(pid, _start_time(pid))
+        if on_poll is not None:
+            on_poll(set(tree))
         time.sleep(poll)
     for pid, started in tree.items():
         if started is not None and _start_time(pid) == started:  # the same process, not a reused pid

@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw
 # Backbone shapes of the published checkpoints (usyd-community/vitpose-*), plus a tiny one.
 PRESETS: dict[str, dict] = {
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2},
+    # The quickstart's trained checkpoint (benchmarks/train_quickstart.py): small enough to train on a laptop's CPU.
+    "tiny-trained": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "mlp_ratio": 2},
     "tiny-plus": {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_ratio": 2,
         "num_experts": 6, "part_features": 8,
@@ -103,6 +105,34 @@ def _draw_stick_figures(image: Image.Image, boxes: np.ndarray, rng: np.random.Ge
         draw.line([(x + 0.2 * w, y + h), hip, (x + 0.8 * w, y + h)], fill=color, width=line)
 
 
+def figure_keypoints(bbox: list[float]) -> list[float]:
+    """COCO-17 joints `[x, y, 2] * 17` of the stick figure `draw_people` draws in `bbox` (facing the camera).
+
+    The face's and knees' joints are where a figure's proportions put them (the head is a circle, the legs
+    straight); the others are the drawn lines' ends and bends.
+    """
+    x, y, w, h = bbox
+    cx = x + w / 2
+    joints = {
+        "nose": (cx, y + 0.10 * h),
+        "left_eye": (cx + 0.03 * w, y + 0.08 * h), "right_eye": (cx - 0.03 * w, y + 0.08 * h),
+        "left_ear": (cx + 0.08 * w, y + 0.10 * h), "right_ear": (cx - 0.08 * w, y + 0.10 * h),
+        "left_shoulder": (cx + 0.15 * w, y + 0.26 * h), "right_shoulder": (cx - 0.15 * w, y + 0.26 * h),
+        "left_elbow": (cx + 0.28 * w, y + 0.28 * h), "right_elbow": (cx - 0.28 * w, y + 0.28 * h),
+        "left_wrist": (x + 0.9 * w, y + 0.30 * h), "right_wrist": (x + 0.1 * w, y + 0.30 * h),
+        "left_hip": (cx + 0.05 * w, y + 0.55 * h), "right_hip": (cx - 0.05 * w, y + 0.55 * h),
+        "left_knee": (cx + 0.15 * w, y + 0.77 * h), "right_knee": (cx - 0.15 * w, y + 0.77 * h),
+        "left_ankle": (x + 0.8 * w, y + 0.99 * h), "right_ankle": (x + 0.2 * w, y + 0.99 * h),
+    }  # fmt: skip
+    flat: list[float] = []
+    from raypose.imaging.keypoint_schemas import COCO17
+
+    for name in COCO17.keypoints:
+        px, py = joints[name]
+        flat += [round(px, 2), round(py, 2), 2]
+    return flat
+
+
 def make_coco_dataset(
     folder: str | Path,
     sizes: list[tuple[int, int]],
@@ -148,10 +178,23 @@ def _person_annotation(annotation_id: int, image_id: int, box: list[float]) -> d
 
 
 def make_quickstart(folder: str | Path) -> None:
-    """(Re)build the bundled quickstart: four drawn JPEGs, their COCO boxes, a tiny random checkpoint."""
+    """(Re)build the bundled quickstart's data: four drawn JPEGs, their COCO boxes, and the same as Parquet rows
+    (an `image` struct {bytes, path} and a `bbox` list, as Hugging Face datasets export them). Its checkpoint,
+    `vitpose-tiny`, is trained by benchmarks/train_quickstart.py."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     folder = Path(folder)
     make_coco_dataset(folder, [(640, 480), (480, 640), (800, 450), (512, 512)], persons_per_image=[2, 1, 3, 2], seed=7)
-    make_checkpoint(folder / "vitpose-tiny-random", preset="tiny", seed=7)
+    coco = json.loads((folder / "boxes.json").read_text())
+    boxes: dict[int, list] = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        boxes[annotation["image_id"]].append(annotation["bbox"])
+    pq.write_table(pa.table({
+        "image": [{"bytes": (folder / "images" / image["file_name"]).read_bytes(), "path": image["file_name"]}
+                  for image in coco["images"]],
+        "bbox": [boxes[image["id"]] for image in coco["images"]],
+    }), folder / "rows.parquet")
 
 
 BENCHMARK_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (1280, 720), (4000, 3000))

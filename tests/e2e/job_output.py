@@ -1,10 +1,10 @@
 """One real job output shared by the output-reading tests (export, render, inspect, docs).
 
 The job runs once per test session through `raypose submit` on the session's Ray, over the
-conftest's drawn COCO images plus: an image in a sub-folder with spaces and parentheses in
+the coco_folder fixture's drawn COCO images plus: an image in a sub-folder with spaces and parentheses in
 its name (file-name sanitizing), an empty file (a decode error), a zero-width box (a box
 error), a listed image missing from storage (a list error), and a dog routed to the AP-10K
-expert, so the output holds two keypoint schemas. Its boxes come from a COCO
+expert, so the output holds two keypoint schemas, with the flip uncertainty columns. Its boxes come from a COCO
 file whose annotations carry keypoints (the drawn stick figures' joints), so exports can be
 evaluated against the GT they came from.
 """
@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app
 from raypose.imaging.keypoint_schemas import COCO17
+from raypose.testing.synthetic import figure_keypoints
 
 DOG_SCHEMA = "ap10k17"
 NESTED_KEY = "nested dir/odd name (1).jpg"
@@ -36,28 +37,6 @@ class SharedJob:
 
 
 _JOBS: dict[str, SharedJob] = {}
-
-
-def figure_keypoints(bbox: list[float]) -> list[float]:
-    """COCO-17 joints of the stick figure `synthetic.draw_people` draws in `bbox` (person facing the camera)."""
-    x, y, w, h = bbox
-    cx = x + w / 2
-    joints = {
-        "nose": (cx, y + 0.10 * h),
-        "left_eye": (cx + 0.03 * w, y + 0.08 * h), "right_eye": (cx - 0.03 * w, y + 0.08 * h),
-        "left_ear": (cx + 0.08 * w, y + 0.10 * h), "right_ear": (cx - 0.08 * w, y + 0.10 * h),
-        "left_shoulder": (cx + 0.15 * w, y + 0.26 * h), "right_shoulder": (cx - 0.15 * w, y + 0.26 * h),
-        "left_elbow": (cx + 0.28 * w, y + 0.28 * h), "right_elbow": (cx - 0.28 * w, y + 0.28 * h),
-        "left_wrist": (x + 0.9 * w, y + 0.30 * h), "right_wrist": (x + 0.1 * w, y + 0.30 * h),
-        "left_hip": (cx + 0.05 * w, y + 0.55 * h), "right_hip": (cx - 0.05 * w, y + 0.55 * h),
-        "left_knee": (cx + 0.15 * w, y + 0.77 * h), "right_knee": (cx - 0.15 * w, y + 0.77 * h),
-        "left_ankle": (x + 0.8 * w, y + 0.99 * h), "right_ankle": (x + 0.2 * w, y + 0.99 * h),
-    }  # fmt: skip
-    flat: list[float] = []
-    for name in COCO17.keypoints:
-        px, py = joints[name]
-        flat += [round(px, 2), round(py, 2), 2]
-    return flat
 
 
 def shared_job(tmp_path_factory, coco_folder: Path, checkpoint: Path) -> SharedJob:
@@ -112,6 +91,7 @@ def shared_job(tmp_path_factory, coco_folder: Path, checkpoint: Path) -> SharedJ
     spec["pose"]["routing"] = {"dog": "ap10k"}
     # the tiny random checkpoint has 17 heatmaps: read them as AP-10K's for the dog
     spec["pose"]["experts"] = {"ap10k": {"head_schema": "ap10k17"}}
+    spec["pose"]["uncertainty"] = "flip"  # the flip columns, for the review exports and the docs' recipes
     spec["limits"] = {"max_errored_fraction": 0.5}  # 3 of its 10 inputs fail on purpose
     job.write_text(yaml.safe_dump(spec))
     result = CliRunner().invoke(app, ["submit", str(job)], catch_exceptions=False)

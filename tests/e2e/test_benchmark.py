@@ -11,7 +11,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 pytest.importorskip("transformers.models.vitpose.image_processing_pil_vitpose")
 pytest.importorskip("scipy")

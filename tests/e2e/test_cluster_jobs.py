@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app
@@ -16,13 +15,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def files_run(ray_session, tiny_checkpoint, coco_folder, tmp_path_factory) -> dict:
+def files_run(coco_job_output) -> dict:
     """The same images as plain files: what every container job must reproduce."""
-    out = tmp_path_factory.mktemp("files") / "out"
-    job = tmp_path_factory.mktemp("filesjob") / "job.yaml"
-    job.write_text(json.dumps(job_dict(coco_folder / "images", coco_folder / "boxes.json", tiny_checkpoint, out)))
-    assert runner.invoke(app, ["submit", str(job)], catch_exceptions=False).exit_code == 0
-    return keypoints_by_box(out)
+    return keypoints_by_box(coco_job_output)
 
 
 def keypoints_by_box(output: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import DETECTOR_THRESHOLD, direct_detections, job_dict, read_json
+from helpers import DETECTOR_THRESHOLD, direct_detections, job_dict, read_json
 from PIL import Image
 from typer.testing import CliRunner
 

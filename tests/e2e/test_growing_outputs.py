@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app
@@ -95,6 +95,10 @@ def test_append_runs_label_what_is_new_and_relabel_what_changed(ray_session, dra
     assert manifest["counts"]["images"] == 8 and manifest["counts"]["images_this_run"] == 0
     assert [r["mode"] for r in read_json(out / "_job.json")["runs"]] == ["error", "append", "append"]
     assert instances(out) == expected
+    inspected = runner.invoke(app, ["inspect", str(out), "--json"])
+    runs = json.loads(inspected.output)["runs"]
+    assert [(r["mode"], r["images"], r["status"]) for r in runs] == [
+        ("error", 4, "succeeded"), ("append", 4, "succeeded"), ("append", 0, "succeeded")]
 
     # An image replaced by a larger one: relabelled on resume, its old rows gone, no other shard rewritten.
     from PIL import Image

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -10,7 +10,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json, s3_bucket
+from helpers import job_dict, read_json, s3_bucket
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -190,7 +190,7 @@ def test_submit_from_and_to_s3(ray_session, s3_server, tiny_checkpoint, coco_fol
     assert "testing-secret" not in result.output
 
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("raypose-test/labels/run1/")) == [
-        "_job.json", "_shards", "errors", "keypoint_schemas.json", "keypoints", "manifest.json"]
+        "_job.json", "_lease", "_plan", "_shards", "errors", "keypoint_schemas.json", "keypoints", "manifest.json"]
     con = duckdb.connect()
     con.register_filesystem(fs)
     [(count, keys)] = con.sql(

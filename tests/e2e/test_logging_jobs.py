@@ -9,7 +9,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -10,7 +10,7 @@ import tarfile
 from collections import Counter
 
 import pyarrow.parquet as pq
-from conftest import coco_boxes_by_image, job_dict, read_json
+from helpers import coco_boxes_by_image, job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from typer.testing import CliRunner
 
 from raypose.cli import app

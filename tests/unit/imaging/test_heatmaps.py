@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import gaussian_blur
+from helpers import gaussian_blur
 
 from raypose.imaging.geometry import center_scale_from_boxes
 from raypose.imaging.heatmaps import decode_heatmaps, flip_back, instance_scores

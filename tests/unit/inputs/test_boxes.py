@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError

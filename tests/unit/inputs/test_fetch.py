@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from conftest import listed, save_image
+from helpers import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import ImageError
@@ -80,3 +80,30 @@ def test_read_image_of_files_of_their_own_even_named_like_a_tar_member(tmp_path)
     with pytest.raises(ImageError, match="not found in storage") as info:
         read_image(f"file://{tmp_path}/gone.tar#y.jpg", {})
     assert info.value.stage == "read"
+
+
+def test_images_are_read_from_files_tar_members_and_parquet_rows(tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raypose.errors import ImageError
+    from raypose.inputs.fetch import read_image
+
+    (tmp_path / "plain.jpg").write_bytes(b"plain")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for name, data in (("a/one.jpg", b"first"), ("a/two.jpg", b"second")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"img": [{"bytes": b"row0", "path": "x"}, {"bytes": b"row1", "path": "y"}]}),
+                   tmp_path / "part.parquet")
+    root = tmp_path.as_uri()
+    assert read_image(f"{root}/plain.jpg", {}) == b"plain"
+    assert read_image(f"{root}/shard.tar#a/two.jpg", {}) == b"second"
+    assert read_image(f"{root}/part.parquet#1", {}, image_column="img") == b"row1"
+    for missing in (f"{root}/shard.tar#a/three.jpg", f"{root}/part.parquet#5", f"{root}/gone.jpg"):
+        with pytest.raises(ImageError):
+            read_image(missing, {}, image_column="img")

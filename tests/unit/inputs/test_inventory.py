@@ -10,7 +10,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import s3_bucket
+from helpers import s3_bucket
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError

@@ -8,7 +8,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pytest
-from conftest import listed, save_image
+from helpers import listed, save_image
 
 from raypose.config.spec import ImagesSpec
 from raypose.errors import SpecError

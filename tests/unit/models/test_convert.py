@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import gaussian_blur
+from helpers import gaussian_blur
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DETECTOR_LABELS, DETECTOR_THRESHOLD, direct_detections
+from helpers import DETECTOR_LABELS, DETECTOR_THRESHOLD, direct_detections
 
 from raypose.config.spec import DetectorSpec
 from raypose.errors import SpecError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app
@@ -62,3 +62,14 @@ def test_validate_exits_2_with_one_line_for_broken_expert_weights(copy_of, tiny_
     result = CliRunner().invoke(app, ["validate", str(write_job(spec))])
     assert result.exit_code == 2
     assert result.output.startswith("error: pose.experts.mine.model: ") and result.output.count("\n") == 1
+
+
+def test_a_model_that_looks_like_a_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """The fresh-clone trial: `--set pose.model=quickstart/vitpose-tiny` typed from the repository's root."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as raised:
+        inspect_model("quickstart/vitpose-tiny", None, field="pose.model")
+    message = str(raised.value)
+    assert "it is not a folder here" in message and f"with --set, to the working directory {tmp_path}" in message
+    assert "hub is not reachable" in message

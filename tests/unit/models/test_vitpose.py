@@ -6,13 +6,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import crop_options, image_task, task_table
+from helpers import crop_options, image_task, task_table
 from PIL import Image
 
 from raypose.config.spec import PoseSpec
 from raypose.imaging.crop_cpu import crop_image
 from raypose.imaging.geometry import center_scale_from_boxes
 from raypose.imaging.keypoint_schemas import COCO17
+from raypose.imaging.uncertainty import flip_oks, keypoint_flip_errors
 from raypose.models.routing import resolve_routing
 from raypose.models.vitpose import PoseEngine, inspect_model
 from raypose.pipeline.crop_stage import make_crops
@@ -129,6 +130,101 @@ def test_flip_test_averages_crop_and_mirror_heatmaps(tiny_checkpoint):
     np.testing.assert_allclose(scores, expected_scores.numpy(), atol=1e-3)
     plain_keypoints, _ = ours(engine_for(tiny_checkpoint), image, boxes)
     assert not np.allclose(plain_keypoints, keypoints)
+
+
+class ConstructedHeatmaps(torch.nn.Module):
+    """A stand-in for the ViTPose network whose heatmaps are known: `fixed` puts keypoint k's peak at
+    `peaks[k]` whatever the crop shows (confidently wrong); `bright` puts every keypoint's peak where
+    the crop is brightest (4x4 blocks averaged, so a mirrored crop gives exactly mirrored heatmaps)."""
+
+    def __init__(self, kind: str, peaks: np.ndarray | None = None, shape=(17, 64, 48)):
+        super().__init__()
+        self.kind, self.shape = kind, shape
+        if peaks is not None:
+            ys, xs = torch.meshgrid(torch.arange(shape[1]), torch.arange(shape[2]), indexing="ij")
+            peaks = torch.as_tensor(peaks, dtype=torch.float32)
+            distance = (xs - peaks[:, 0, None, None]) ** 2 + (ys - peaks[:, 1, None, None]) ** 2
+            self.fixed = torch.exp(-distance / (2 * 2.0**2))
+
+    def forward(self, pixel_values, **_):
+        import types
+
+        if self.kind == "fixed":
+            heatmaps = self.fixed.expand(pixel_values.shape[0], *self.shape)
+        else:
+            brightness = torch.nn.functional.avg_pool2d(pixel_values.mean(1, keepdim=True), 4)
+            heatmaps = (brightness / brightness.amax((-2, -1), keepdim=True)).expand(-1, self.shape[0], -1, -1)
+        return types.SimpleNamespace(heatmaps=heatmaps.contiguous())
+
+
+def blob_crop(x: float, y: float, size=(192, 256)) -> np.ndarray:
+    """A dark crop with one bright Gaussian blob at crop pixel (x, y)."""
+    ys, xs = np.mgrid[0 : size[1], 0 : size[0]]
+    value = 20 + 230 * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * 12.0**2))
+    return np.repeat(value[..., None], 3, axis=2).round().astype(np.uint8)
+
+
+def test_flip_views_of_a_model_that_ignores_the_crop_disagree_by_what_its_peaks_say(tiny_checkpoint):
+    """Peaks fixed in the crop: the mirrored view's keypoint k is its partner's peak mirrored, known exactly."""
+    engine = engine_for(tiny_checkpoint)
+    peaks = np.stack([np.linspace(8, 30, 17).round(), np.linspace(10, 50, 17).round()], axis=1)
+    engine.model = ConstructedHeatmaps("fixed", peaks)
+    centers, scales = center_scale_from_boxes(np.array([[30.0, 20.0, 90.0, 120.0]]), engine.info.input_size)
+    crops = np.zeros((1, 256, 192, 3), np.uint8)
+    submitted = engine.submit(crops, centers, scales, flip_pairs=COCO17.flip_pairs, flip_views=True)
+    views = engine.collect_views(submitted)
+    partner = np.arange(17)
+    for a, b in COCO17.flip_pairs:
+        partner[a], partner[b] = b, a
+    mirrored_peaks = np.stack([47 - peaks[partner, 0], peaks[partner, 1]], axis=1)
+    errors = keypoint_flip_errors(views[0], views[1], scales, engine.info.input_size)[0]
+    expected = np.hypot((mirrored_peaks[:, 0] - peaks[:, 0]) * 191 / 47, (mirrored_peaks[:, 1] - peaks[:, 1]) * 255 / 63)
+    np.testing.assert_allclose(errors, expected, atol=1e-3)
+    assert errors.max() > 40
+    # Each view alone is sure of itself (peaks of 1.0); averaged, two peaks far apart halve the score.
+    _, plain_scores = engine.collect(engine.submit(crops, centers, scales, flip_pairs=COCO17.flip_pairs,
+                                                   average_flip=False))
+    assert plain_scores.min() > 0.99
+    _, scores = engine.collect(submitted)
+    np.testing.assert_allclose(scores[0, errors > 20], 0.5, atol=0.01)
+
+
+def test_flip_views_agree_for_a_model_that_follows_the_crop_on_a_symmetric_crop_and_its_flipped_copy(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint)
+    engine.model = ConstructedHeatmaps("bright")
+    centers, scales = center_scale_from_boxes(np.array([[30.0, 20.0, 90.0, 120.0]] * 3), engine.info.input_size)
+    symmetric, off_centre = blob_crop(95.5, 100.0), blob_crop(40.0, 180.0)
+    crops = np.stack([symmetric, off_centre, off_centre[:, ::-1]])
+    np.testing.assert_array_equal(symmetric, symmetric[:, ::-1])
+    views = engine.collect_views(engine.submit(crops, centers, scales, flip_pairs=COCO17.flip_pairs, flip_views=True))
+    errors = keypoint_flip_errors(views[0], views[1], scales, engine.info.input_size)
+    assert errors.max() < 1e-3
+    oks = flip_oks(views[0], views[1], np.full(3, 90.0 * 120.0), COCO17.sigmas)
+    np.testing.assert_allclose(oks, 1.0, atol=1e-6)
+    # The flipped copy's keypoints are the crop's, mirrored about the crop's centre, to within DARK's
+    # mixed-derivative stencil (the reference's: it reads the (+1, +1) and (-1, -1) diagonals only, so
+    # it is not exactly mirror-symmetric).
+    np.testing.assert_allclose(views[0, 2, :, 0], 2 * centers[2, 0] - views[0, 1, :, 0], atol=0.1)
+
+
+def test_flip_views_change_neither_the_averaged_nor_the_plain_keypoints(tiny_checkpoint):
+    (width, height), boxes = IMAGES[0]
+    image = draw_people(width, height, np.array(boxes))
+    engine = engine_for(tiny_checkpoint)
+    averaged = ours(engine, image, boxes, flip_pairs=COCO17.flip_pairs)
+    plain = ours(engine, image, boxes)
+    centers, scales = center_scale_from_boxes(np.array(boxes), engine.info.input_size)
+    crops = np.stack([crop_image(np.asarray(image), c, s, engine.info.input_size) for c, s in zip(centers, scales)])
+    for average, expected in ((True, averaged), (False, plain)):
+        submitted = engine.submit(crops, centers, scales, flip_pairs=COCO17.flip_pairs, average_flip=average,
+                                  flip_views=True)
+        keypoints, scores = engine.collect(submitted)
+        np.testing.assert_array_equal(keypoints, expected[0])
+        np.testing.assert_array_equal(scores, expected[1])
+    np.testing.assert_allclose(engine.collect_views(submitted)[0], plain[0], atol=1e-4)
+    assert engine.collect_views(engine.submit(crops, centers, scales)) is None
+    with pytest.raises(ValueError, match="flip_pairs"):
+        engine.submit(crops, centers, scales, flip_views=True)
 
 
 def test_estimate_leaves_its_crops_as_they_were(tiny_checkpoint):

@@ -102,7 +102,7 @@ def test_of_processes_racing_to_create_a_lease_exactly_one_wins(tmp_path, attemp
 
 
 def test_leases_on_memory_and_s3_stores(s3_server):
-    from conftest import s3_bucket
+    from helpers import s3_bucket
 
     memory = fsspec.filesystem("memory")
     assert create_exclusive(memory, "/lease-test/a.json", b"1") and not create_exclusive(memory, "/lease-test/a.json", b"2")

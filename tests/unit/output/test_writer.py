@@ -7,6 +7,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import pose_rows
 
 from raypose.config.spec import OutputSpec
 from raypose.errors import SpecError
@@ -19,22 +20,7 @@ from raypose.output.writer import (
     ShardWriter,
     write_parts,
 )
-from raypose.schema import ERRORS_SCHEMA, KEYPOINTS_SCHEMA, POSE_OUTPUT_SCHEMA
-
-
-def pose_rows(*rows: dict) -> pa.Table:
-    """Pose-stage rows: (image, instance) with keypoints, or with an error; `image_rows` says how many the image has."""
-    filled = []
-    for row in rows:
-        labelled = row.get("error_stage") is None and row.get("instance_index") is not None
-        filled.append({
-            "image_uri": f"file:///{row['image_key']}", "box_source": "gt", "image_width": 64, "image_height": 48,
-            "expert": "coco" if labelled else None, "keypoint_schema": "coco17" if labelled else None,
-            "keypoint_x": [1.0] * 17 if labelled else None, "keypoint_y": [2.0] * 17 if labelled else None,
-            "keypoint_score": [0.5] * 17 if labelled else None, "instance_score": 0.5 if labelled else None,
-            "image_rows": 1, "shard": 0, **row,
-        })
-    return pa.Table.from_pylist(filled, schema=POSE_OUTPUT_SCHEMA)
+from raypose.schema import ERRORS_SCHEMA, KEYPOINTS_SCHEMA
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import image_task, job_dict, task_table
+from helpers import image_task, job_dict, task_table
 
 from raypose.config.spec import parse_job_spec
 from raypose.output.writer import OutputStore, PartTarget, ShardWriter

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 from typer.testing import CliRunner
 
 from raypose.cli import app

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import crop_options, image_task, task_table
+from helpers import crop_options, image_task, task_table
 from PIL import Image
 
 from raypose.pipeline.crop_stage import make_crops

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import crop_options, image_task, task_table
+from helpers import crop_options, image_task, task_table
 from PIL import Image
 
 from raypose.pipeline.crop_stage import make_crops, plan_crops

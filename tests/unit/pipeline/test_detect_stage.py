@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from conftest import DETECTOR_THRESHOLD
+from helpers import DETECTOR_THRESHOLD
 
 from raypose.config.spec import DetectorSpec
 from raypose.models.detector import Detector

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import routing_for
+from helpers import routing_for
 
 from raypose.config.spec import parse_job_spec
 from raypose.errors import SpecError
@@ -155,3 +155,16 @@ def test_gpu_actors_run_two_calls_at_once_so_one_forward_is_queued_behind_anothe
     assert layout(GPU).pose_pool.calls == 2 and layout(CPU).pose_pool.calls == 1
     assert layout(GPU, resources={"pose_calls_per_actor": 1}).pose_pool.calls == 1
     assert layout(CPU, resources={"pose_calls_per_actor": 3}).pose_pool.calls == 3
+
+
+@pytest.mark.parametrize("uncertainty, flip_test, on", [
+    ("auto", False, False), ("auto", True, True), ("none", True, False), ("flip", False, True), ("flip", True, True),
+])
+def test_the_flip_uncertainty_is_on_whenever_the_flip_test_runs_unless_turned_off(uncertainty, flip_test, on):
+    result = layout(pose={"uncertainty": uncertainty, "flip_test": flip_test})
+    assert result.pose.flip_uncertainty is on and result.pose.flip_test is flip_test
+
+
+def test_an_unknown_uncertainty_names_the_field_and_the_choices():
+    with pytest.raises(SpecError, match=r"pose\.uncertainty.*'auto', 'none' or 'flip'"):
+        layout(pose={"uncertainty": "ensemble"})

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 
 from raypose.config.spec import parse_job_spec
 from raypose.output.lease import LeaseHeld

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import crop_options, image_task, task_table
+from helpers import crop_options, image_task, task_table
 
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing
@@ -21,9 +21,10 @@ from raypose.testing.synthetic import draw_people
 KEYPOINT_COLUMNS = ["keypoint_x", "keypoint_y", "keypoint_score", "instance_score"]
 
 
-def stage_for(checkpoint, cropper=None, batch_size: int = 8, **pose) -> PoseStage:
+def stage_for(checkpoint, cropper=None, batch_size: int = 8, flip_uncertainty: bool = False, **pose) -> PoseStage:
     spec = PoseSpec(model=str(checkpoint), **pose)
-    return PoseStage(resolve_routing(spec), PoseSettings(batch_size=batch_size, flip_test=spec.flip_test), cropper)
+    settings = PoseSettings(batch_size=batch_size, flip_test=spec.flip_test, flip_uncertainty=flip_uncertainty)
+    return PoseStage(resolve_routing(spec), settings, cropper)
 
 
 def crops_for(tasks: pa.Table, stage: PoseStage) -> pa.Table:
@@ -55,6 +56,36 @@ def test_pose_stage_keeps_failures_and_fills_keypoints(tiny_checkpoint, tmp_path
     # The same crop alone gives the same keypoints: rows are not mixed up within a batch.
     alone = stage(crops.slice(2, 1)).to_pylist()[0]
     np.testing.assert_allclose(alone["keypoint_x"], rows[2]["keypoint_x"], atol=1e-3)
+
+
+FLIP_COLUMNS = ["keypoint_flip_error", "flip_oks", "instance_doubt"]
+
+
+@pytest.mark.parametrize("flip_test", [False, True])
+def test_the_flip_columns_are_filled_when_asked_for_and_leave_the_keypoints_as_they_were(tiny_checkpoint, tmp_path,
+                                                                                         flip_test):
+    tasks = person_tasks(tmp_path, [[20.0, 30.0, 60.0, 150.0], [float("nan"), 0.0, 5.0, 5.0], [10.0, 10.0, 80.0, 90.0]])
+    without = stage_for(tiny_checkpoint, flip_test=flip_test)
+    crops = crops_for(tasks, without)
+    plain = without(crops)
+    assert all(plain.column(name).null_count == plain.num_rows for name in FLIP_COLUMNS)
+    with_flip = stage_for(tiny_checkpoint, flip_test=flip_test, flip_uncertainty=True)
+    forwards = []
+    [engine] = with_flip.engines.values()
+    engine.model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(len(kwargs["pixel_values"])),
+                                           with_kwargs=True)
+    out = with_flip(crops)
+    assert forwards == [4]  # two good crops and their mirror images, in one forward
+    assert out.drop_columns(FLIP_COLUMNS).equals(plain.drop_columns(FLIP_COLUMNS))
+    rows = out.to_pylist()
+    assert [r["flip_oks"] is None for r in rows] == [False, True, False, True]  # a bad box and a missing image
+    for row in (rows[0], rows[2]):
+        assert len(row["keypoint_flip_error"]) == 17 and min(row["keypoint_flip_error"]) >= 0
+        assert 0 < row["flip_oks"] <= 1
+        # 1 - mean(score x agreement), agreements in [0, 1] averaging to flip_oks (a ground-truth box scores 1)
+        scores = np.clip(row["keypoint_score"], 0, 1)
+        assert 1 - scores.mean() - 1e-6 <= row["instance_doubt"] <= 1
+        assert row["instance_doubt"] >= 1 - scores.max() * row["flip_oks"] - 1e-6
 
 
 @pytest.mark.parametrize("cropper", ["cpu", "device"])

@@ -49,3 +49,24 @@ def test_a_write_tasks_storage_error_is_the_documented_output_line(tmp_path, mon
     assert str(pipeline_failure(failed, retries=3)) == (
         f"output.path: cannot write keypoints/shard-00000.parquet to {tmp_path / 'out'}: OSError: [Errno 28] No space "
         "left on device; the job stopped (committed shards are kept: rerun with --resume when the output is writable)")
+
+
+def test_the_flip_columns_join_the_result_key_only_when_on_so_older_outputs_still_resume():
+    import pytest
+    from helpers import routing_for
+
+    from raypose.config.spec import parse_job_spec
+    from raypose.errors import SpecError
+    from raypose.output.resume import check_resumable
+    from raypose.pipeline.layout import ClusterShape, resolve_layout
+    from raypose.pipeline.run import resolved_settings
+
+    def settings(**pose):
+        spec = parse_job_spec({"images": {"path": "/data"}, "boxes": {"path": "/b.json"},
+                               "pose": {"model": "/model", **pose}, "output": {"path": "/out"}})
+        return resolved_settings(resolve_layout(spec, routing_for({"coco": (192, 256)}), ClusterShape(node_cpus=2), 8))
+
+    older = {"result_key": {f"layout.{name}": value for name, value in settings().items()}}
+    check_resumable(older, {f"layout.{name}": value for name, value in settings(flip_test=False).items()}, "/out")
+    with pytest.raises(SpecError, match=r"layout\.flip_uncertainty: \(none\) -> true"):
+        check_resumable(older, {f"layout.{n}": v for n, v in settings(uncertainty="flip").items()}, "/out")

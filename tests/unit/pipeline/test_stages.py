@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-from conftest import job_dict
+from helpers import job_dict
 
 from raypose.config.spec import parse_job_spec
 from raypose.pipeline.layout import ClusterShape, resolve_layout

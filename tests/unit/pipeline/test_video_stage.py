@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import crop_options
+from helpers import crop_options
 from PIL import Image
 
 from raypose.config.spec import VideoSpec

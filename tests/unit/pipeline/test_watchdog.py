@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,31 +24,33 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_killed_driver_takes_its_process_tree_with_it(tmp_path):
+def test_a_killed_driver_takes_its_process_tree_with_it():
     # A stand-in driver that starts a long-lived child in a session of its own (as Ray's agents are),
-    # then the watchdog on itself, then waits.
-    pid_file = tmp_path / "child"
-    driver = subprocess.Popen([sys.executable, "-c", f"""
+    # says its pid, then waits; the watchdog follows it from a thread of this process.
+    driver = subprocess.Popen([sys.executable, "-c", """
 import subprocess, sys, time
-from raypose.pipeline import watchdog
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
-open({str(pid_file)!r}, "w").write(str(child.pid))
-watchdog.start(__import__("os").getpid())
+print(child.pid, flush=True)
 time.sleep(120)
-"""])
-    deadline = time.time() + 30
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.05)
-    child = int(pid_file.read_text())
-    assert child in watchdog.descendants(driver.pid)
-    time.sleep(1.5)  # the watchdog has seen the tree
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    deadline = time.time() + 10
-    while alive(child) and time.time() < deadline:
-        time.sleep(0.1)
+"""], stdout=subprocess.PIPE, text=True)
+    child = int(driver.stdout.readline())
+    seen = threading.Event()
+    watcher = threading.Thread(target=watchdog.watch, args=(driver.pid, 0.01),
+                               kwargs={"on_poll": lambda tree: child in tree and seen.set()})
+    watcher.start()
     try:
+        assert seen.wait(30), "the watchdog never saw the driver's child"
+        assert child in watchdog.descendants(driver.pid)
+        driver.kill()
+        driver.wait()
+        watcher.join(30)
+        assert not watcher.is_alive()
+        # SIGKILL is sent by the time watch() returns; the kernel ends the process a moment later.
+        deadline, pause = time.monotonic() + 10, threading.Event()
+        while alive(child) and time.monotonic() < deadline:
+            pause.wait(0.01)
         assert not alive(child)
     finally:
+        driver.kill()
         if alive(child):
             os.kill(child, signal.SIGKILL)

@@ -3,7 +3,7 @@
 A frame row (`frame_index` set) names its video (`image_uri`) and its place in it: the frame is
 found through the video's index (`inputs/video.py`, packets only) and decoded from the keyframe
 before it, as the job decoded it. Each video's clip draws its first `max_frames` labelled frames
-with their skeletons (`render.draw_instances`), every track in one colour throughout (its
+with their skeletons (`drawing.draw_instances`), every track in one colour throughout (its
 `track_id`; an instance without a track keeps its frame's colour), and is written as H.264 in MP4
 (FFmpeg's MPEG-4 Part 2 where its build has no libx264) under `videos/`, listed in `videos.html`.
 """
@@ -66,8 +66,9 @@ def render_video_clips(output: str, out: str, *, keypoint_threshold: float = 0.3
                        storage_options: dict[str, Any] | None = None, max_frames: int = 150) -> list[Clip]:
     """A clip per video of a job's output (its first `max_frames` labelled frames) and `videos.html` in `out`;
     [] for an output of images."""
-    from raypose.output.reading import JobOutput, open_fs
-    from raypose.output.render import draw_instances, instance_colours, safe_name
+    from raypose.review.drawing import draw_instances, instance_colours
+    from raypose.review.reading import JobOutput, open_fs
+    from raypose.review.render import safe_name
 
     job = JobOutput.open(output, storage_options)
     dataset = job.dataset()

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow.compute as pc
 import yaml
 
-from raypose.output.reading import JobOutput
 from raypose.output.writer import ERRORS_DIR
+from raypose.review.corrections import review_summary
+from raypose.review.reading import JobOutput
 
 # Histogram bin edges over keypoint scores; scores below 0 count in the first bin, above 1 in the last.
 SCORE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -64,6 +65,8 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None) -> dic
             "median": float(np.median(scores)) if scores.size else None,
         },
         "keypoint_scores": instances.keypoint_scores(job.schemas),
+        "review": review_summary(job),  # corrections imported from labeling tools (raypose import), or None
+        "runs": job.runs(),  # every run that built the output: job id, mode, times, status, what it added
         "throughput": manifest.get("throughput", {}),
         "seconds": manifest.get("seconds", {}),
         "versions": manifest.get("versions", {}),
@@ -169,7 +172,11 @@ def format_json(summary: dict[str, Any]) -> str:
 def format_text(summary: dict[str, Any]) -> str:
     """The summary as aligned plain-text tables."""
     sections = [_head_lines(summary), _expert_lines(summary), _count_lines(summary), _error_lines(summary)]
+    if summary.get("runs"):
+        sections.append(_run_lines(summary["runs"]))
     sections += [_keypoint_score_lines(name, schema) for name, schema in summary["keypoint_scores"].items()]
+    if summary.get("review"):
+        sections.append(_review_lines(summary["review"]))
     if summary["warnings"]:
         sections.append(["warnings"] + [f"  ! {w}" for w in summary["warnings"]])
     if summary["spec"] is not None:
@@ -216,6 +223,16 @@ def _count_lines(summary: dict[str, Any]) -> list[str]:
             + [f"  instance score: mean {_num(inst['mean'], 3)}, median {_num(inst['median'], 3)}"])
 
 
+def _run_lines(runs: list[dict[str, Any]]) -> list[str]:
+    return ["runs"] + _table(
+        ["job", "mode", "started", "finished", "status", "images", "instances", "superseded"],
+        [[r.get("job_id") or "?", r.get("mode") or "?", r.get("started_at") or "?", r.get("finished_at") or "-",
+          r.get("status") or "?", _int(r.get("images")), _int(r.get("instances")), _int(r.get("superseded"))]
+         for r in runs],
+        indent=2,
+    )
+
+
 def _error_lines(summary: dict[str, Any]) -> list[str]:
     if not summary["errors_by_stage"]:
         return ["errors: none"]
@@ -236,6 +253,18 @@ def _keypoint_score_lines(name: str, schema: dict[str, Any]) -> list[str]:
         [[str(k["index"]), k["name"], _num(k["mean"], 3)] + [str(v) for v in k["histogram"]] for k in schema["keypoints"]],
         indent=2,
     )
+
+
+def _review_lines(review: dict[str, Any]) -> list[str]:
+    stale = f"; {review['stale']} corrections of images relabelled since left out" if review["stale"] else ""
+    lines = [f"review: {review['reviewed']} instances reviewed, {review['deleted']} deleted, {review['added']} added "
+             f"({', '.join(review['reviewers']) or 'reviewer unknown'}){stale}"]
+    for name, schema in review["by_schema"].items():
+        lines += [f"  mean correction per keypoint, {name} ({schema['instances']} instances)"] + _table(
+            ["keypoint", "labelled", "pixels", "of box"],
+            [[k["name"], str(k["labelled"]), _num(k["mean_pixels"]), _num(k["mean_fraction_of_box"], 3)]
+             for k in schema["keypoints"]], indent=4)
+    return lines
 
 
 def _kv(pairs: list[tuple[str, str]]) -> list[str]:

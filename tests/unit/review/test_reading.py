@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_writer import pose_rows
+from helpers import pose_rows
 
 from raypose.config.spec import OutputSpec
 from raypose.imaging.keypoint_schemas import COCO17
-from raypose.output.reading import JobOutput, OutputError, parse_storage_options
 from raypose.output.writer import OutputStore, PartTarget, ShardInputs, ShardWriter
+from raypose.review.reading import JobOutput, OutputError, parse_storage_options
 
 
 @pytest.fixture

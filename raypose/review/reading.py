@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
-from raypose.errors import RayposeError
+from raypose.errors import OutputError
 from raypose.inputs.storage import open_url
-from raypose.output.writer import KEYPOINTS_DIR, MANIFEST_FILE, SCHEMAS_FILE
+from raypose.output.writer import JOB_FILE, KEYPOINTS_DIR, MANIFEST_FILE, SCHEMAS_FILE
+from raypose.schema import KEYPOINTS_SCHEMA
 
-
-class OutputError(RayposeError):
-    """The path is not a readable raypose output, or an option about it is wrong."""
-
-    exit_code = 2
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
@@ -86,6 +84,11 @@ class JobOutput:
         """Expert -> {model, revision, keypoint_schema, input_size, ...}, as the manifest records them."""
         return {name: dict(e) for name, e in (self.manifest or {}).get("experts", {}).items()}
 
+    @property
+    def image_column(self) -> str:
+        """The Parquet column images were read from (`images.image_column`), for images inside Parquet files."""
+        return ((self.manifest or {}).get("spec") or {}).get("images", {}).get("image_column") or "image"
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -124,6 +127,10 @@ class JobOutput:
                 f"{SCHEMAS_FILE} nor in the Parquet metadata"
             ) from None
 
+    def runs(self) -> list[dict[str, Any]]:
+        """The runs that built the output, oldest first, as `_job.json` records them (append and resume runs)."""
+        return list((_read_json(self.fs, self.path(JOB_FILE)) or {}).get("runs") or [])
+
     def _load_schemas(self) -> dict[str, dict[str, Any]]:
         sidecar = _read_json(self.fs, self.path(SCHEMAS_FILE))
         if sidecar is not None:
@@ -146,6 +153,19 @@ def _read_json(fs, path: str) -> dict[str, Any] | None:
         raise OutputError(f"OUTPUT: {posixpath.basename(path)} is not valid JSON: {exc}") from exc
 
 
+def read_json_file(url: str, storage_options: dict[str, Any] | None, what: str) -> Any:
+    """A JSON file's content; an OutputError naming `what` when it is missing, unreadable or not JSON."""
+    fs, path = open_fs(url, storage_options, what)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise OutputError(f"{what}: {url} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"{what}: {url} is not valid JSON: {exc}") from exc
+    except Exception as exc:
+        raise OutputError(f"{what}: cannot read {url}: {type(exc).__name__}: {exc}") from exc
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, what: str) -> None:
     """Write one file to a local path or URL, making parent folders where that means something."""
     fs, path = open_fs(url, storage_options, what)
@@ -157,3 +177,33 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None, w
             f.write(data)
     except Exception as exc:
         raise OutputError(f"{what}: cannot write {url}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_keypoints(path: str, *, storage_options: dict[str, Any] | None = None, columns: list[str] | None = None,
+                   filter: ds.Expression | None = None, dataset: bool = False) -> pa.Table | Dataset:
+    """A job's keypoints table (pyarrow), with every keypoint schema's names and skeleton in its metadata.
+
+    The metadata key `raypose` holds JSON with `keypoint_schemas` (schema name -> keypoints, skeleton, ...),
+    the models and the job id. `columns` and `filter` (a pyarrow.compute expression) read only what is asked
+    for. With `dataset=True`, a lazy Ray Dataset over the same files instead, for outputs larger than memory.
+    """
+    output = JobOutput.open(path, storage_options)
+    if dataset:
+        from raypose.pipeline.datasets import keypoints_dataset
+
+        return keypoints_dataset(output, columns, filter)
+    table = output.read(columns, filter=filter)
+    if table is None:  # a job whose every input failed writes no keypoint file
+        table = KEYPOINTS_SCHEMA.empty_table()
+        if columns is not None:
+            table = table.select(columns)
+    metadata = dict(table.schema.metadata or {})
+    described = json.loads(metadata.get(b"raypose", b"{}"))
+    described["keypoint_schemas"] = output.schemas
+    return table.replace_schema_metadata({**metadata, b"raypose": json.dumps(described).encode()})
+
+
+def keypoint_names(table: pa.Table) -> dict[str, list[str]]:
+    """Keypoint schema -> its keypoint names, from a table `read_keypoints` gave (its `raypose` metadata)."""
+    described = json.loads((table.schema.metadata or {}).get(b"raypose", b"{}"))
+    return {name: list(schema["keypoints"]) for name, schema in described.get("keypoint_schemas", {}).items()}

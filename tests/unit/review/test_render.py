@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from raypose.cli import app
-from raypose.output.render import safe_name, unique_names
+from raypose.review.render import safe_name, unique_names
 
 runner = CliRunner()
 SAFE = re.compile(r"^[A-Za-z0-9._-]+$")

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import html
 import posixpath
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.compute as pc
 
-from raypose.output.reading import JobOutput
-from raypose.output.render import Rendered, Selection, side_colour
 from raypose.output.writer import ERRORS_DIR
+from raypose.review.drawing import side_colour
+from raypose.review.reading import JobOutput
+from raypose.review.selection import Selection
 
 FAILED_LISTED = 1000  # failed images listed on the page at most (the errors table has them all)
 
@@ -36,6 +38,25 @@ table { border-collapse: collapse; background: #fff; } td, th { border: 1px soli
 td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
 .full img { max-width: 100%; height: auto; border: 1px solid #ccc; }
 """
+
+
+@dataclass
+class Rendered:
+    """One image as `raypose render` drew it: what its card and its page show."""
+
+    image_key: str
+    file: str | None  # relative to --out
+    thumb: str | None
+    instances: int
+    mean_instance_score: float | None
+    mean_keypoint_score: float | None
+    keypoints_drawn: int
+    source: str
+    problem: str | None = None
+    size: tuple[int, int] | None = None
+    lowest_score: float | None = None
+    rows: list[dict] = field(default_factory=list, repr=False)  # the image's instances, as drawn
+    colours: list[tuple[int, int, int]] = field(default_factory=list, repr=False)  # one per instance
 
 
 def write_pages(rendered: list[Rendered], job: JobOutput, fs, root: str, names: dict[str, str], *,

@@ -31,12 +31,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as ds
 
-from raypose.output.reading import JobOutput, OutputError, open_fs, write_bytes
+from raypose.review.corrections import current_corrections, latest_corrections
+from raypose.review.reading import JobOutput, OutputError, read_json_file, write_bytes
 
 COLUMNS = [
     "image_key", "image_width", "image_height", "instance_index", "annotation_id", "category", "bbox",
-    "box_score", "keypoint_schema", "keypoint_x", "keypoint_y", "keypoint_score", "instance_score",
+    "box_score", "keypoint_schema", "keypoint_x", "keypoint_y", "keypoint_score", "instance_score", "job_id",
 ]  # fmt: skip
 
 DEFAULT_MIN_SCORE = 0.2  # the same floor as the instance score's (mmpose's rescoring)
@@ -50,14 +52,18 @@ def export_coco(
     gt: str | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
+    corrections: str = "use",
 ) -> dict[str, Any]:
     """Write the COCO dataset to `to` and/or the COCO results to `results`; return counts."""
     if not to and not results:
         raise OutputError("export coco: give --to (the dataset) and/or --results (the results file)")
     if not math.isfinite(min_score):
         raise OutputError(f"--min-score: expected a number, got {min_score}")
+    if corrections not in ("use", "skip"):
+        raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
     job = JobOutput.open(output, storage_options)
-    dataset, result_list = coco_from_output(job, gt=gt, min_score=min_score, storage_options=storage_options)
+    dataset, result_list = coco_from_output(job, gt=gt, min_score=min_score, storage_options=storage_options,
+                                            corrections=corrections == "use")
     if to:
         write_bytes(to, _dumps(dataset), storage_options, "--to")
     if results:
@@ -67,6 +73,8 @@ def export_coco(
         "annotations": len(dataset["annotations"]),
         "results": len(result_list),
         "categories": len(dataset["categories"]),
+        "corrected": dataset["info"]["corrections"],
+        "stale": dataset["info"]["corrections_stale"],
         "to": to,
         "results_path": results,
     }
@@ -78,24 +86,49 @@ def coco_from_output(
     gt: str | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
+    corrections: bool = True,
+    keys: list[str] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(COCO keypoints dataset, COCO results list) for a job's output."""
-    table = job.read(COLUMNS)
+    """(COCO keypoints dataset, COCO results list) for a job's output (or only the images `keys` names).
+
+    With `corrections`, the dataset takes each reviewed instance from the corrections table
+    (`raypose import`) in place of its prediction, leaves out the instances reviewers deleted and
+    adds those they drew; the results file stays the model's predictions (to score them against
+    the corrected dataset).
+    """
+    table = job.read(COLUMNS, filter=ds.field("image_key").isin(keys) if keys is not None else None)
     rows = table.to_pylist() if table is not None else []
     rows.sort(key=lambda r: (r["image_key"], r["instance_index"] if r["instance_index"] is not None else -1))
     gt_data = _load_gt(gt, storage_options) if gt else None
+    reviewed, stale = current_corrections(latest_corrections(job) if corrections else [], rows)
+    by_instance = {(c["image_key"], c["instance_index"]): c for c in reviewed if c["instance_index"] is not None}
+    added = [c for c in reviewed if c["instance_index"] is None and not c["deleted"]]
 
     image_ids = _image_ids(rows, gt_data, gt)
     categories, category_ids = _categories(rows, job, gt_data)
     images: dict[str, dict[str, Any]] = {}
     annotations, results = [], []
-    for row, ann_id in zip(rows, _annotation_ids(rows)):
+    ids = _annotation_ids(rows)
+    for row, ann_id in zip(rows, ids):
         key = row["image_key"]
         images.setdefault(key, {"id": image_ids[key], "file_name": key, "width": row["image_width"],
                                 "height": row["image_height"]})
         annotation, result = _coco_instance(row, ann_id, image_ids[key], category_ids[row["category"]], min_score)
-        annotations.append(annotation)
         results.append(result)
+        correction = by_instance.get((key, row["instance_index"]))
+        if correction is not None and correction["deleted"]:
+            continue
+        if correction is not None:
+            annotation = _corrected(annotation, correction)
+        annotations.append(annotation)
+    next_id = max(ids, default=0) + 1  # drawn instances after every predicted one: no predicted id moves
+    for correction in added:
+        if correction["category"] not in category_ids:
+            continue  # a category no prediction has (labelstudio refuses these at import)
+        annotation = {"id": next_id, "image_id": image_ids[correction["image_key"]],
+                      "category_id": category_ids[correction["category"]], "iscrowd": 0, "score": 1.0}
+        annotations.append(_corrected(annotation, correction))
+        next_id += 1
 
     manifest = job.manifest or {}
     dataset = {
@@ -105,6 +138,8 @@ def coco_from_output(
             "models": {name: {"model": e.get("model"), "revision": e.get("revision")}
                        for name, e in job.experts.items()},
             "keypoint_min_score": min_score,
+            "corrections": len(by_instance) + len(added),
+            "corrections_stale": stale,
             "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         "licenses": [],
@@ -122,8 +157,7 @@ def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
     x = np.asarray(row["keypoint_x"], np.float64)
     y = np.asarray(row["keypoint_y"], np.float64)
     s = np.asarray(row["keypoint_score"], np.float64)
-    labeled = (s > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(s)
-    labeled &= (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+    labeled = labelled_keypoints(x, y, s, width, height, min_score)
     xr, yr = _round(x, 2), _round(y, 2)
     flat_gt: list[float] = []
     flat_res: list[float] = []
@@ -140,16 +174,25 @@ def _coco_instance(row: dict, ann_id: int, image_id: int, category_id: int,
     return annotation, {"image_id": image_id, "category_id": category_id, "keypoints": flat_res, "score": score}
 
 
+def labelled_keypoints(x: np.ndarray, y: np.ndarray, scores: np.ndarray, width: int, height: int,
+                       min_score: float) -> np.ndarray:
+    """Which keypoints an export labels (v=2): scored above `min_score`, finite, inside the image."""
+    labelled = (scores > min_score) & np.isfinite(x) & np.isfinite(y) & np.isfinite(scores)
+    return labelled & (x >= 0) & (y >= 0) & (x <= width) & (y <= height)
+
+
+def _corrected(annotation: dict[str, Any], correction: dict[str, Any]) -> dict[str, Any]:
+    """A COCO annotation with the reviewer's box and keypoints (labelled ones v=2, others [0, 0, 0])."""
+    bbox = [round(float(v), 2) for v in correction["bbox"]] if correction["bbox"] is not None else annotation["bbox"]
+    flat: list[float] = []
+    for x, y, v in zip(correction["keypoint_x"], correction["keypoint_y"], correction["keypoint_visibility"]):
+        flat += [round(float(x), 2), round(float(y), 2), int(v)] if v > 0 else [0, 0, 0]
+    return {**annotation, "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "keypoints": flat,
+            "num_keypoints": sum(1 for v in correction["keypoint_visibility"] if v > 0)}
+
+
 def _load_gt(gt: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    fs, path = open_fs(gt, storage_options, "--gt")
-    try:
-        data = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        raise OutputError(f"--gt: {gt} does not exist") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"--gt: {gt} is not valid JSON: {exc}") from exc
-    except Exception as exc:
-        raise OutputError(f"--gt: cannot read {gt}: {type(exc).__name__}: {exc}") from exc
+    data = read_json_file(gt, storage_options, "--gt")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise OutputError(f"--gt: {gt} is not a COCO annotations file (no 'images' list)")
     return data
