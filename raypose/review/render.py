@@ -30,6 +30,7 @@ from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
 from raypose.inputs.fetch import read_image
 from raypose.review.drawing import THUMB_SIZE, draw_instances, instance_colours
+from raypose.review.frames import FrameSource
 from raypose.review.qa_page import Rendered, write_pages
 from raypose.review.reading import JobOutput, OutputError, open_fs
 from raypose.review.selection import Selection, choose_images, rows_of
@@ -118,8 +119,6 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         return result
     try:
         if rows and rows[0].get("frame_index") is not None and not images_root:  # a video's frame
-            from raypose.review.render_video import FrameSource
-
             image = FrameSource(storage_options or {}).frame(uri, rows[0]["frame_index"])
         else:
             image = decode_image(read_image(uri, storage_options or {}, job.image_column), MAX_PIXELS)

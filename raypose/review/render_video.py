@@ -22,35 +22,12 @@ import pyarrow.dataset as ds
 from PIL import Image
 
 from raypose.errors import ImageError
-from raypose.inputs.video import decode_frames, index_video
+from raypose.inputs.video import decode_frames
+from raypose.review.frames import FrameSource
 
 CLIP_COLUMNS = ["image_key", "image_uri", "instance_index", "frame_index", "frame_time", "video_fps", "track_id", "bbox",
                 "keypoint_schema", "keypoint_x", "keypoint_y", "keypoint_score", "instance_score"]
 CLIP_WIDTH = 960  # clips are scaled down to at most this width: small files, quick to encode
-MAX_SECONDS = 10 ** 7  # any video: the index of a video the job read is not refused again
-
-
-class FrameSource:
-    """Frames of videos, by their index, decoded as the job decoded them (each video indexed once)."""
-
-    def __init__(self, storage_options: dict[str, Any]):
-        self.storage_options = storage_options
-        self.indexes: dict[str, Any] = {}
-
-    def pts(self, uri: str, frames: list[int]) -> list[int]:
-        if uri not in self.indexes:
-            self.indexes[uri] = index_video(uri, self.storage_options, MAX_SECONDS)
-        index = self.indexes[uri]
-        if max(frames) >= len(index.pts):
-            raise ImageError(f"the video has {len(index.pts)} frames now, not frame {max(frames)}", stage="read")
-        return [int(index.pts[f]) for f in frames]
-
-    def frame(self, uri: str, frame: int) -> Image.Image:
-        """One frame, upright, as a PIL image; ImageError if it cannot be decoded."""
-        [(_, pixels)] = decode_frames(uri, self.storage_options, self.pts(uri, [frame]))
-        if isinstance(pixels, ImageError):
-            raise pixels
-        return Image.fromarray(pixels)
 
 
 @dataclass
