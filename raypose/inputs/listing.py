@@ -52,7 +52,8 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
     if images.format == "video":
         from raypose.inputs.video import list_frames
 
-        return list_frames(_list_files(images, tuple(s.lower() for s in images.video.extensions), "videos"), images)
+        return Listing(list_frames(_list_files(images, tuple(s.lower() for s in images.video.extensions), "videos"),
+                                   images))
     if images.format != "files":
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 
