@@ -48,12 +48,8 @@ from raypose.imaging.decode_device import (
 )
 from raypose.inputs.fetch import read_images
 from raypose.models.routing import resolve_routing
-from raypose.pipeline.crop_stage import (
-    CropOptions,
-    make_crops,
-    pairs,
-    plan_device_crops,
-)
+from raypose.pipeline.arrow_views import pairs
+from raypose.pipeline.crop_stage import CropOptions, make_crops, plan_device_crops
 from raypose.testing.synthetic import make_checkpoint
 
 CONFIDENT = 0.3  # keypoint drift is over the keypoints the model scores at least this on Pillow's crops

@@ -6,7 +6,7 @@
 Builds a checkpoint of the preset's shape (random weights) and one pose-stage batch as the
 crop stage makes it (uint8 crops in a binary Arrow column), then times, median of --repeat:
 
-  crops -> array    the crop column -> one (N, H, W, 3) uint8 array (`crop_stage.crop_array`)
+  crops -> array    the crop column -> one (N, H, W, 3) uint8 array (`arrow_views.crop_array`)
   estimate          `PoseEngine.estimate`: host->device copy, normalise, forward, decode, back
   forward           the model forward alone on ready device tensors (the ceiling's unit)
   estimate_rows     the whole `PoseStage.__call__` body: the above plus the output columns
@@ -49,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing
 from raypose.models.vitpose import PoseEngine, inspect_model
-from raypose.pipeline.crop_stage import CropOptions, column_pixels, crop_array
+from raypose.pipeline.arrow_views import crop_array
+from raypose.pipeline.crop_stage import CropOptions
+from raypose.pipeline.croppers import column_pixels
 from raypose.pipeline.pose_stage import estimate_rows
 from raypose.schema import CROP_SCHEMA
 from raypose.testing.synthetic import instant_heatmaps, make_checkpoint
@@ -234,7 +236,9 @@ def resolved(device: str, dtype: str) -> tuple[str, str]:
 def profile_device_crops(folder: Path, count: int, routing, device: torch.device, repeat: int) -> None:
     """Time each step of resources.crop_in: pose_device on one block of `count` benchmark images."""
     from raypose.imaging.decode_device import decode_on_device
-    from raypose.pipeline.crop_stage import cut_on_device, plan_crops, planned_images
+    from raypose.pipeline.crop_sources import planned_images
+    from raypose.pipeline.crop_stage import plan_crops
+    from raypose.pipeline.croppers import cut_on_device
     from raypose.pipeline.layout import device_decoder
 
     tasks = benchmark_tasks(folder, count)

@@ -641,8 +641,11 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
             import os as _os
             import time as _time
 
+            import pyarrow as _pa
+
             start = _time.time()
-            out = fn(batch, **kwargs)
+            out = fn(batch, **kwargs)  # a table, or a crop task's tables part by part
+            out = out if isinstance(out, _pa.Table) else _pa.concat_tables(list(out))
             record = {"stage": stage_name, "start": start, "end": _time.time(), "images": batch.num_rows,
                       "pid": _os.getpid()}
             if "crop" in out.column_names:
@@ -667,8 +670,8 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
         return crop
 
     def wrap(stage):
-        if stage.name in ("make_crops", "plan_crops"):
-            return stage.with_fn(timed_task(stage.fn, "crop" if stage.name == "make_crops" else "read"))
+        if stage.name in ("make_crops", "make_crops_in_parts", "plan_crops"):
+            return stage.with_fn(timed_task(stage.fn, "read" if stage.name == "plan_crops" else "crop"))
         if stage.name != "pose":
             return stage
         original = stage.fn
@@ -678,7 +681,7 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
                 import os as _os
                 import time as _time
 
-                from raypose.pipeline.crop_stage import CropColumn
+                from raypose.pipeline.croppers import CropColumn
 
                 start = _time.time()
                 super().__init__(*a, **k)

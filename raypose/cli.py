@@ -381,6 +381,17 @@ def render_command(
         typer.echo(f"warning: {r.image_key}: {r.problem}", err=True)
     drawn = sum(1 for r in rendered if r.file)
     typer.echo(f"rendered: {drawn} of {len(rendered)} chosen images -> {out.rstrip('/')}/index.html")
+    from raypose.review.render_video import render_video_clips
+
+    with _errors_as_exit(debug):
+        clips = render_video_clips(output, out, keypoint_threshold=keypoint_threshold,
+                                   storage_options=parse_storage_options(storage_option))
+    if clips:  # an output of videos: a short clip each, skeletons drawn, a colour per track
+        for clip in clips:
+            if clip.problem:
+                typer.echo(f"warning: {clip.video}: {clip.problem}", err=True)
+        typer.echo(f"rendered: {sum(1 for c in clips if c.file)} of {len(clips)} videos as clips "
+                   f"-> {out.rstrip('/')}/videos.html")
 
 
 @app.command("inspect")

@@ -67,7 +67,8 @@ class JobCheck:
         partial = "" if c.get("listing_complete", True) else (
             f"; listing: the first {c['images_listed']} images only (a run lists them all and joins the rest of "
             "the boxes as it goes)")
-        return (f"ok: {c['images_listed']} images ({c['images_with_boxes']} with boxes, "
+        videos = f"{c['videos']} videos ({c['videos_failed']} that cannot be read), their " if "videos" in c else ""
+        return (f"ok: {videos}{c['images_listed']} {'frames' if videos else 'images'} ({c['images_with_boxes']} with boxes, "
                 f"{c['images_without_boxes']} without{detect}), {c['boxes']} boxes; {experts}; "
                 f"output {self.output_path}{earlier}{partial}")
 

@@ -34,6 +34,16 @@ IMAGE_TASK_SCHEMA = pa.schema(
         ("error_reason", pa.string()),
         ("shard", pa.int32()),
         ("input_fingerprint", pa.int64()),  # a hash of the columns above that decide the image's rows (resume.py)
+        # An image with more boxes than a block takes is cut into parts (pipeline/blocks.py): the
+        # instance index of the part's first box, and the image's boxes in all its parts; null when whole.
+        ("box_offset", pa.int32()),
+        ("image_boxes", pa.int32()),
+        # A video's frame (images.format: video; inputs/video.py): its index and presentation timestamp in
+        # the stream, its time in seconds, and the video's frame rate.
+        ("frame_index", pa.int64()),
+        ("frame_pts", pa.int64()),
+        ("frame_time", pa.float64()),
+        ("video_fps", pa.float64()),
     ]
 )
 
@@ -63,6 +73,10 @@ INSTANCE_FIELDS = [
     pa.field("box_score", pa.float32()),  # null for ground-truth boxes
     pa.field("box_source", pa.string()),  # gt | table | detector
     pa.field("detector_id", pa.string()),  # the detector checkpoint, for detected boxes
+    # A video's frame: its index in the stream, its time (s, from its timestamp) and the video's frame rate; null for images.
+    pa.field("frame_index", pa.int64()),
+    pa.field("frame_time", pa.float64()),
+    pa.field("video_fps", pa.float64()),
 ]
 
 # Failures travel in the stream with the rows; the writer routes them to the errors table.
@@ -118,8 +132,11 @@ WORKER_FIELD = pa.field("pose_worker", pa.string())
 
 POSE_OUTPUT_SCHEMA = pa.schema(INSTANCE_FIELDS + POSE_FIELDS + FAILURE_FIELDS + [WORKER_FIELD] + UNCERTAINTY_FIELDS)
 
+# The instance's track across its video's frames (pose.track; output/tracks.py); null otherwise.
+TRACK_FIELD = pa.field("track_id", pa.int64())
+
 KEYPOINTS_SCHEMA = pa.schema(
-    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS
+    [RUN_FIELDS[2]] + INSTANCE_FIELDS + POSE_FIELDS + RUN_FIELDS[:2] + UNCERTAINTY_FIELDS + [TRACK_FIELD]
 )
 
 # What `raypose.annotate` gives per row: the keypoints table's columns but the job's, and a failure's stage and

@@ -120,6 +120,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class VideoSpec(_Section):
+    """With `images.format: video`, which frames of each video are labelled (docs/video.md)."""
+
+    every: PositiveInt = _field(1, "Every Nth frame, counted from the first frame at or after `start`.",
+                                decides_rows=True)
+    fps: PositiveFloat | None = _field(
+        None, "Instead of `every`: the first frame in each 1/fps second, by the frames' own timestamps.",
+        decides_rows=True)
+    start: NonNegativeFloat = _field(0.0, "Seconds into the video where sampling starts.", decides_rows=True)
+    end: PositiveFloat | None = _field(None, "Seconds into the video where sampling ends (excluded).",
+                                       decides_rows=True)
+    max_frames: PositiveInt | None = _field(None, "At most this many sampled frames of a video.", decides_rows=True)
+    max_seconds: PositiveFloat = _field(
+        86_400.0, "A longer video is not labelled: one errors-table row (stage `decode`).", decides_rows=True)
+    frames_per_task: PositiveInt = _field(
+        64, "Consecutive sampled frames a read task decodes in one go, from the keyframe before the first.",
+        decides_rows=False)
+    extensions: TextList = _field([".mp4", ".mov", ".mkv", ".webm", ".avi"],
+                                  "Which listed files are videos (case-insensitive).", decides_rows=True)
+
+
 class ImagesSpec(_Section):
     """Where the images are."""
 
@@ -128,9 +149,10 @@ class ImagesSpec(_Section):
         "(one path or URL a line; relative lines are relative to the manifest), or an S3 Inventory "
         "`manifest.json`. Local or any fsspec URL. Which images an output holds is each image's own fingerprint's "
         "to say, so the path may change between runs that build on each other.", decides_rows=False)
-    format: Literal["files", "webdataset", "parquet"] = _field(
+    format: Literal["files", "webdataset", "parquet", "video"] = _field(
         "files", "`files`: image files; `webdataset`: `.tar` shards, keys are member names (`000123.jpg`); "
-        "`parquet`: files with an image-bytes column.", decides_rows=True)
+        "`parquet`: files with an image-bytes column; `video`: video files, their sampled frames labelled as images "
+        "(keys `VIDEO#NNNNNN`; `images.video`).", decides_rows=True)
     storage_options: Options = _field(
         {}, "Passed to fsspec/s3fs (`endpoint_url`, `key`, `secret`, `anon`, `client_kwargs`, `config_kwargs`, ...); "
         "redacted in every log and manifest. For `s3://`, `config_kwargs.retries` defaults to "
@@ -165,6 +187,7 @@ class ImagesSpec(_Section):
         "(Pillow's pixels). `auto`: nvimgcodec where installed, else nvjpeg where torchvision is, else pillow. "
         "GPU decoders' pixels differ slightly from Pillow's; the decoder used is part of the result key.",
         decides_rows=False)
+    video: VideoSpec = _section(VideoSpec(), VideoSpec.__doc__)
 
 
 class DetectorSpec(_Section):
@@ -275,6 +298,9 @@ class PoseSpec(_Section):
     decode: Literal["transformers", "original"] = _field(
         "transformers", "DARK smoothing of the heatmaps: `transformers` (sigma 0.8, parity with transformers) or "
         "`original` (the ViTPose code's cv2 kernel 11, sigma 2.0).", decides_rows=True)
+    track: Flag = _field(
+        False, "Video: link each video's instances across its sampled frames (`track_id`, by box IoU and keypoint "
+        "OKS), as each shard commits.", decides_rows=True)
 
 
 class ResourcesSpec(_Section):
@@ -295,6 +321,10 @@ class ResourcesSpec(_Section):
     gpus_per_detector_actor: NonNegativeFloat | None = _field(
         None, "GPUs per detector actor (default: 1 when the cluster has GPUs, else 0).", decides_rows=False)
     images_per_crop_task: PositiveInt = _field(16, "Images per crop task (one Ray block).", decides_rows=False)
+    boxes_per_crop_task: PositiveInt = _field(
+        256, "The most boxes whose crops a crop task or a pose actor holds at once: an image with more is cut into "
+        "parts of this many, a block's crops are cut a part at a time, so memory is bounded per call.",
+        decides_rows=False)
     crop_in: Literal["auto", "tasks", "pose_actor", "pose_device"] = _field(
         "auto", "Where images are decoded and cropped: `tasks` (Ray tasks of their own), `pose_actor` (inside the "
         "pose actors), or `pose_device` (on the pose actors' device, decoded by `images.gpu_decoder`). "
@@ -454,8 +484,15 @@ def cross_field_problems(spec: JobSpec) -> list[str]:
     """What the field types cannot say: required-if, and names that must refer to each other."""
     problems = []
     boxes, pose = spec.boxes, spec.pose
-    if boxes.source == "inline" and spec.images.format == "files":
+    if boxes.source == "inline" and spec.images.format in ("files", "video"):
         problems.append("boxes.source: inline boxes come with webdataset or parquet images (images.format)")
+    video = spec.images.video
+    if video.fps is not None and video.every != 1:
+        problems.append("images.video.fps: give fps or every, not both")
+    if video.end is not None and video.end <= video.start:
+        problems.append(f"images.video.end: expected a time after images.video.start ({video.start}), got {video.end}")
+    if pose.track and spec.images.format != "video":
+        problems.append("pose.track: links instances across a video's frames: only with images.format: video")
     if boxes.source in ("coco", "table") and boxes.path is None:
         problems.append(f"boxes.path: required with boxes.source: {boxes.source}")
     if boxes.source == "detector" and boxes.detect_missing:

@@ -46,7 +46,14 @@ def list_images(images: ImagesSpec, boxes: BoxesSpec | None = None) -> Listing:
     fixed prefix, or to the manifest's folder); for WebDataset tars and Parquet files, the
     image's name inside them (see `containers`), with where its bytes are, and its inline
     boxes when `boxes.source` is `inline`. Columnar throughout: no Python object per image.
+    Video files (`images.format: video`) are listed as files are, then indexed: their sampled frames are
+    the listing (`video.list_frames`).
     """
+    if images.format == "video":
+        from raypose.inputs.video import list_frames
+
+        return Listing(list_frames(_list_files(images, tuple(s.lower() for s in images.video.extensions), "videos"),
+                                   images))
     if images.format != "files":
         from raypose.inputs.containers import CONTAINER_SUFFIXES, list_container_images
 

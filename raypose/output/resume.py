@@ -86,6 +86,8 @@ def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] |
         key[name] = node
     if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
         key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
+    if spec.images.format != "video":  # outputs of images keep the key they had
+        key = {name: value for name, value in key.items() if not name.startswith("images.video.") and name != "pose.track"}
     key.update({f"models.{name}": revision for name, revision in models.items()})
     key.update({f"layout.{name}": value for name, value in (resolved or {}).items()})
     return key
@@ -244,8 +246,11 @@ class ShardCutter:
     cuts the rest into shards of `images_per_shard` numbered from `first_shard`, each written to its plan file
     as soon as it is full (with `write`; without, only counted: what `validate` does)."""
 
-    def __init__(self, store: OutputStore, state: OutputState, job_id: str, images_per_shard: int, write: bool):
-        self.store, self.write, self.per_shard = store, write, images_per_shard
+    def __init__(self, store: OutputStore, state: OutputState, job_id: str, images_per_shard: int, write: bool,
+                 whole_videos: bool = False):
+        """`whole_videos`: the tasks are video frames (`VIDEO#NNNNNN`) and a shard ends only where a video does, so
+        that each video's rows meet in one shard (its tracks are linked there, `tracks.py`)."""
+        self.store, self.write, self.per_shard, self.whole_videos = store, write, images_per_shard, whole_videos
         self.index = CommittedIndex(store, state.committed)
         self.plan = ShardPlan(job_id=job_id, to_write={}, reused=dict(state.committed))
         self.next_shard = state.next_shard
@@ -271,14 +276,29 @@ class ShardCutter:
             self.pending.append(todo)
             self.pending_rows += todo.num_rows
         while self.pending_rows >= self.per_shard:
-            self._cut(self.per_shard)
+            rows = self._rows_to_cut()
+            if rows is None:  # the last video may go on in the next chunk
+                break
+            self._cut(rows)
 
     def finish(self) -> ShardPlan:
         """The plan, once every chunk is in (the last shard may be short)."""
-        if self.pending_rows:
-            self._cut(self.pending_rows)
+        while self.pending_rows:
+            self._cut((self._rows_to_cut() if self.pending_rows > self.per_shard else None) or self.pending_rows)
         self.plan.superseded = dict(self.superseded)
         return self.plan
+
+    def _rows_to_cut(self) -> int | None:
+        """How many pending tasks the next shard takes: `per_shard`, or with whole videos the frames up to the
+        first video that starts at or after that many (None: none starts in what is pending)."""
+        if not self.whole_videos:
+            return self.per_shard
+        keys = pa.concat_arrays([t.column("image_key").combine_chunks() for t in self.pending])
+        videos = pc.replace_substring_regex(keys, r"#\d+$", "")
+        starts = np.flatnonzero(pc.not_equal(videos.slice(1), videos.slice(0, len(videos) - 1)).to_numpy(
+            zero_copy_only=False)) + 1
+        later = starts[starts >= self.per_shard]
+        return int(later[0]) if len(later) else None
 
     def _cut(self, rows: int) -> None:
         pending = pa.concat_tables(self.pending)

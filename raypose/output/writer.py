@@ -285,6 +285,7 @@ class ShardWriter:
         shards: dict[int, ShardInputs],
         on_commit: Callable[[dict], None] | None = None,
         before_commit: Callable[[], None] | None = None,
+        finish_parts: Callable[[OutputStore, list[str]], None] | None = None,
     ):
         """`on_commit(marker)` is called after each shard's commit (the job's progress reports it);
         `before_commit()` before each, to stop a run that lost its output's lease."""
@@ -292,6 +293,7 @@ class ShardWriter:
         self.target = target
         self.on_commit = on_commit
         self.before_commit = before_commit
+        self.finish_parts = finish_parts  # a complete shard's keypoint parts rewritten before they move (tracks.py)
         self.errors_schema = ERRORS_SCHEMA.with_metadata(target.metadata())
         self.keypoints_schema = KEYPOINTS_SCHEMA.with_metadata(target.metadata())
         self.pending_images = {shard: inputs.images for shard, inputs in shards.items()}
@@ -343,8 +345,12 @@ class ShardWriter:
         if self.before_commit is not None:
             self.before_commit()
         parts = self.parts.pop(shard, [])
+        relatives = sorted({f for part in parts for f in part["files"]})
+        if self.finish_parts is not None:
+            self.finish_parts(self.store, [self.store.path(TMP_DIR, PARTS_DIR, r) for r in relatives
+                                           if r.startswith(KEYPOINTS_DIR + "/")])
         files = []
-        for relative in sorted({f for part in parts for f in part["files"]}):
+        for relative in relatives:
             self.store.move(self.store.path(TMP_DIR, PARTS_DIR, relative), self.store.path(relative))
             files.append(self.store.path(relative))
         if not any(f"/{KEYPOINTS_DIR}/" in f for f in files):  # every shard has a keypoints file: readers find the schema
@@ -382,7 +388,9 @@ def _instances(rows: pa.Table, target: PartTarget) -> pa.Table:
         "model_id": [target.models[e][0] for e in experts],
         "model_revision": [target.models[e][1] for e in experts],
     }
-    return pa.table({name: pa.array(run[name], pa.string()) if name in run else rows.column(name)
+    return pa.table({name: pa.array(run[name], pa.string()) if name in run
+                     else rows.column(name) if name in rows.column_names  # track_id: linked when the shard commits
+                     else pa.nulls(rows.num_rows, KEYPOINTS_SCHEMA.field(name).type)
                      for name in KEYPOINTS_SCHEMA.names}, schema=KEYPOINTS_SCHEMA)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from raypose.output.writer import PartTarget
+from raypose.pipeline.blocks import in_parts
 from raypose.pipeline.layout import Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.stages import Stage, job_stages
@@ -16,14 +17,17 @@ def build_dataset(plan: JobPlan, layout: Layout, target: PartTarget, wrap: Calla
 
     `wrap` may replace any stage (the benchmark traces them so, with `Stage.with_fn`).
     """
-    dataset = read_plan(plan, layout.images_per_task)
+    # Video: a read task decodes its block's frames from the keyframe before the first, so blocks are larger.
+    rows = plan.spec.images.video.frames_per_task if plan.spec.images.format == "video" else layout.images_per_task
+    dataset = read_plan(plan, rows, layout.boxes_per_task)
     for stage in job_stages(plan, layout, target):
         dataset = (wrap(stage) if wrap is not None else stage).apply(dataset)
     return dataset
 
 
-def read_plan(plan: JobPlan, images_per_task: int):
-    """The run's image tasks as a Dataset of blocks of `images_per_task`, read from its shards' plan files.
+def read_plan(plan: JobPlan, images_per_task: int, boxes_per_part: int | None = None):
+    """The run's image tasks as a Dataset of blocks of `images_per_task`, read from its shards' plan files;
+    an image with more than `boxes_per_part` boxes is cut into parts (`blocks.image_parts`).
 
     The plan files are read as the pipeline needs them (the driver holds their names, not the images)
     and cut into small blocks as they stream, so a shard's images spread over the crop tasks instead of
@@ -34,13 +38,13 @@ def read_plan(plan: JobPlan, images_per_task: int):
 
     files = ray.data.from_items([{"path": path} for path in plan.plan_files()],
                                 override_num_blocks=max(1, len(plan.plan_files())))
-    tasks = files.map_batches(read_plan_files, fn_kwargs={"store": plan.store}, batch_size=1,
+    tasks = files.map_batches(read_plan_files, fn_kwargs={"store": plan.store, "boxes_per_part": boxes_per_part}, batch_size=1,
                               batch_format="pyarrow", num_cpus=0)
     return _in_blocks_of(tasks, images_per_task)
 
 
-def read_plan_files(batch, *, store):
-    """Plan files (a batch of their paths) -> their image tasks."""
+def read_plan_files(batch, *, store, boxes_per_part: int | None = None):
+    """Plan files (a batch of their paths) -> their image tasks, crowded images in parts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -48,7 +52,8 @@ def read_plan_files(batch, *, store):
     for path in batch.column("path").to_pylist():
         with store.fs.open(path, "rb") as f:
             tables.append(pq.read_table(f))
-    return pa.concat_tables(tables)
+    tasks = pa.concat_tables(tables)
+    return in_parts(tasks, boxes_per_part) if boxes_per_part else tasks
 
 
 def _in_blocks_of(dataset, rows: int):

@@ -22,14 +22,8 @@ from raypose.imaging.decode_device import (
 )
 from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.models.routing import Routing
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    CropColumn,
-    CropOptions,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import CropOptions, make_crops, make_crops_in_parts, plan_crops
+from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings
 
 # On CPU a small batch keeps a forward's activations in cache; on a GPU a large one fills it.
@@ -81,7 +75,7 @@ class CropPlacement:
 
     name     tasks | pose_actor | pose_device, as resolved from resources.crop_in
     task     the CPU stage's function (make_crops, plan_crops) and its keyword arguments, or None
-    cropper  what each pose actor does with a batch (crop_stage.CropColumn, CpuCropper, DeviceCropper)
+    cropper  what each pose actor does with a batch (croppers.CropColumn, CpuCropper, DeviceCropper)
     rows_per_call  crop rows a pose call takes, or a whole block of image rows (None)
     decoder  pillow | nvimgcodec | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
     jpeg_regions  whether JPEGs are decoded only where their crops read (`jpeg_region`; Pillow's pixels)
@@ -103,6 +97,7 @@ class Layout:
     pose_pool: ActorPool
     crops: CropPlacement
     images_per_task: int
+    boxes_per_task: int = 256
     detector_device: str | None = None  # None: no detector stage
     detector_dtype: str | None = None
     detector_pool: ActorPool | None = None
@@ -117,6 +112,7 @@ class Layout:
             "decoder": self.crops.decoder,
             "jpeg_regions": self.crops.jpeg_regions,
             "images_per_task": self.images_per_task,
+            "boxes_per_task": self.boxes_per_task,
             "cluster": asdict(self.cluster),
         }
         if self.detector_pool is not None:
@@ -140,8 +136,10 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
     detector = (accelerator(resources.gpus_per_detector_actor, spec.boxes.detector.device, cluster, "boxes.detector")
                 if detecting else None)
     detector_gpus = detector[0] * _largest(resources.detector_actors) if detector else 0.0
+    # Video read tasks, like a detector or source tasks, need CPUs beside the pose actors' (two actors would
+    # take both of a 2-CPU node and the read tasks never start).
     actors = resources.pose_actors or default_pose_actors(cluster, gpus, detector_gpus, crop_in, blocks,
-                                                          detecting or source_tasks)
+                                                          detecting or source_tasks or spec.images.format == "video")
     threads = pose_threads(resources.threads_per_pose_actor, on_cpu, cluster, actors)
     batch_size = spec.pose.batch_size or (CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE)
     dtype = resolve_dtype(spec.pose.dtype, device, cluster, cpu_bf16=cluster.cpu_bf16)
@@ -153,8 +151,9 @@ def resolve_layout(spec: JobSpec, routing: Routing, cluster: ClusterShape, image
         pose_pool=ActorPool.sized(actors, cpus=resources.cpus_per_pose_actor, gpus=gpus,
                                   calls=resources.pose_calls_per_actor or (1 if on_cpu else GPU_CALLS_PER_ACTOR)),
         crops=crop_placement(crop_in, CropOptions.from_spec(spec, routing), device, threads or 1, batch_size,
-                             gpu_decoder=spec.images.gpu_decoder),
+                             gpu_decoder=spec.images.gpu_decoder, boxes_per_call=resources.boxes_per_crop_task),
         images_per_task=resources.images_per_crop_task,
+        boxes_per_task=resources.boxes_per_crop_task,
         cluster=cluster,
     )
     if detector is None:
@@ -244,15 +243,17 @@ def _largest(size: int | tuple[int, int]) -> int:
 
 
 def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int,
-                   gpu_decoder: str = "auto") -> CropPlacement:
+                   gpu_decoder: str = "auto", boxes_per_call: int | None = None) -> CropPlacement:
     """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
     regions = options.region_decode and not options.jpeg_draft and region_decoder_available()
     if crop_in == "tasks":
-        return CropPlacement("tasks", (make_crops, {"options": options}), CropColumn(), rows_per_call=batch_size,
-                             jpeg_regions=regions)
+        task = ((make_crops_in_parts, {"options": options, "boxes_per_part": boxes_per_call}) if boxes_per_call
+                else (make_crops, {"options": options}))
+        return CropPlacement("tasks", task, CropColumn(), rows_per_call=batch_size, jpeg_regions=regions)
     if crop_in == "pose_actor":
         # An actor that crops for itself takes a crop task's block at a time.
-        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads), rows_per_call=None,
+        return CropPlacement("pose_actor", None, CpuCropper(options, threads=threads, boxes_per_call=boxes_per_call),
+                             rows_per_call=None,
                              jpeg_regions=regions)
     decoder = device_decoder(gpu_decoder, device)
     # Tasks read the files and plan the crops; the actor decodes and cuts pose.batch_size crops a call.

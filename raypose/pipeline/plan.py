@@ -24,6 +24,7 @@ from raypose.inputs.arrays import NotSorted
 from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_boxes
 from raypose.inputs.listing import iter_images, list_images
 from raypose.inputs.storage import uri_of
+from raypose.inputs.video import frame_tasks, video_counts
 from raypose.output.lease import Lease
 from raypose.output.resume import (
     OutputState,
@@ -208,8 +209,10 @@ def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting
     """
     boxes = _box_stream(spec, stream)
     join = BoxJoin(spec.boxes.source if spec.boxes.source != "coco" else "gt", detecting)
-    cutter = ShardCutter(store, state, job_id_for(spec, state.previous), spec.output.images_per_shard, write=run)
+    cutter = ShardCutter(store, state, job_id_for(spec, state.previous), spec.output.images_per_shard, write=run,
+                         whole_videos=spec.images.format == "video")
     missing = []
+    videos: dict[str, int | None] = {}  # each video's frame count (None: it cannot be read)
     chunk = first if first is not None else next(listing)
     complete, prepared = True, not run
     while chunk is not None:
@@ -219,6 +222,9 @@ def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting
         per_image = inline_boxes(chunk, spec.boxes).table if boxes is None else \
             boxes.until(None if following is None and complete else chunk.column("image_key")[-1].as_py())
         tasks, chunk_missing = join.chunk(chunk, per_image)
+        if spec.images.format == "video":  # the listing is the sampled frames (inputs/video.py)
+            tasks, chunk_missing = frame_tasks(tasks, chunk, chunk_missing)
+            videos.update(video_counts(chunk))
         if spec.output.mode == "overwrite":
             _check_images_outside(spec, store, tasks)
         if not prepared:  # before the first plan file: what it replaces goes
@@ -231,6 +237,8 @@ def _cut_shards(spec: JobSpec, store: OutputStore, state: OutputState, detecting
         chunk = following if complete else None
         _release_unused()
     counts: dict[str, Any] = dict(join.counts, listing_complete=complete)
+    if spec.images.format == "video":
+        counts.update(videos=len(videos), videos_failed=sum(1 for frames in videos.values() if frames is None))
     if boxes is not None:
         counts["boxes_dropped_by_filters"] = boxes.dropped
     if complete:

@@ -19,7 +19,8 @@ from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.imaging.uncertainty import flip_agreements, instance_doubts, keypoint_flip_errors
 from raypose.models.routing import Routing
 from raypose.models.vitpose import PoseEngine
-from raypose.pipeline.crop_stage import CropColumn, Pixels, pairs
+from raypose.pipeline.arrow_views import pairs
+from raypose.pipeline.croppers import CropColumn, Pixels
 from raypose.pipeline.faults import inject
 from raypose.schema import POSE_OUTPUT_SCHEMA, fail_rows
 
@@ -42,7 +43,7 @@ class PoseSettings:
 class PoseStage:
     """Ray actor for the pose stage: every checkpoint the routing uses, loaded once.
 
-    The cropper (`crop_stage`) turns each batch into crop rows and their pixels: the batch's
+    The cropper (`croppers`) turns each batch into crop rows and their pixels: the batch's
     own crop column, or crops the actor makes on its CPU or its device; the forwards then run
     `settings.batch_size` crops at a time.
     """
@@ -68,14 +69,17 @@ class PoseStage:
                 )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows, pixels = self.cropper(batch, self.device)
-        inject("pose")
-        # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap, their
-        # forwards are submitted in turns (two at once would only fight over the cores or the GPU),
-        # and on a GPU one call's next forward is queued while another's runs.
-        return estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
-                             batch_size=self.settings.batch_size, worker=self.worker, device_lock=self._forwards,
-                             flip_uncertainty=self.settings.flip_uncertainty)
+        out = []
+        for part in self.cropper.parts(batch):  # a part's crops are cut, run and dropped before the next's
+            rows, pixels = self.cropper(part, self.device)
+            inject("pose")
+            # With resources.pose_calls_per_actor > 1 calls run in threads: their crops overlap, their
+            # forwards are submitted in turns (two at once would only fight over the cores or the GPU),
+            # and on a GPU one call's next forward is queued while another's runs.
+            out.append(estimate_rows(self.engines, self.routing, rows, pixels, flip_test=self.settings.flip_test,
+                                     batch_size=self.settings.batch_size, worker=self.worker,
+                                     device_lock=self._forwards, flip_uncertainty=self.settings.flip_uncertainty))
+        return pa.concat_tables(out) if len(out) > 1 else out[0]
 
 
 def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixels, flip_test: bool = False,

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from raypose.errors import JobFailed, RayposeError
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.output.resume import check_resumable, finish_run, result_key, start_run
+from raypose.output.tracks import link_shard_tracks
 from raypose.output.writer import PartTarget, ShardWriter
 from raypose.pipeline.build import build_dataset
 from raypose.pipeline.layout import Layout, resolve_layout
@@ -117,8 +118,8 @@ def pipeline_failure(exc: Exception, retries: int) -> JobFailed:
 # "raypose.errors.JobFailed: output.path: cannot write ...", as a task's traceback ends when raypose raised it.
 RAYPOSE_ERROR_LINE = re.compile(r"^raypose\.errors\.\w+: (.+)$", re.MULTILINE)
 # Stage callables as Ray names them in its errors -> raypose's stage names.
-STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "plan_crops": "crop",
-               "write_parts": "write"}
+STAGE_NAMES = {"PoseStage": "pose", "DetectStage": "detect", "make_crops": "crop", "make_crops_in_parts": "crop",
+               "plan_crops": "crop", "read_frames": "video", "write_parts": "write"}
 
 
 def resolved_settings(layout: Layout) -> dict[str, Any]:
@@ -143,7 +144,8 @@ def _start_writer(plan: JobPlan, key: dict[str, Any], started: float,
         schemas={name: SCHEMAS[name].describe() for name in sorted({e.keypoint_schema for e in experts.values()})},
     )
     writer = ShardWriter(plan.store, target, shards=plan.shards.to_write, on_commit=on_commit,
-                         before_commit=plan.lease.check)
+                         before_commit=plan.lease.check,
+                         finish_parts=link_shard_tracks if plan.spec.pose.track else None)
     writer.write_listing_errors(plan.missing)
     return writer
 

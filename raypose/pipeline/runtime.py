@@ -37,6 +37,11 @@ def start_ray(resources: ResourcesSpec) -> ClusterShape:
             # On a cluster: join it without the embedded Ray's arguments (num_cpus), which ray.init refuses there.
             ray.init(log_to_driver=False, logging_level=level)
         else:
+            # The embedded Ray's workers inherit this environment. glibc gives every thread that allocates an
+            # arena of its own and keeps what is freed there: a pose actor labelling one image of 50,000 boxes
+            # held 1.24 GiB with the default arenas, 0.71 with two (benchmarks/README.md). The cluster image
+            # sets the same (infra/Dockerfile).
+            os.environ.setdefault("MALLOC_ARENA_MAX", "2")
             ray.init(num_cpus=resources.num_cpus, include_dashboard=False, log_to_driver=False, logging_level=level,
                      _system_config=EMBEDDED_RAY_CONFIG)
             watchdog.start(os.getpid())  # the embedded Ray's processes end with this one, killed or not

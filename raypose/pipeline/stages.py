@@ -24,6 +24,7 @@ from raypose.pipeline.faults import fault_env
 from raypose.pipeline.layout import ActorPool, Layout
 from raypose.pipeline.plan import JobPlan
 from raypose.pipeline.pose_stage import PoseStage
+from raypose.pipeline.video_stage import read_frames
 
 
 def rows_per_part(images_per_shard: int, boxes_per_image: float, job_rows: int) -> int:
@@ -90,6 +91,9 @@ def labelling_stages(spec: JobSpec, routing: Routing, detecting: bool, layout: L
     task_args = _task_args(spec)
     actor_args = {"max_restarts": retries, "max_task_retries": retries, **_runtime_env()}
     stages = []
+    if spec.images.format == "video":  # frames decoded a block a task; from here on they are images
+        stages.append(Stage("read_frames", read_frames, {"storage_options": dict(spec.images.storage_options)},
+                            {"batch_size": None, "num_cpus": 1, **task_args}))
     if detecting:
         stages.append(Stage(
             "detect", DetectStage,

@@ -30,6 +30,7 @@ from raypose.errors import ImageError
 from raypose.imaging.decode import decode_image
 from raypose.inputs.fetch import read_image
 from raypose.review.drawing import THUMB_SIZE, draw_instances, instance_colours
+from raypose.review.frames import FrameSource
 from raypose.review.qa_page import Rendered, write_pages
 from raypose.review.reading import JobOutput, OutputError, open_fs
 from raypose.review.selection import Selection, choose_images, rows_of
@@ -56,7 +57,9 @@ def render_output(
     selection.check()
     job = JobOutput.open(output, storage_options)
     chosen, matching = choose_images(job, selection)
-    rows_by_key = rows_of(job, chosen, COLUMNS)
+    dataset = job.dataset()
+    frames = ["frame_index"] if dataset is not None and "frame_index" in dataset.schema.names else []  # older outputs
+    rows_by_key = rows_of(job, chosen, COLUMNS + frames)
     out_fs, out_root = open_fs(out, storage_options, "--out")
     try:
         for folder in ("images", "thumbs", "view"):
@@ -115,7 +118,10 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         result.problem = "no image_uri in the table; give --images"
         return result
     try:
-        image = decode_image(read_image(uri, storage_options or {}, job.image_column), MAX_PIXELS)
+        if rows and rows[0].get("frame_index") is not None and not images_root:  # a video's frame
+            image = FrameSource(storage_options or {}).frame(uri, rows[0]["frame_index"])
+        else:
+            image = decode_image(read_image(uri, storage_options or {}, job.image_column), MAX_PIXELS)
     except ImageError as exc:
         result.problem = f"{exc.stage}: {exc}"
         return result

@@ -7,6 +7,7 @@ network. Random weights produce meaningless keypoints; the shapes and code paths
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,46 @@ def instant_heatmaps(info):
             return types.SimpleNamespace(heatmaps=pixel_values.new_zeros((pixel_values.shape[0], *shape)))
 
     return InstantHeatmaps()
+
+
+def make_video(path: str | Path, frames: int = 12, size: tuple[int, int] = (128, 96), codec: str = "libx264",
+               fps: int = 10, variable: bool = False, rotation: int = 0, people: int = 2, seed: int = 0,
+               grain: bool = False, bit_rate: int | None = None) -> list[list]:
+    """Write a video of `people` stick figures walking across a drawn background (PyAV); return each frame's
+    boxes (xywh, in the frame as a player shows it). `variable`: frames 1, 2 and 3 tenths of a second apart
+    in turn; `rotation`: a display matrix turning the picture that many degrees counterclockwise; `grain`: the
+    background's noise new in every frame, and `bit_rate` (bits/s), for a decoder's work like a camera's."""
+    import av
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    start = rng.uniform(0, 0.5, (people, 2)) * np.array([width, height])
+    step = rng.uniform(-3, 3, (people, 2))
+    shape = np.array([0.25 * width, 0.6 * height])
+    turns = round(rotation / 90) % 4
+    boxes = []
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        # Stored turned back, so that a player (and raypose) shows the drawn picture upright.
+        stream.width, stream.height = (height, width) if turns % 2 else (width, height)
+        stream.pix_fmt = "yuv420p"
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        if variable:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        if turns:
+            stream.set_display_rotation(rotation)
+        pts = 0
+        for index in range(frames):
+            xy = np.clip(start + index * step, 0, np.array([width, height]) - shape)
+            frame_boxes = np.concatenate([xy, np.broadcast_to(shape, xy.shape)], axis=1).round(1)
+            boxes.append(frame_boxes.tolist())
+            drawn = draw_people(width, height, frame_boxes, seed=seed + index if grain else seed)
+            picture = np.rot90(np.asarray(drawn), -turns)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
+            if variable:
+                frame.pts, frame.time_base = pts, Fraction(1, 1000)
+                pts += 100 * (1 + index % 3)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return boxes

@@ -57,7 +57,7 @@ def test_rows_keep_instances_and_failures_with_the_keypoint_tables_types():
     for field in ANNOTATED_SCHEMA:  # the keypoint table's columns, same types, but the job's
         if field.name not in ("error_stage", "error_reason"):
             assert KEYPOINTS_SCHEMA.field(field.name).type == field.type
-    assert set(KEYPOINTS_SCHEMA.names) - set(ANNOTATED_SCHEMA.names) == {"job_id"}
+    assert set(KEYPOINTS_SCHEMA.names) - set(ANNOTATED_SCHEMA.names) == {"job_id", "track_id"}  # tracks are linked as a job's shard commits
     rows = out.to_pylist()
     assert [(r["instance_index"], r["model_id"], r["model_revision"], r["error_stage"]) for r in rows] == [
         (0, "org/vitpose", "abc123", None), (1, None, None, "boxes")]

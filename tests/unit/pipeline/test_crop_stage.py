@@ -1,30 +1,17 @@
-"""The crop stage without Ray: image rows -> crop rows, on the CPU (make_crops, CpuCropper) or the device (DeviceCropper)."""
+"""The crop stage without Ray: image rows -> crop rows, their pixels cut on the CPU (make_crops) or left to the device (plan_crops)."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from helpers import crop_options, image_task, task_table
 from PIL import Image
 
-from raypose.imaging.crop_cpu import crop_image
-from raypose.imaging.geometry import center_scale_from_boxes
-from raypose.pipeline.crop_stage import (
-    DeviceCropper,
-    _single_block_images,
-    binary_column,
-    crop_array,
-    make_crops,
-    pixel_view,
-    plan_crops,
-    planned_images,
-)
+from raypose.pipeline.crop_stage import make_crops
 from raypose.schema import CROP_SCHEMA, IMAGE_TASK_SCHEMA
 
 MAX_PIXELS = 1_000_000
@@ -176,171 +163,6 @@ def test_make_crops_passes_an_earlier_stage_failure_and_skips_imageless_boxes(cr
         ("detect", "RuntimeError: boom", None, 1), (None, None, None, 1)]
 
 
-def test_pixel_view_is_the_images_pixels_without_a_copy():
-    _single_block_images()
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
-    view = pixel_view(image)
-    assert view.shape == (90, 120, 4) and not view.flags.owndata
-    np.testing.assert_array_equal(view[..., :3], np.asarray(image))
-    center, scale = center_scale_from_boxes(np.array([10.0, 5.0, 60.0, 80.0]), (48, 64))
-    np.testing.assert_array_equal(
-        crop_image(view, center[0], scale[0], (48, 64)), crop_image(np.asarray(image), center[0], scale[0], (48, 64))
-    )
-
-
-def test_pixel_view_of_an_image_in_several_blocks_is_the_image():
-    size = Image.core.get_block_size()
-    Image.core.set_block_size(4096)  # a 120x90 RGB image (43 KB) then spans several blocks
-    try:
-        image = Image.new("RGB", (120, 90), (10, 20, 30))
-        assert pixel_view(image) is image
-    finally:
-        Image.core.set_block_size(size)
-
-
-def test_binary_column_holds_the_bytes_and_nulls_in_bounded_chunks():
-    values = [np.arange(6, dtype=np.uint8).reshape(2, 3), None, np.zeros(0, np.uint8), np.full(4, 7, np.uint8), None]
-    expected = [bytes(range(6)), None, b"", b"\x07" * 4, None]
-    whole = binary_column(values)
-    assert whole.type == pa.binary() and whole.num_chunks == 1 and whole.to_pylist() == expected
-    chunked = binary_column(values, chunk_bytes=6)
-    assert [len(c) for c in chunked.chunks] == [3, 2] and chunked.to_pylist() == expected
-    assert binary_column([]).to_pylist() == [] and binary_column([None]).to_pylist() == [None]
-
-
-def test_crop_array_is_the_rows_crops_whether_viewed_or_copied():
-    rng = np.random.default_rng(0)
-    crops = rng.integers(0, 256, (6, 4, 3, 3), dtype=np.uint8)
-    values = [c.tobytes() for c in crops]
-    values[4] = None  # a failed row
-    column = pa.array(values, pa.binary()).slice(1)  # an offset into the buffers, as a Ray Data batch has
-    view = crop_array(column, [0, 1, 2], (3, 4))
-    assert not view.flags.owndata  # consecutive rows: the column's own bytes
-    np.testing.assert_array_equal(view, crops[1:4])
-    np.testing.assert_array_equal(crop_array(column, [0, 2, 4], (3, 4)), crops[[1, 3, 5]])
-    np.testing.assert_array_equal(crop_array(column, [2, 4], (3, 4)), crops[[3, 5]])  # a null row between
-
-
-# --- DeviceCropper: headers here, the decode and the cuts on the pose device -----------------------
-
-SIZES = {"coco": (192, 256), "ap10k": (256, 256)}
-DEVICE_OPTIONS = crop_options(SIZES, {"dog": "ap10k"}, max_pixels=10**8)
-
-
-@pytest.fixture
-def images(tmp_path):
-    rng = np.random.default_rng(3)
-    Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
-    (tmp_path / "photo.jpg").write_bytes(encode(Image.fromarray(rng.integers(0, 256, (131, 97, 3), dtype=np.uint8)),
-                                                "JPEG", quality=90))
-    data = encode(Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)), "JPEG", quality=90)
-    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])  # a whole header, half the pixels
-    return tmp_path
-
-
-def on_device(batch: pa.Table):
-    return DeviceCropper(DEVICE_OPTIONS)(plan_crops(batch, options=DEVICE_OPTIONS), torch.device("cpu"))
-
-
-def cpu_crop(row: dict) -> np.ndarray:
-    width, height = SIZES[row["expert"]]
-    return np.frombuffer(row["crop"], np.uint8).reshape(height, width, 3)
-
-
-def test_device_crops_equal_the_cpu_stage(images):
-    batch = task_table(
-        image_task(images / "noise.png", [[10, 20, 50, 80], [-20, 100, 60, 40], [500, 500, 10, 10], [30, 30, 40, 40]],
-                   categories=["person", "person", "person", "dog"], first_annotation=0),
-        image_task(images / "photo.jpg", [[0, 0, 97, 131], [40, 50, 20, 30]], categories=["dog", "person"],
-                   first_annotation=0),
-        image_task(images / "missing.jpg", [[0, 0, 5, 5]], first_annotation=0),
-    )
-    expected = make_crops(batch, options=DEVICE_OPTIONS)
-    table, pick = on_device(batch)
-    assert table.select(CROP_SCHEMA.names).drop_columns(["crop"]).equals(expected.drop_columns(["crop"]))
-    rows = expected.to_pylist()
-    good = [i for i, row in enumerate(rows) if row["error_stage"] is None]
-    assert len(good) == 5
-    for i in good:  # the same sampling points and float32 arithmetic: the same bytes
-        np.testing.assert_array_equal(pick([i], SIZES[rows[i]["expert"]])[0].numpy(), cpu_crop(rows[i]))
-    coco = [i for i in reversed(good) if rows[i]["expert"] == "coco"]
-    np.testing.assert_array_equal(pick(coco, SIZES["coco"]).numpy(), np.stack([cpu_crop(rows[i]) for i in coco]))
-
-
-def test_planned_crops_cut_the_same_however_the_rows_are_batched_again(images):
-    """Ray Data joins the tasks' blocks and cuts them into pose batches anywhere, through an image's crops."""
-    first = task_table(image_task(images / "noise.png", [[10, 20, 50, 80], [30, 30, 40, 40], [60, 10, 30, 90]],
-                                  first_annotation=0))
-    second = task_table(image_task(images / "photo.jpg", [[0, 0, 97, 131], [40, 50, 20, 30]], first_annotation=0),
-                        dict(image_task(images / "noise.png", [[5, 5, 90, 60]], first_annotation=0), image_key="again.png"))
-    expected = pa.concat_tables([make_crops(first, options=DEVICE_OPTIONS), make_crops(second, options=DEVICE_OPTIONS)])
-    planned = pa.concat_tables([plan_crops(first, options=DEVICE_OPTIONS), plan_crops(second, options=DEVICE_OPTIONS)])
-    assert planned.column("source").num_chunks == 2
-    joined = planned.combine_chunks()  # one dictionary: the two blocks' unified (the same file's bytes once)
-    assert len(joined.column("source").chunk(0).dictionary) == 2
-    for rows, at in ((planned, 0), (joined.slice(1, 4), 1), (planned.slice(2, 4), 2)):
-        images_here = planned_images(rows)
-        assert sorted(r for image in images_here for r in image.rows) == list(range(rows.num_rows))
-        _, pick = DeviceCropper(DEVICE_OPTIONS)(rows, torch.device("cpu"))
-        for i, row in enumerate(expected.slice(at, rows.num_rows).to_pylist()):
-            np.testing.assert_array_equal(pick([i], SIZES["coco"])[0].numpy(), cpu_crop(row))
-
-
-def test_device_crops_from_a_jpeg_region_equal_the_cpu_stage_from_pillow(tmp_path, monkeypatch):
-    import raypose.imaging.decode_device as decode_device
-    from raypose.imaging.jpeg_region import region_decoder_available
-
-    if not region_decoder_available():
-        pytest.skip("nvImageCodec is not installed")
-    rng = np.random.default_rng(5)
-    pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
-    (tmp_path / "wide.jpg").write_bytes(encode(Image.fromarray(pixels), "JPEG", quality=85))
-    regions = []
-    real = decode_device.decode_jpeg_region
-    monkeypatch.setattr(decode_device, "decode_jpeg_region", lambda data, region: regions.append(region) or real(data, region))
-    batch = task_table(image_task(tmp_path / "wide.jpg", [[200, 150, 40, 60], [250, 120, 30, 70]], first_annotation=0))
-    expected = make_crops(batch, options=replace(DEVICE_OPTIONS, region_decode=False)).to_pylist()
-    table, pick = on_device(batch)
-    [(x0, y0, x1, y1)] = regions  # only the corner the crops read was decoded
-    assert x0 > 0 and y0 > 0 and (x1 - x0) * (y1 - y0) < 0.5 * 320 * 240
-    for i, row in enumerate(expected):
-        np.testing.assert_array_equal(pick([i], SIZES["coco"])[0].numpy(), cpu_crop(row))
-    np.testing.assert_array_equal(pick([1, 0], SIZES["coco"]).numpy(), np.stack([cpu_crop(expected[1]), cpu_crop(expected[0])]))
-
-
-def test_an_image_that_fails_to_decode_on_the_device_becomes_one_error_row(images):
-    batch = task_table(
-        image_task(images / "truncated.jpg", [[0, 0, 30, 30], [900, 0, 5, 5], [10, 10, 20, 20]], first_annotation=0),
-        image_task(images / "photo.jpg", [[5, 5, 60, 90]], first_annotation=0),
-    )
-    expected = make_crops(batch, options=DEVICE_OPTIONS).to_pylist()
-    table, pick = on_device(batch)
-    got = table.select(CROP_SCHEMA.names).to_pylist()
-    order = lambda r: (r["image_key"], r["instance_index"] or -1)  # noqa: E731
-    assert sorted(got, key=order) == sorted([dict(r, crop=None) for r in expected], key=order)
-    [failure] = [r for r in got if r["image_key"] == "truncated.jpg"]
-    assert failure["error_stage"] == "decode" and failure["error_reason"].startswith("corrupt or truncated")
-    assert failure["image_rows"] == 1 and failure["instance_index"] is None
-    [photo] = [i for i, r in enumerate(got) if r["image_key"] == "photo.jpg"]
-    np.testing.assert_array_equal(pick([photo], SIZES["coco"])[0].numpy(),
-                                  cpu_crop(next(r for r in expected if r["image_key"] == "photo.jpg")))
-
-
-def test_crops_that_cannot_be_cut_on_the_device_become_error_rows(images, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise RuntimeError("CUDA out of memory")
-
-    monkeypatch.setattr("raypose.pipeline.crop_stage.cut_on_device", out_of_memory)
-    rows, _ = on_device(task_table(
-        image_task(images / "photo.jpg", [[5, 5, 60, 90], [float("nan"), 0.0, 5.0, 5.0]], first_annotation=0),
-        image_task(images / "gone.jpg", [[0, 0, 5, 5]]),
-    ))
-    assert [(r["instance_index"], r["error_stage"], r["error_reason"]) for r in rows.to_pylist()] == [
-        (0, "crop", "RuntimeError: CUDA out of memory"), (1, "boxes", rows.column("error_reason")[1].as_py()),
-        (None, "read", "not found in storage"),
-    ]
-
-
 def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch):
     import raypose.pipeline.crop_stage as crop_stage
 
@@ -368,3 +190,21 @@ def test_region_decoded_crops_equal_the_full_decode_crops(tmp_path, monkeypatch)
     assert by_region.equals(by_pillow)
     assert len(regions) == 2 and all((x1 - x0) * (y1 - y0) <= 0.5 * 400 * 300 for x0, y0, x1, y1 in regions)
     assert by_region.column("crop").null_count == 2  # the box outside the image, in each photo
+
+
+def test_a_part_of_an_image_that_fails_gives_a_row_per_box_and_counts_the_whole_image(crop_inputs):
+    """The writer counts an image's rows over all its parts (blocks.image_parts): each part gives the rows it owes."""
+    from raypose.pipeline.blocks import image_parts
+
+    boxes = [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 3, 3]]
+    whole = task_table(task(crop_inputs, "truncated.jpg", boxes, size=(64, 64)))
+    parts = image_parts(whole, 2)
+    got = [make_crops(part, options=OPTIONS).to_pylist() for part in parts]
+    assert [[(r["instance_index"], r["error_stage"], r["image_rows"]) for r in rows] for rows in got] == [
+        [(0, "decode", 3), (1, "decode", 3)], [(2, "decode", 3)]]
+    assert got[0][0]["error_reason"].startswith("corrupt or truncated")
+    # Uncut, the same image is one error row.
+    assert [(r["instance_index"], r["image_rows"]) for r in make_crops(whole, options=OPTIONS).to_pylist()] == [(None, 1)]
+    good = [make_crops(part, options=OPTIONS) for part in image_parts(task_table(task(crop_inputs, "good.png", boxes)), 2)]
+    assert pa.concat_tables(good).drop_columns(["image_rows"]).equals(
+        make_crops(task_table(task(crop_inputs, "good.png", boxes)), options=OPTIONS).drop_columns(["image_rows"]))

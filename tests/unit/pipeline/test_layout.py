@@ -12,13 +12,8 @@ from raypose.imaging.decode_device import (
     NvjpegDecoder,
     PillowDecoder,
 )
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    CropColumn,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import make_crops_in_parts, plan_crops
+from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.layout import ClusterShape, resolve_layout
 
 ROUTING = routing_for({"coco": (192, 256)})
@@ -48,6 +43,9 @@ def test_cpu_jobs_get_two_actors_that_crop_for_themselves_and_share_the_cores():
     assert pose_layout(layout(CPU, resources={"crop_in": "tasks"})) == ("tasks", 1, 2)
     assert pose_layout(layout(CPU, resources={"crop_in": "pose_device"})) == ("pose_device", 1, 2)
     assert pose_layout(layout(CPU, detecting=True)) == ("pose_actor", 1, 2)
+    video = parse_job_spec({"images": {"path": "/data", "format": "video"}, "boxes": {"source": "detector"},
+                            "pose": {"model": "/model"}, "output": {"path": "/out"}})
+    assert pose_layout(resolve_layout(video, ROUTING, CPU, 128)) == ("pose_actor", 1, 2)  # video read tasks
     # What the job names, it gets.
     named = layout(ClusterShape(node_cpus=16), images=16, resources={"pose_actors": 3, "threads_per_pose_actor": 4})
     assert pose_layout(named) == ("pose_actor", 3, 4)
@@ -99,7 +97,7 @@ def test_an_autoscaling_pool_is_min_to_max_actors():
 def test_each_crop_placement_is_a_strategy_object():
     tasks, in_actor, on_device = (layout(CPU, resources={"crop_in": name}).crops
                                   for name in ("tasks", "pose_actor", "pose_device"))
-    assert tasks.task[0] is make_crops and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
+    assert tasks.task[0] is make_crops_in_parts and isinstance(tasks.cropper, CropColumn) and tasks.rows_per_call == 8
     assert in_actor.task is None and isinstance(in_actor.cropper, CpuCropper) and in_actor.rows_per_call is None
     assert in_actor.cropper.threads == 1
     assert on_device.task[0] is plan_crops and isinstance(on_device.cropper, DeviceCropper)

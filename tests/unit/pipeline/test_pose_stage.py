@@ -12,12 +12,8 @@ from helpers import crop_options, image_task, task_table
 
 from raypose.config.spec import PoseSpec
 from raypose.models.routing import resolve_routing
-from raypose.pipeline.crop_stage import (
-    CpuCropper,
-    DeviceCropper,
-    make_crops,
-    plan_crops,
-)
+from raypose.pipeline.crop_stage import make_crops, plan_crops
+from raypose.pipeline.croppers import CpuCropper, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings, PoseStage
 from raypose.schema import POSE_OUTPUT_SCHEMA
 from raypose.testing.synthetic import draw_people
@@ -126,12 +122,15 @@ def test_calls_in_threads_crop_together_and_take_turns_at_the_forwards(tiny_chec
     # All three calls must be cropping at once before any goes on to its forwards...
     together = threading.Barrier(3, timeout=60)
 
-    def crop_together(batch, device):
-        rows = cpu(batch, device)
-        together.wait()
-        return rows
+    class CropTogether:
+        parts = cpu.parts
 
-    stage.cropper = crop_together
+        def __call__(self, batch, device):
+            rows = cpu(batch, device)
+            together.wait()
+            return rows
+
+    stage.cropper = CropTogether()
     [engine] = stage.engines.values()
     running, most, submit = [0], [0], engine.submit
 
