@@ -33,7 +33,8 @@ from raypose.config.spec import PoseSpec  # noqa: E402
 from raypose.imaging.heatmaps import decode_heatmaps  # noqa: E402
 from raypose.models.routing import resolve_routing  # noqa: E402
 from raypose.models.vitpose import PoseEngine, inspect_model  # noqa: E402
-from raypose.pipeline.crop_stage import CropOptions, crop_array, make_crops  # noqa: E402
+from raypose.pipeline.arrow_views import crop_array  # noqa: E402
+from raypose.pipeline.crop_stage import CropOptions, make_crops  # noqa: E402
 from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 
 

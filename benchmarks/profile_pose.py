@@ -71,7 +71,8 @@ def crop_batch(n: int, size: tuple[int, int], seed: int = 0) -> pa.Table:
         "center": [[60.0, 120.0]] * n, "scale": [[0.94, 1.25]] * n, "error_stage": [None] * n,
         "error_reason": [None] * n, "crop": [c.tobytes() for c in crops],
     }
-    return pa.table({name: pa.array(columns[name], CROP_SCHEMA.field(name).type) for name in CROP_SCHEMA.names})
+    return pa.table({name: pa.array(columns.get(name, [None] * n), CROP_SCHEMA.field(name).type)
+                     for name in CROP_SCHEMA.names})  # what images lack (video frames' columns) stays null
 
 
 class NoModel:

@@ -667,6 +667,7 @@ def stage_tracer(trace_path: Path, instant_forward: bool = False):
                     "rows": rows.num_rows, "crops": rows.column("error_stage").null_count, "pid": _os.getpid()})
             return rows, pixels
 
+        crop.parts = cropper.parts  # the cropper's own cut of a call into bounded parts
         return crop
 
     def wrap(stage):

@@ -184,7 +184,7 @@ class PoseEngine:
             pixels = crops
         else:
             with warnings.catch_warnings():
-                # A read-only view of the crop column (`pose_stage.crop_array`): nothing below writes to it.
+                # A read-only view of the crop column (`arrow_views.crop_array`): nothing below writes to it.
                 warnings.simplefilter("ignore", UserWarning)
                 pixels = torch.from_numpy(crops)
         pixels = self._to_device(pixels)
