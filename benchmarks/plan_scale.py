@@ -71,9 +71,11 @@ def plan_in_child(job: Path, commit: bool) -> dict:
 def child(job: str, commit: bool) -> None:
     """In the fresh process: plan the job to run (lease, listing, boxes, plan files), and report."""
     from raypose.config.spec import load_job_spec
+    from raypose.output import resume
     from raypose.output.resume import LAYOUT, result_key
     from raypose.pipeline.plan import plan_job
 
+    check = time_calls(resume, "input_fingerprints", resume.CommittedIndex, "lookup")
     started = time.perf_counter()
     plan = plan_job(load_job_spec(job), run=True)
     seconds = time.perf_counter() - started
@@ -89,7 +91,25 @@ def child(job: str, commit: bool) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     c = plan.counts
     print(json.dumps({"seconds": seconds, "peak_rss_gib": peak, "images": c["images"], "kept": c["images_kept"],
-                      "shards": len(plan.shards.to_write)}))
+                      "shards": len(plan.shards.to_write), "check_seconds": check}))
+
+
+def time_calls(*owners_and_names) -> dict[str, float]:
+    """Wrap each (owner, name) callable so its calls' wall seconds add up in the returned dict: the per-image
+    check (fingerprints of the listed images, their lookup in the committed shards' plan files) inside a plan."""
+    seconds: dict[str, float] = {}
+    for owner, name in zip(owners_and_names[::2], owners_and_names[1::2]):
+        wrapped = getattr(owner, name)
+
+        def timed(*args, _wrapped=wrapped, _name=name, **kwargs):
+            started = time.perf_counter()
+            try:
+                return _wrapped(*args, **kwargs)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, timed)
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -123,6 +143,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"{first['peak_rss_gib']:.2f} GiB, {first['shards']} shards; append with nothing new "
                   f"{again['seconds']:6.1f} s, {again['peak_rss_gib']:.2f} GiB, {again['kept']:,} kept, "
                   f"{again['images']} to label", flush=True)
+            check = again["check_seconds"]
+            print(f"{'':>11}  the append's per-image check: fingerprints {check.get('input_fingerprints', 0):.1f} s, "
+                  f"lookups in the committed shards {check.get('lookup', 0):.1f} s", flush=True)
             for path in (manifest, boxes):
                 path.unlink()
             subprocess.run(["rm", "-rf", str(folder / f"out-{images}")], check=True)

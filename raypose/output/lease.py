@@ -38,6 +38,9 @@ HEARTBEAT_SECONDS = 30.0
 # Long enough that a heartbeat delayed by storage retries (botocore waits up to 20 s a try) never
 # lets a second run in beside a live one; short enough that a killed scheduled run is retried soon.
 EXPIRY_SECONDS = 300.0
+# The job id a lease holds until the plan names the run (the job id comes from the output's metadata,
+# which is read under the lease).
+PLANNING = "(planning)"
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class Holder:
         return None
 
     def describe(self, now: float) -> str:
-        return (f"job {self.job_id} (pid {self.pid} on {self.host}) since {_iso(self.started_at)}, "
+        who = "a run still planning its job" if self.job_id == PLANNING else f"job {self.job_id}"
+        return (f"{who} (pid {self.pid} on {self.host}) since {_iso(self.started_at)}, "
                 f"last heartbeat {now - self.heartbeat_at:.0f} s ago")
 
 

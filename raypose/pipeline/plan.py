@@ -25,7 +25,7 @@ from raypose.inputs.boxes import BoxJoin, BoxSet, BoxStream, inline_boxes, open_
 from raypose.inputs.listing import iter_images, list_images
 from raypose.inputs.storage import uri_of
 from raypose.inputs.video import frame_tasks, video_counts
-from raypose.output.lease import Lease
+from raypose.output.lease import PLANNING, Lease
 from raypose.output.resume import (
     OutputState,
     ShardCutter,
@@ -165,7 +165,7 @@ def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | Non
 
 def _hold_output(spec: JobSpec, store: OutputStore, run: bool, break_lease: bool) -> Lease | None:
     """A run's lease on the output (taken before anything is read or written there); a check's look at it."""
-    lease = Lease(store.fs, store.root, job_id="(planning)", output_url=spec.output.path)
+    lease = Lease(store.fs, store.root, job_id=PLANNING, output_url=spec.output.path)
     if run:
         return lease.acquire(break_lease)
     holder = lease.current()

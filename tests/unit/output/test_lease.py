@@ -12,7 +12,7 @@ import fsspec
 import pytest
 
 from raypose.output import lease as lease_module
-from raypose.output.lease import Lease, LeaseHeld, create_exclusive
+from raypose.output.lease import PLANNING, Lease, LeaseHeld, create_exclusive
 
 
 def lease_on(root, job_id="job-a"):
@@ -24,6 +24,16 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
         with pytest.raises(LeaseHeld, match=r"being written by job job-a \(pid \d+ on .*\) since .*--break-lease"):
             lease_on(tmp_path, "job-b").acquire()
     assert json.loads((tmp_path / "_lease" / "00000001.json").read_text())["released"] is True
+
+
+def test_a_holder_still_planning_is_named_as_such_until_it_names_its_job(tmp_path):
+    holder = lease_on(tmp_path, PLANNING).acquire()
+    with pytest.raises(LeaseHeld, match=r"being written by a run still planning its job \(pid \d+"):
+        lease_on(tmp_path, "job-b").acquire()
+    holder.name("job-a")
+    with pytest.raises(LeaseHeld, match=r"being written by job job-a \("):
+        lease_on(tmp_path, "job-b").acquire()
+    holder.release()
 
 
 def test_a_released_lease_is_taken_by_the_next_run(tmp_path):
