@@ -350,3 +350,28 @@ def test_the_readmes_quickstart_and_python_run_as_shown(quickstart, monkeypatch,
     shown = capsys.readouterr().out
     assert "img_0003.jpg" in shown and "ok: 4 images (4 with boxes, 0 without)" in shown
     assert re.search(r"^\d+ of 8 instances scored above 0.5$", shown, flags=re.M)
+
+
+# --- links between the pages ------------------------------------------------------------------------------------
+
+LINKED_PAGES = [README, *DOCS, REPO / "benchmarks" / "README.md", REPO / "infra" / "README.md"]
+
+
+def heading_anchors(path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but `-` and `_` dropped, spaces as `-`."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_link_to_a_file_or_heading_resolves(page):
+    """A page moved or a heading renamed leaves no link pointing at nothing."""
+    broken = []
+    for url in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", url):
+            continue
+        path, _, anchor = url.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists() or (anchor and target.suffix == ".md" and anchor not in heading_anchors(target)):
+            broken.append(url)
+    assert not broken, f"{page.name}: {broken}"
