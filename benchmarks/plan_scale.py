@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,17 +33,19 @@ from raypose.testing.synthetic import make_checkpoint  # noqa: E402
 CHUNK = 1_000_000
 
 
-def make_inputs(folder: Path, images: int, boxes_per_image: int = 3) -> tuple[Path, Path]:
+def make_inputs(folder: Path, images: int, boxes_per_image: int = 3, shuffled: bool = False) -> tuple[Path, Path]:
     """A sorted manifest of `images` s3:// URLs and a Parquet table of their boxes (`boxes_per_image` each),
-    written a million images at a time."""
+    written a million images at a time; with `shuffled`, the box table's millions in a random order and the
+    rows of each shuffled (a table sorted by something else than the key)."""
     manifest = folder / f"images-{images}.txt"
     boxes = folder / f"boxes-{images}.parquet"
     rng = np.random.default_rng(0)
     writer = None
+    starts = list(range(0, images, CHUNK))
     with manifest.open("w") as f:
-        for start in range(0, images, CHUNK):
+        for start in (rng.permutation(starts) if shuffled else starts):
             keys = [f"images/{i // 1000:06d}/{i:09d}.jpg" for i in range(start, min(images, start + CHUNK))]
-            f.write("".join(f"s3://bucket/{k}\n" for k in keys))
+            f.write("".join(f"s3://bucket/{k}\n" for k in keys))  # (shuffled: sorted again below)
             n = len(keys) * boxes_per_image
             xy, wh = rng.uniform(0, 400, (n, 2)), rng.uniform(20, 200, (n, 2))
             table = pa.table({
@@ -53,9 +54,13 @@ def make_inputs(folder: Path, images: int, boxes_per_image: int = 3) -> tuple[Pa
                 "score": pa.array(rng.uniform(0.3, 1.0, n).astype(np.float32)),
                 "category": pa.array(["person"] * n),
             })
+            if shuffled:
+                table = table.take(rng.permutation(n))
             writer = writer or pq.ParquetWriter(boxes, table.schema)
             writer.write_table(table)
     writer.close()
+    if shuffled:
+        manifest.write_text("".join(sorted(manifest.read_text().splitlines(keepends=True))))
     return manifest, boxes
 
 
@@ -88,10 +93,19 @@ def child(job: str, commit: bool) -> None:
         plan.store.write_json("_job.json", {"layout": LAYOUT, "job_id": plan.job_id, "runs": [],
                                             "result_key": result_key(plan.spec, plan.models())})
     plan.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    peak = own_peak_rss_gib()
     c = plan.counts
     print(json.dumps({"seconds": seconds, "peak_rss_gib": peak, "images": c["images"], "kept": c["images_kept"],
                       "shards": len(plan.shards.to_write), "check_seconds": check}))
+
+
+def own_peak_rss_gib() -> float:
+    """This process's own peak RSS: VmHWM, the high-water mark of its address space. Not `ru_maxrss`: Linux
+    carries the parent's peak into it across the fork and exec that started this process (Python's
+    subprocess uses vfork), so a child of a large parent reports the parent's peak."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib / 2**20
 
 
 def time_calls(*owners_and_names) -> dict[str, float]:
@@ -115,6 +129,8 @@ def time_calls(*owners_and_names) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 30_000_000])
+    parser.add_argument("--shuffled-boxes", action="store_true",
+                        help="write the box table in a random order (the plan sorts it through spilled runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--commit", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = make_checkpoint(folder / "model")
         for images in sorted(args.sizes):
             started = time.perf_counter()
-            manifest, boxes = make_inputs(folder, images)
+            manifest, boxes = make_inputs(folder, images, shuffled=args.shuffled_boxes)
             os.sync()  # the inputs' write-back would otherwise run during the timed plan
             made = time.perf_counter() - started
             spec = {"images": {"path": str(manifest)}, "boxes": {"source": "table", "path": str(boxes)},

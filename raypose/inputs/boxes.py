@@ -8,6 +8,7 @@ an Arrow join, so a plan of millions of images holds no Python object per image 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import posixpath
@@ -26,6 +27,7 @@ from fsspec.core import url_to_fs
 from raypose.config.spec import BoxesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import KeySequence, NotSorted, ascending, filtered
+from raypose.inputs.key_order import sorted_by_key
 from raypose.inputs.names import name_array
 from raypose.inputs.storage import with_retries
 from raypose.schema import BOX_SCHEMA, ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
@@ -99,46 +101,49 @@ class BoxStream:
 
 
 def open_boxes(boxes: BoxesSpec, storage_options: dict[str, Any], stream: bool = True) -> BoxStream:
-    """The job's boxes as a BoxStream. A Parquet box table whose first chunk is sorted by image key is read as the
-    join goes, never held whole (a later chunk out of order raises NotSorted: the plan then reads it whole);
-    a COCO file, a JSON-lines table, an unsorted table, or any with `stream` False, is loaded whole first."""
+    """The job's boxes as a BoxStream. A Parquet box table is read as the join goes, never held whole: in its own
+    order when its first chunk is sorted by image key (a later chunk out of order raises NotSorted, and the plan
+    cuts again with `stream` False), else through sorted runs spilled to local disk (`key_order.py`). A COCO file
+    or a JSON-lines table is loaded whole."""
     fs, path = _box_file(boxes, storage_options)
-    if not stream or boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")):
+    if boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")):
         return BoxStream.whole(load_boxes(boxes, storage_options))
     source = _open(fs, path, boxes)
-    chunks = _box_table_chunks(source, boxes.path, boxes)
-    first = next(chunks, None)
-    kept, dropped = _filtered_rows(first, boxes) if first is not None else (BOX_SCHEMA.empty_table(), 0)
-    if not ascending(_contiguous(kept.column("image_key"))):
-        source.close()
-        return BoxStream.whole(load_boxes(boxes, storage_options))
-    counted = [dropped]
+    dropped = [0]
 
-    def groups():
-        nonlocal kept
-        with source:
-            carried = None  # the last image's rows: the next chunk may go on with it
-            while True:
-                if carried is not None:
-                    if kept.num_rows and kept.column("image_key")[0].as_py() < carried.column("image_key")[0].as_py():
-                        raise NotSorted(boxes.path)
-                    kept = pa.concat_tables([carried, kept]).combine_chunks()
-                keys = _contiguous(kept.column("image_key"))
-                if not ascending(keys):
-                    raise NotSorted(boxes.path)
-                last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
-                carried = kept.slice(len(keys) - last)
-                if len(keys) > last:
-                    yield _per_image(kept.slice(0, len(keys) - last))
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                kept, chunk_dropped = _filtered_rows(chunk, boxes)
-                counted[0] += chunk_dropped
+    def kept_rows():
+        for chunk in _box_table_chunks(source, boxes.path, boxes):
+            kept, chunk_dropped = _filtered_rows(chunk, boxes)
+            dropped[0] += chunk_dropped
+            yield kept
+
+    rows = kept_rows()
+    first = next(rows, BOX_SCHEMA.empty_table())
+    rows = itertools.chain([first], rows)
+    if not (stream and ascending(_contiguous(first.column("image_key")))):
+        rows = sorted_by_key(rows, BOX_SCHEMA)
+    return BoxStream(_groups_in_key_order(rows, source, boxes.path), "table", lambda: dropped[0])
+
+
+def _groups_in_key_order(rows: Iterator[pa.Table], source, path: str) -> Iterator[pa.Table]:
+    """Box rows in key order as per-image groups (`_per_image`), each table's last image carried into the next
+    (the next table may go on with it); rows out of order raise NotSorted. Closes `source` when done."""
+    with source:
+        carried = None
+        for kept in rows:
             if carried is not None and carried.num_rows:
-                yield _per_image(carried)
-
-    return BoxStream(groups(), "table", lambda: counted[0])
+                if kept.num_rows and kept.column("image_key")[0].as_py() < carried.column("image_key")[0].as_py():
+                    raise NotSorted(path)
+                kept = pa.concat_tables([carried, kept]).combine_chunks()
+            keys = _contiguous(kept.column("image_key"))
+            if not ascending(keys):
+                raise NotSorted(path)
+            last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
+            carried = kept.slice(len(keys) - last)
+            if len(keys) > last:
+                yield _per_image(kept.slice(0, len(keys) - last))
+        if carried is not None and carried.num_rows:
+            yield _per_image(carried)
 
 
 def _box_file(boxes: BoxesSpec, storage_options: dict[str, Any]):

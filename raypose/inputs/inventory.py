@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import posixpath
 import urllib.parse
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,8 +33,18 @@ def is_inventory(path: str) -> bool:
     return posixpath.basename(path.rstrip("/")) == INVENTORY_MANIFEST
 
 
+LISTING_SCHEMA = pa.schema([("image_key", pa.string()), ("image_uri", pa.string()), ("image_size", pa.int64()),
+                            ("image_version", pa.string())])
+
+
 def list_inventory(images: ImagesSpec) -> pa.Table:
     """(image_key, image_uri, image_size, image_version) of the inventory's current objects, unsorted."""
+    tables = list(iter_inventory(images))
+    return pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+
+
+def iter_inventory(images: ImagesSpec) -> Iterator[pa.Table]:
+    """`list_inventory`'s rows a data file at a time (a table per file, in the manifest's order)."""
     fs, path = open_url(images.path, images.storage_options, "images.path")
     try:
         manifest = json.loads(fs.cat_file(path))
@@ -46,16 +57,14 @@ def list_inventory(images: ImagesSpec) -> pa.Table:
     if file_format not in ("csv", "parquet", "orc"):
         raise SpecError(f"images.path: {images.path}: inventory format {file_format!r} (expected CSV, Parquet or ORC)")
     protocol = images.path.split("://", 1)[0] + "://" if "://" in images.path else "s3://"
-    tables = []
     for key in files:
         url = f"{protocol}{destination}/{key}"
         data_fs, data_path = open_url(url, images.storage_options, "images.path")
         try:
-            tables.append(_data_file(data_fs, data_path, file_format, manifest.get("fileSchema", "")))
+            rows = _data_file(data_fs, data_path, file_format, manifest.get("fileSchema", ""))
         except (OSError, pa.ArrowInvalid) as exc:
             raise SpecError(f"images.path: cannot read inventory file {url}: {type(exc).__name__}: {exc}") from exc
-    rows = pa.concat_tables(tables) if tables else pa.table({"key": pa.array([], pa.string())})
-    return _current_objects(rows, source, images.inventory_prefix or "")
+        yield _current_objects(rows, source, images.inventory_prefix or "")
 
 
 def _data_file(fs, path: str, file_format: str, file_schema: str) -> pa.Table:
@@ -104,4 +113,4 @@ def _current_objects(rows: pa.Table, bucket: str, prefix: str) -> pa.Table:
     etag = (pc.binary_join_element_wise("ETag:", rows.column("e_tag").cast(pa.string()), "")
             if "e_tag" in rows.column_names else pa.nulls(rows.num_rows, pa.string()))
     return pa.table({"image_key": relative, "image_uri": pc.binary_join_element_wise(f"s3://{bucket}/", keys, ""),
-                     "image_size": size, "image_version": etag})
+                     "image_size": size, "image_version": etag}, schema=LISTING_SCHEMA)

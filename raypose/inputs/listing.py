@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.inputs.arrays import NotSorted, ascending, filtered
-from raypose.inputs.inventory import is_inventory, list_inventory
+from raypose.inputs.inventory import LISTING_SCHEMA, is_inventory, iter_inventory, list_inventory
+from raypose.inputs.key_order import sorted_by_key
 from raypose.inputs.names import name_array
 from raypose.inputs.storage import open_url, uri_of
 from raypose.schema import ERRORS_SCHEMA
@@ -86,10 +87,13 @@ def iter_images(images: ImagesSpec, boxes: BoxesSpec | None = None, chunk_rows: 
     """The listing (as `list_images` gives it) in key order, at most `chunk_rows` images at a time.
 
     A manifest whose lines are sorted is read a block at a time and never held whole (the way a
-    plan of 100M images stays small); any other listing is made whole, then handed out in chunks.
+    plan of 100M images stays small), and an S3 Inventory is sorted through runs spilled to local
+    disk (`key_order.py`); any other listing is made whole, then handed out in chunks.
     """
     if images.format == "files":
         fs, root = open_url(images.path, images.storage_options, "images.path")
+        if is_inventory(root):
+            return ListedChunks(_inventory_chunks(images, chunk_rows))
         if root.lower().endswith(MANIFEST_SUFFIXES):
             streamed = _sorted_manifest_chunks(fs, root, images, chunk_rows)
             first = next(streamed, None)
@@ -158,14 +162,41 @@ def _sorted_manifest_chunks(fs, manifest: str, images: ImagesSpec, chunk_rows: i
         raise SpecError(f"images.path: no images under {images.path} (looked for {', '.join(suffixes)})")
 
 
+def _inventory_chunks(images: ImagesSpec, chunk_rows: int) -> Iterator[pa.Table]:
+    """An S3 Inventory's images in key order, `chunk_rows` at a time, never held whole."""
+    suffixes = tuple(s.lower() for s in images.extensions)
+    wanted = (_wanted(table, suffixes) for table in iter_inventory(images))
+    pending: list[pa.Table] = []
+    listed = 0
+    for step in sorted_by_key(wanted, LISTING_SCHEMA):
+        pending.append(_last_of_each_key(step))  # a key's rows all come in one step
+        if sum(t.num_rows for t in pending) >= chunk_rows:
+            table = pa.concat_tables(pending).combine_chunks()
+            whole = table.num_rows - table.num_rows % chunk_rows
+            for start in range(0, whole, chunk_rows):
+                listed += chunk_rows
+                yield table.slice(start, chunk_rows)
+            pending = [table.slice(whole)]
+    rest = pa.concat_tables(pending) if pending else LISTING_SCHEMA.empty_table()
+    if rest.num_rows:
+        listed += rest.num_rows
+        yield rest.combine_chunks()
+    if not listed:
+        raise _nothing_in_inventory(images, "images", suffixes)
+
+
+def _nothing_in_inventory(images: ImagesSpec, what: str, suffixes: tuple[str, ...]) -> SpecError:
+    return SpecError(f"images.path: no {what} in the inventory {images.path} under "
+                     f"images.inventory_prefix {images.inventory_prefix!r} (looked for {', '.join(suffixes)})")
+
+
 def _list_files(images: ImagesSpec, suffixes: tuple[str, ...], what: str) -> pa.Table:
     """(image_key, image_uri) of the files under a directory, glob or manifest that end with a suffix, by key."""
     fs, root = open_url(images.path, images.storage_options, "images.path")
     if is_inventory(root):
         table = _last_of_each_key(_wanted(list_inventory(images), suffixes))
         if not table.num_rows:
-            raise SpecError(f"images.path: no {what} in the inventory {images.path} under "
-                            f"images.inventory_prefix {images.inventory_prefix!r} (looked for {', '.join(suffixes)})")
+            raise _nothing_in_inventory(images, what, suffixes)
         return table
     if root.lower().endswith(MANIFEST_SUFFIXES):
         keys, paths = _list_manifest(fs, root)

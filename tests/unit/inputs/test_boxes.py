@@ -32,6 +32,7 @@ from raypose.inputs.boxes import (
     open_boxes,
     table_boxes,
 )
+from raypose.inputs.arrays import NotSorted
 from raypose.inputs.fetch import read_bytes
 from raypose.inputs.listing import list_images
 from raypose.schema import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
@@ -493,6 +494,53 @@ def test_a_box_table_streams_in_key_order_when_sorted(tmp_path, monkeypatch, row
     rest = stream.until(None)
     assert rest.column("image_key").to_pylist() == ["e.jpg", "g.jpg"]
     assert rest.column("bbox").to_pylist() == whole.slice(4).column("bbox").to_pylist()
+
+
+def three_row_chunks(monkeypatch):
+    from raypose.inputs import boxes as boxes_module
+
+    monkeypatch.setattr(boxes_module, "_box_table_chunks", lambda source, path, spec, rows=3:
+                        _box_table_chunks(source, path, spec, rows))
+
+
+def test_an_unsorted_table_is_merged_from_sorted_runs_in_the_table_order_of_each_key(tmp_path, monkeypatch):
+    from functools import partial
+
+    from raypose.inputs import boxes as boxes_module
+    from raypose.inputs.key_order import sorted_by_key
+
+    three_row_chunks(monkeypatch)
+    monkeypatch.setattr(boxes_module, "sorted_by_key", partial(sorted_by_key, run_rows=4, batch_rows=2))
+    keys = "gbeacbdaebeg"
+    rows = [{"image_key": f"{k}.jpg", "bbox": [float(i), 0.0, 5.0, 5.0], "score": 0.9, "category": "person"}
+            for i, k in enumerate(keys)]
+    path = write_table(tmp_path / "boxes.parquet", rows)
+    stream = open_boxes(BoxesSpec(source="table", path=str(path)), {})
+    whole = load_boxes(BoxesSpec(source="table", path=str(path)), {}).table
+    got = pa.concat_tables([stream.until("c.jpg"), stream.until(None)])
+    assert got.to_pylist() == whole.to_pylist()
+    assert got.column("bbox").to_pylist()[1] == [[1.0, 0.0, 5.0, 5.0], [5.0, 0.0, 5.0, 5.0], [9.0, 0.0, 5.0, 5.0]]
+
+
+def test_a_first_chunk_the_filters_empty_still_streams(tmp_path, monkeypatch):
+    three_row_chunks(monkeypatch)
+    rows = [{"image_key": f"{k}.jpg", "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.9, "category": c}
+            for k, c in zip("aabbcd", ["dog"] * 3 + ["person"] * 3)]
+    path = write_table(tmp_path / "boxes.parquet", rows)
+    stream = open_boxes(BoxesSpec(source="table", path=str(path), categories=["person"]), {})
+    assert stream.until(None).column("image_key").to_pylist() == ["b.jpg", "c.jpg", "d.jpg"]
+    assert stream.dropped == 3
+
+
+def test_a_table_sorted_at_first_and_not_later_stops_the_stream_and_sorts_when_asked(tmp_path, monkeypatch):
+    three_row_chunks(monkeypatch)
+    rows = [{"image_key": f"{k}.jpg", "bbox": [float(i), 1.0, 5.0, 5.0], "score": 0.9, "category": "person"}
+            for i, k in enumerate("abcdefa")]
+    path = write_table(tmp_path / "boxes.parquet", rows)
+    spec = BoxesSpec(source="table", path=str(path))
+    with pytest.raises(NotSorted):
+        open_boxes(spec, {}).until(None)
+    assert open_boxes(spec, {}, stream=False).until(None).to_pylist() == load_boxes(spec, {}).table.to_pylist()
 
 
 def test_the_join_a_chunk_at_a_time_matches_the_join_at_once():
