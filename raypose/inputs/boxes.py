@@ -62,13 +62,17 @@ class BoxSet:
 
 
 def load_boxes(boxes: BoxesSpec, storage_options: dict[str, Any]) -> BoxSet:
-    """Load the job's boxes from a COCO annotations JSON or a Parquet/JSONL box table."""
-    fs, path = _box_file(boxes, storage_options)
+    """Load the job's boxes whole: a COCO annotations JSON or a Parquet/JSON-lines box table."""
     if boxes.source == "coco":
+        fs, path = _box_file(boxes, storage_options)
         return coco_boxes(_json(_read(fs, path, boxes), boxes.path), boxes)
-    with _open(fs, path, boxes) as source:
-        table, dropped = _grouped_by_image(_box_table_chunks(source, boxes.path, boxes), boxes)
-    return BoxSet(table, source="table", dropped=dropped)
+    try:
+        stream = open_boxes(boxes, storage_options)
+        table = stream.until(None)
+    except NotSorted:  # sorted at first and not later
+        stream = open_boxes(boxes, storage_options, stream=False)
+        table = stream.until(None)
+    return BoxSet(table, source="table", dropped=stream.dropped)
 
 
 class BoxStream:
@@ -101,13 +105,13 @@ class BoxStream:
 
 
 def open_boxes(boxes: BoxesSpec, storage_options: dict[str, Any], stream: bool = True) -> BoxStream:
-    """The job's boxes as a BoxStream. A Parquet box table is read as the join goes, never held whole: in its own
-    order when its first chunk is sorted by image key (a later chunk out of order raises NotSorted, and the plan
-    cuts again with `stream` False), else through sorted runs spilled to local disk (`key_order.py`). A COCO file
-    or a JSON-lines table is loaded whole."""
-    fs, path = _box_file(boxes, storage_options)
-    if boxes.source != "table" or not path.lower().endswith((".parquet", ".pq")):
+    """The job's boxes as a BoxStream. A box table is read as the join goes, never held whole (a JSON-lines one is
+    one chunk): in its own order when its first chunk is sorted by image key (a later chunk out of order raises
+    NotSorted, and the plan cuts again with `stream` False), else through sorted runs spilled to local disk
+    (`key_order.py`). A COCO file is loaded whole."""
+    if boxes.source != "table":
         return BoxStream.whole(load_boxes(boxes, storage_options))
+    fs, path = _box_file(boxes, storage_options)
     source = _open(fs, path, boxes)
     dropped = [0]
 
@@ -170,48 +174,6 @@ def _open(fs, path: str, boxes: BoxesSpec):
         return fs.open(path, "rb")  # a table is read from the file a chunk at a time
     except Exception as exc:
         raise SpecError(f"boxes.path: cannot read {boxes.path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _grouped_by_image(chunks, boxes: BoxesSpec) -> tuple[pa.Table, int]:
-    """A box table read in chunks, filtered and grouped by image (`_per_image`); and how many boxes the filters dropped.
-
-    While the rows come sorted by key (as a detector writes them) each chunk is grouped as it is read, the
-    image at its end carried into the next, so the per-box keys (most of a box table's bytes) are never all
-    held, and nothing is concatenated. Unsorted rows are all gathered and grouped at the end.
-    """
-    grouped: list[pa.Table] = []  # per-image tables, in key order
-    rows: list[pa.Table] = []  # with unsorted rows: all of them
-    carried = None  # the rows of the last image so far, which the next chunk may go on with
-    dropped = 0
-    for chunk in chunks:
-        kept, chunk_dropped = _filtered_rows(chunk, boxes)
-        dropped += chunk_dropped
-        if rows:
-            rows.append(kept)
-            continue
-        if carried is not None:
-            kept = pa.concat_tables([carried, kept]).combine_chunks()
-        keys = _contiguous(kept.column("image_key"))
-        after_grouped = not grouped or not len(keys) or keys[0].as_py() > grouped[-1].column("image_key")[-1].as_py()
-        if not (after_grouped and ascending(keys)):
-            rows = [*(_flattened(part) for part in grouped), kept]
-            grouped, carried = [], None
-            continue
-        last = len(keys) - (pc.index(keys, keys[-1]).as_py() if len(keys) else 0)  # rows of the last key
-        carried = kept.slice(len(keys) - last)
-        if len(keys) > last:
-            grouped.append(_per_image(kept.slice(0, len(keys) - last)))
-    if rows:
-        return _per_image(pa.concat_tables(rows).combine_chunks()), dropped
-    if carried is not None and carried.num_rows:
-        grouped.append(_per_image(carried))
-    return (pa.concat_tables(grouped) if grouped else _per_image(BOX_SCHEMA.empty_table())), dropped
-
-
-def _flattened(per_image: pa.Table) -> pa.Table:
-    """Per-image boxes back to one row per box (`schema.BOX_SCHEMA`), in the same order."""
-    rows = _one_row_per_box(per_image, PER_IMAGE_LISTS, ("image_key", "expected_width", "expected_height"))
-    return rows.select(BOX_SCHEMA.names).cast(BOX_SCHEMA)
 
 
 def _one_row_per_box(table: pa.Table, lists: tuple[str, ...], repeated: tuple[str, ...]) -> pa.Table:

@@ -24,7 +24,6 @@ from raypose.inputs.boxes import (
     BoxJoin,
     BoxStream,
     _box_table_chunks,
-    _grouped_by_image,
     _rows_with_boxes,
     attach_boxes,
     coco_boxes,
@@ -275,7 +274,7 @@ def test_table_short_bbox_padded():
 
 @pytest.mark.parametrize("order", ["sorted", "shuffled", "one late key"])
 @pytest.mark.parametrize("rows_per_chunk", [1, 3, 7, 1000])
-def test_table_in_chunks_groups_as_one_read(order, rows_per_chunk):
+def test_table_in_chunks_groups_as_one_read(order, rows_per_chunk, tmp_path, monkeypatch):
     # Chunk by chunk (an image's boxes across chunk ends, a chunk of one image, unsorted keys) the
     # boxes are what grouping the whole table at once gives, file order kept within each image.
     rng = np.random.default_rng(rows_per_chunk)
@@ -288,9 +287,18 @@ def test_table_in_chunks_groups_as_one_read(order, rows_per_chunk):
     table = pa.table({"image_key": keys, "bbox": [[float(i), 1.0, 5.0 + i % 3, 6.0] for i in range(n)],
                       "score": rng.uniform(0, 1, n).astype(np.float32),
                       "category": ["person" if i % 5 else "dog" for i in range(n)]})
-    boxes_spec = BoxesSpec(source="table", path="boxes.parquet", min_score=0.2)
-    chunks = (pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=rows_per_chunk))
-    grouped, dropped = _grouped_by_image(chunks, boxes_spec)
+    from functools import partial
+
+    from raypose.inputs import boxes as boxes_module
+    from raypose.inputs.key_order import sorted_by_key
+
+    monkeypatch.setattr(boxes_module, "_box_table_chunks", lambda source, path, spec, rows=rows_per_chunk:
+                        _box_table_chunks(source, path, spec, rows))
+    monkeypatch.setattr(boxes_module, "sorted_by_key", partial(sorted_by_key, run_rows=5, batch_rows=3))
+    pq.write_table(table, tmp_path / "boxes.parquet")
+    boxes_spec = BoxesSpec(source="table", path=str(tmp_path / "boxes.parquet"), min_score=0.2)
+    loaded = load_boxes(boxes_spec, {})  # streamed, or merged from sorted runs (also after a late key)
+    grouped, dropped = loaded.table, loaded.dropped
     whole = table_boxes(table, boxes_spec)
     assert grouped.to_pylist() == whole.table.to_pylist() and dropped == whole.dropped
     assert grouped.column("image_key").to_pylist() == sorted(set(grouped.column("image_key").to_pylist()))
