@@ -20,6 +20,7 @@ from raypose.config.spec import BoxesSpec, ImagesSpec
 from raypose.errors import SpecError
 from raypose.imaging.decode import decode_image
 from raypose.imaging.geometry import clip_boxes
+from raypose.inputs.arrays import NotSorted
 from raypose.inputs.boxes import (
     BoxJoin,
     BoxStream,
@@ -31,7 +32,6 @@ from raypose.inputs.boxes import (
     open_boxes,
     table_boxes,
 )
-from raypose.inputs.arrays import NotSorted
 from raypose.inputs.fetch import read_bytes
 from raypose.inputs.listing import list_images
 from raypose.schema import ERRORS_SCHEMA, IMAGE_TASK_SCHEMA
