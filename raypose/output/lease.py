@@ -26,10 +26,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from raypose.errors import LeaseHeld, SpecError
+from raypose.output.resume import iso_time
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Holder:
 
     def describe(self, now: float) -> str:
         who = "a run still planning its job" if self.job_id == PLANNING else f"job {self.job_id}"
-        return (f"{who} (pid {self.pid} on {self.host}) since {_iso(self.started_at)}, "
+        return (f"{who} (pid {self.pid} on {self.host}) since {iso_time(self.started_at)}, "
                 f"last heartbeat {now - self.heartbeat_at:.0f} s ago")
 
 
@@ -273,7 +273,3 @@ def _process_alive(pid: int, process_start: str | None) -> bool:
     except PermissionError:
         return True
     return process_start is None or _process_start(pid) in (None, process_start)
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")

@@ -347,7 +347,9 @@ def supersede(store: OutputStore, marker: dict, keys: list[str]) -> dict:
         elif f"/{KEYPOINTS_DIR}/" in path:
             counts["instances"] += removed
         name = posixpath.basename(path)
-        if path != marker["plan"]:
+        if path == marker["plan"]:
+            plan = kept
+        else:
             name = f"shard-{shard:05d}-{hashlib.sha1((name + ''.join(keys)).encode()).hexdigest()[:12]}.parquet"
         target = posixpath.join(posixpath.dirname(path), name)
         aside = store.path(TMP_DIR, "superseded", posixpath.relpath(target, store.root))
@@ -357,8 +359,6 @@ def supersede(store: OutputStore, marker: dict, keys: list[str]) -> dict:
         store.fs.rm(path)
     for _, aside, target in rewritten:
         store.move(aside, target)
-    with store.fs.open(marker["plan"], "rb") as f:
-        plan = pq.read_table(f, columns=["image_key", "input_fingerprint"])
     new = {**marker, "files": [target for path, _, target in rewritten if path != marker["plan"]],
            "images": plan.num_rows, "instances": marker["instances"] - counts["instances"],
            "errors": marker["errors"] - counts["errors"],
@@ -376,7 +376,7 @@ def start_run(store: OutputStore, spec: JobSpec, plan: ShardPlan, key: dict[str,
     for shard, keys in sorted(plan.superseded.items()):
         plan.reused[shard] = supersede(store, plan.reused[shard], keys)
     runs = list((previous or {}).get("runs") or []) if spec.output.mode in ("resume", "append") else []
-    record = {"job_id": plan.job_id, "mode": spec.output.mode, "started_at": _iso(started), "finished_at": None,
+    record = {"job_id": plan.job_id, "mode": spec.output.mode, "started_at": iso_time(started), "finished_at": None,
               "status": "running", "shards_written": sorted(plan.to_write), "images": plan.images,
               "superseded": sum(len(keys) for keys in plan.superseded.values())}
     if runs and runs[-1]["job_id"] == plan.job_id:  # a resume goes on with its run
@@ -403,7 +403,8 @@ def finish_run(store: OutputStore, manifest: dict[str, Any]) -> None:
     store.write_json(JOB_FILE, job)
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A Unix time as the output's metadata writes it: UTC, ISO 8601, to the second."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
 
 

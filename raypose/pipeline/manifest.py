@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from datetime import datetime, timezone
 from typing import Any
 
 from raypose import __version__
-from raypose.output.resume import fingerprint
+from raypose.output.resume import fingerprint, iso_time
 from raypose.pipeline.layout import Layout
 from raypose.pipeline.plan import JobPlan
 
@@ -64,8 +63,8 @@ def job_manifest(plan: JobPlan, layout: Layout, committed: dict[int, dict], key:
         "name": spec.name,
         "status": status,
         "problem": problem,
-        "started_at": _iso(times["started"]),
-        "finished_at": _iso(times["finished"]),
+        "started_at": iso_time(times["started"]),
+        "finished_at": iso_time(times["finished"]),
         "seconds": {"total": times["finished"] - times["started"], "ray_start": times["ray_ready"] - times["started"],
                     "pipeline": pipeline},
         "throughput": {
@@ -105,7 +104,3 @@ def _versions() -> dict[str, str]:
         "pyarrow": pyarrow.__version__,
         "python": platform.python_version(),
     }
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
