@@ -207,7 +207,19 @@ StorageOpt = Annotated[
     Optional[list[str]],
     typer.Option("--storage-option", help="fsspec option for reading OUTPUT, images and files: key=value (repeatable)."),
 ]
+CorrectionsOpt = Annotated[
+    str, typer.Option("--corrections", help="use: reviewed instances from corrections/ (raypose import); skip: predictions only.")
+]
 export_app = typer.Typer(help="Export a job's output to other formats.", no_args_is_help=True)
+
+
+def _use_corrections(value: str) -> bool:
+    """--corrections use|skip as a flag; anything else is an OutputError (inside `_errors_as_exit`)."""
+    from raypose.review.reading import OutputError
+
+    if value not in ("use", "skip"):
+        raise OutputError(f"--corrections: expected use or skip, got {value!r}")
+    return value == "use"
 app.add_typer(export_app, name="export")
 
 
@@ -218,9 +230,7 @@ def export_coco_command(
     results: Annotated[Optional[str], typer.Option("--results", help="Write COCO results (for COCOeval) here.")] = None,
     gt: Annotated[Optional[str], typer.Option("--gt", help="COCO file the boxes came from: image and category ids.")] = None,
     min_score: Annotated[float, typer.Option("--min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
-    corrections: Annotated[
-        str, typer.Option("--corrections", help="use: reviewed instances from corrections/ (raypose import); skip: predictions only.")
-    ] = "use",
+    corrections: CorrectionsOpt = "use",
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -230,7 +240,8 @@ def export_coco_command(
 
     with _errors_as_exit(debug):
         done = export_coco(output, to, results, gt=gt, min_score=min_score,
-                          storage_options=parse_storage_options(storage_option), corrections=corrections)
+                          storage_options=parse_storage_options(storage_option),
+                          corrections=_use_corrections(corrections))
     written = [p for p in (done["to"], done["results_path"]) if p]
     corrected = f", {done['corrected']} from reviewers' corrections" if done["corrected"] else ""
     if done["stale"]:
@@ -298,23 +309,21 @@ def export_cvat_command(
     category: CategoryOpt = None,
     seed: SeedOpt = 0,
     keypoint_min_score: Annotated[float, typer.Option("--keypoint-min-score", help="Keypoints scored above this are labeled (v=2).")] = 0.2,
-    corrections: Annotated[str, typer.Option("--corrections", help="use: reviewed instances from corrections/; skip: predictions only.")] = "use",
+    corrections: CorrectionsOpt = "use",
     copy_images: Annotated[bool, typer.Option("--copy-images", help="Copy each image under OUT/images/ to create the CVAT task from.")] = False,
     storage_option: StorageOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """CVAT: COCO Keypoints 1.0 annotations for the chosen images, and the skeleton labels to create first."""
     from raypose.review.cvat import export_cvat
-    from raypose.review.reading import OutputError, parse_storage_options
+    from raypose.review.reading import parse_storage_options
     from raypose.review.selection import Selection
 
     selection = Selection(sample=sample, order=order, by=by, min_score=min_score, max_score=max_score, expert=expert,
                           category=category, seed=seed)
     with _errors_as_exit(debug):
-        if corrections not in ("use", "skip"):
-            raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
         done = export_cvat(output, out, selection=selection, min_score=keypoint_min_score,
-                           corrections=corrections == "use", copy_images=copy_images,
+                           corrections=_use_corrections(corrections), copy_images=copy_images,
                            storage_options=parse_storage_options(storage_option))
     for problem in done["problems"]:
         typer.echo(f"warning: {problem}", err=True)

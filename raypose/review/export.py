@@ -52,18 +52,16 @@ def export_coco(
     gt: str | None = None,
     min_score: float = DEFAULT_MIN_SCORE,
     storage_options: dict[str, Any] | None = None,
-    corrections: str = "use",
+    corrections: bool = True,
 ) -> dict[str, Any]:
     """Write the COCO dataset to `to` and/or the COCO results to `results`; return counts."""
     if not to and not results:
         raise OutputError("export coco: give --to (the dataset) and/or --results (the results file)")
     if not math.isfinite(min_score):
         raise OutputError(f"--min-score: expected a number, got {min_score}")
-    if corrections not in ("use", "skip"):
-        raise OutputError(f"--corrections: expected use or skip, got {corrections!r}")
     job = JobOutput.open(output, storage_options)
     dataset, result_list = coco_from_output(job, gt=gt, min_score=min_score, storage_options=storage_options,
-                                            corrections=corrections == "use")
+                                            corrections=corrections)
     if to:
         write_bytes(to, _dumps(dataset), storage_options, "--to")
     if results:

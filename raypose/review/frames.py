@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from PIL import Image
@@ -18,11 +19,13 @@ class FrameSource:
     def __init__(self, storage_options: dict[str, Any]):
         self.storage_options = storage_options
         self.indexes: dict[str, Any] = {}
+        self._indexing = threading.Lock()  # render draws frames from several threads
 
     def pts(self, uri: str, frames: list[int]) -> list[int]:
-        if uri not in self.indexes:
-            self.indexes[uri] = index_video(uri, self.storage_options, MAX_SECONDS)
-        index = self.indexes[uri]
+        with self._indexing:
+            if uri not in self.indexes:
+                self.indexes[uri] = index_video(uri, self.storage_options, MAX_SECONDS)
+            index = self.indexes[uri]
         if max(frames) >= len(index.pts):
             raise ImageError(f"the video has {len(index.pts)} frames now, not frame {max(frames)}", stage="read")
         return [int(index.pts[f]) for f in frames]

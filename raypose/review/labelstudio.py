@@ -97,7 +97,7 @@ def export_label_studio(
     selection.check()
     job = JobOutput.open(output, storage_options)
     keys, matching = choose_images(job, selection)
-    rows_by_key = rows_of(job, keys, [c for c in COLUMNS if c in job.dataset().schema.names] if keys else COLUMNS)
+    rows_by_key = rows_of(job, keys, COLUMNS)
     categories = {row["category"]: job.schema(row["keypoint_schema"])
                   for rows in rows_by_key.values() for row in rows if row["keypoint_schema"]}
     first = {key: next(r for r in rows_by_key[key] if r["keypoint_schema"]) for key in keys}

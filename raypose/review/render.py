@@ -57,9 +57,7 @@ def render_output(
     selection.check()
     job = JobOutput.open(output, storage_options)
     chosen, matching = choose_images(job, selection)
-    dataset = job.dataset()
-    frames = ["frame_index"] if dataset is not None and "frame_index" in dataset.schema.names else []  # older outputs
-    rows_by_key = rows_of(job, chosen, COLUMNS + frames)
+    rows_by_key = rows_of(job, chosen, COLUMNS + ["frame_index"])
     out_fs, out_root = open_fs(out, storage_options, "--out")
     try:
         for folder in ("images", "thumbs", "view"):
@@ -67,10 +65,11 @@ def render_output(
     except OSError as exc:
         raise OutputError(f"--out: cannot create {out}: {type(exc).__name__}: {exc}") from exc
     names = unique_names(chosen)
+    frame_source = FrameSource(storage_options or {})  # one for the whole render: each video indexed once
 
     def work(key: str) -> Rendered:
         return _render_one(job, key, rows_by_key[key], names[key], images, keypoint_threshold,
-                           storage_options or {}, out_fs, out_root)
+                           storage_options or {}, frame_source, out_fs, out_root)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rendered = list(pool.map(work, chosen))
@@ -101,7 +100,7 @@ def unique_names(keys: list[str]) -> dict[str, str]:
 
 
 def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_root: str | None, threshold: float,
-                storage_options: dict, out_fs, out_root: str) -> Rendered:
+                storage_options: dict, frame_source: FrameSource, out_fs, out_root: str) -> Rendered:
     uri = rows[0]["image_uri"] if rows else None
     if images_root:
         uri = images_root.rstrip("/") + "/" + key
@@ -119,7 +118,7 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         return result
     try:
         if rows and rows[0].get("frame_index") is not None and not images_root:  # a video's frame
-            image = FrameSource(storage_options or {}).frame(uri, rows[0]["frame_index"])
+            image = frame_source.frame(uri, rows[0]["frame_index"])
         else:
             image = decode_image(read_image(uri, storage_options or {}, job.image_column), MAX_PIXELS)
     except ImageError as exc:

@@ -90,12 +90,16 @@ def choose_images(job: JobOutput, selection: Selection) -> tuple[list[str], int]
 
 
 def rows_of(job: JobOutput, keys: list[str], columns: list[str]) -> dict[str, list[dict]]:
-    """Every instance row of these images, by key, in instance order."""
+    """Every instance row of these images, by key, in instance order; a column an older output lacks (the flip
+    columns, the video frame columns) is None in every row."""
     rows_by_key: dict[str, list[dict]] = {k: [] for k in keys}
     if keys:
-        table = job.dataset().to_table(columns=columns, filter=ds.field("image_key").isin(keys))
+        dataset = job.dataset()
+        held = [c for c in columns if c in dataset.schema.names]
+        absent = dict.fromkeys(c for c in columns if c not in held)
+        table = dataset.to_table(columns=held, filter=ds.field("image_key").isin(keys))
         for row in table.to_pylist():
-            rows_by_key[row["image_key"]].append(row)
+            rows_by_key[row["image_key"]].append({**row, **absent})
     for rows in rows_by_key.values():
         rows.sort(key=lambda r: r["instance_index"] if r["instance_index"] is not None else -1)
     return rows_by_key
