@@ -20,9 +20,10 @@ def copy_images(job: JobOutput, uris: dict[str, str], out: str,
     names = unique_names(list(uris))
     copied, problems = {}, []
     fs.makedirs(posixpath.join(root, "images"), exist_ok=True)
+    containers: dict = {}  # a tar's member index, a Parquet file's image column: read once for all its images
     for key, uri in uris.items():
         try:
-            data = read_image(uri, storage_options or {}, job.image_column)
+            data = read_image(uri, storage_options or {}, job.image_column, containers)
         except ImageError as exc:
             problems.append(f"{key}: {exc}")
             continue

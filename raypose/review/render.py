@@ -21,6 +21,7 @@ import hashlib
 import io
 import posixpath
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,10 +67,13 @@ def render_output(
         raise OutputError(f"--out: cannot create {out}: {type(exc).__name__}: {exc}") from exc
     names = unique_names(chosen)
     frame_source = FrameSource(storage_options or {})  # one for the whole render: each video indexed once
+    per_thread = threading.local()  # each drawing thread's container cache (a tar's index, a Parquet column)
 
     def work(key: str) -> Rendered:
+        if not hasattr(per_thread, "containers"):
+            per_thread.containers = {}
         return _render_one(job, key, rows_by_key[key], names[key], images, keypoint_threshold,
-                           storage_options or {}, frame_source, out_fs, out_root)
+                           storage_options or {}, frame_source, per_thread.containers, out_fs, out_root)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         rendered = list(pool.map(work, chosen))
@@ -100,7 +104,8 @@ def unique_names(keys: list[str]) -> dict[str, str]:
 
 
 def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_root: str | None, threshold: float,
-                storage_options: dict, frame_source: FrameSource, out_fs, out_root: str) -> Rendered:
+                storage_options: dict, frame_source: FrameSource, containers: dict, out_fs,
+                out_root: str) -> Rendered:
     uri = rows[0]["image_uri"] if rows else None
     if images_root:
         uri = images_root.rstrip("/") + "/" + key
@@ -120,7 +125,7 @@ def _render_one(job: JobOutput, key: str, rows: list[dict], name: str, images_ro
         if rows and rows[0].get("frame_index") is not None and not images_root:  # a video's frame
             image = frame_source.frame(uri, rows[0]["frame_index"])
         else:
-            image = decode_image(read_image(uri, storage_options or {}, job.image_column), MAX_PIXELS)
+            image = decode_image(read_image(uri, storage_options or {}, job.image_column, containers), MAX_PIXELS)
     except ImageError as exc:
         result.problem = f"{exc.stage}: {exc}"
         return result
