@@ -28,9 +28,9 @@ from raypose.errors import (
 if TYPE_CHECKING:
     from raypose.config.spec import JobSpec
     from raypose.job import ExpertCheck, Job, JobCheck
-    from raypose.review.reading import keypoint_names, read_keypoints
     from raypose.pipeline.annotate import annotate
     from raypose.pipeline.run import JobResult
+    from raypose.review.reading import keypoint_names, read_keypoints
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ import json
 import os
 import re
 import reprlib
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -236,6 +236,11 @@ class BoxesSpec(_Section):
         decides_rows=True)
     score_column: Text = _field("score", "Box table: the box score column.", decides_rows=True)
     category_column: Text = _field("category", "Box table: the category column.", decides_rows=True)
+
+    @property
+    def detects(self) -> bool:
+        """Whether the detector finds some images' boxes (all of them, or those the file has none for)."""
+        return self.source == "detector" or self.detect_missing
 
 
 class ExpertSpec(_Section):

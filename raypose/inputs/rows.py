@@ -50,7 +50,7 @@ def image_tasks_of_rows(batch: pa.Table, *, images: ImagesSpec, boxes: BoxesSpec
                         "image_uri": pa.array(uris, pa.string())})
     box_set = BoxSet.empty("detector") if boxes.source == "detector" else inline_boxes(
         _with_boxes(listing, batch, boxes), boxes)
-    detecting = boxes.source == "detector" or boxes.detect_missing
+    detecting = boxes.detects
     tasks, _, _ = attach_boxes(listing, box_set, detect_missing=detecting)
     rows = pa.array([int(key) for key in tasks.column("image_key").to_pylist()], pa.int64())
     failed = [problems.get(row) for row in rows.to_pylist()]

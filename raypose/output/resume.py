@@ -84,7 +84,7 @@ def result_key(spec: JobSpec, models: dict[str, str], resolved: dict[str, Any] |
         for part in name.split("."):
             node = node[part]
         key[name] = node
-    if spec.boxes.source != "detector" and not spec.boxes.detect_missing:
+    if not spec.boxes.detects:
         key = {name: value for name, value in key.items() if not name.startswith("boxes.detector.")}
     if spec.images.format != "video":  # outputs of images keep the key they had
         key = {name: value for name, value in key.items() if not name.startswith("images.video.") and name != "pose.track"}
@@ -393,14 +393,15 @@ def start_run(store: OutputStore, spec: JobSpec, plan: ShardPlan, key: dict[str,
     })
 
 
-def finish_run(store: OutputStore, manifest: dict[str, Any]) -> None:
-    """Record how the run ended in `_job.json` (its status, instances, finish time)."""
+def finish_run(store: OutputStore, manifest: dict[str, Any]) -> int:
+    """Record how the run ended in `_job.json` (its status, instances, finish time); return how many runs it records."""
     job = store.read_json(JOB_FILE)
     if not job or not job.get("runs"):
-        return
+        return 0
     job["runs"][-1].update(status=manifest["status"], finished_at=manifest["finished_at"],
                            instances=manifest["counts"].get("instances_this_run", 0))
     store.write_json(JOB_FILE, job)
+    return len(job["runs"])
 
 
 def iso_time(ts: float) -> str:

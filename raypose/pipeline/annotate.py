@@ -97,15 +97,12 @@ def annotation_spec(pose: str | PoseSpec | Mapping[str, Any], *, boxes: Any = No
 def annotation_stages(spec: JobSpec) -> list[Stage]:
     """The stages `annotate` applies after the rows become image tasks: checked models, the layout for the
     connected Ray cluster (an embedded one if none), then the labelling stages and the rows' last form."""
-    from raypose.models.detector import inspect_detector
-    from raypose.models.routing import resolve_routing
     from raypose.pipeline.layout import resolve_layout
+    from raypose.pipeline.plan import check_models
     from raypose.pipeline.runtime import start_ray
 
-    detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
-    routing = resolve_routing(spec.pose)
-    if detecting:  # its config, labels and weights checked before any row is read, as a job's plan does
-        inspect_detector(spec.boxes.detector, spec.boxes.categories)
+    detecting = spec.boxes.detects
+    routing, _ = check_models(spec, detecting)  # the detector too, before any row is read, as a job's plan does
     cluster = start_ray(spec.resources)
     # How many images a lazy Dataset holds is not known: laid out as for a large job.
     layout = resolve_layout(spec, routing, cluster, sys.maxsize, detecting=detecting, source_tasks=True)

@@ -73,7 +73,6 @@ def job_manifest(plan: JobPlan, layout: Layout, committed: dict[int, dict], key:
         },
         "counts": counts,
         "shards": {"total": plan.shards.num_shards, "reused": len(plan.shards.reused), "written": len(committed)},
-        "runs": len((plan.store.read_json("_job.json") or {}).get("runs") or []),
         "experts": {
             name: {"model": e.model.model_id, "revision": e.model.revision, "dataset_index": e.dataset_index,
                    "keypoint_schema": e.keypoint_schema, "input_size": list(e.input_size)}

@@ -112,11 +112,11 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
     whether that was all of it).
     """
     started = time.time()
-    detecting = spec.boxes.source == "detector" or spec.boxes.detect_missing
+    detecting = spec.boxes.detects
     # The model checks are mostly imports (Python, holding the GIL); the listing and the box join are
     # Arrow work that releases it: run side by side, a plan of millions of images takes the longer of the two.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="raypose-plan-models") as pool:
-        models = pool.submit(_models, spec, detecting)
+        models = pool.submit(check_models, spec, detecting)
         lease = None
         try:
             store = OutputStore(spec.output, spec.output_storage_options())
@@ -153,7 +153,7 @@ def plan_job(spec: JobSpec, force: bool = False, *, run: bool = False, break_lea
                    shards=shards, previous=state.previous, force=force, lease=lease, started=started)
 
 
-def _models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:
+def check_models(spec: JobSpec, detecting: bool) -> tuple[Routing, DetectorInfo | None]:
     """The pose experts' routing and, when some images need detection, the detector: configs and weights checked."""
     # Imported here, in the plan's second thread: torch and transformers are most of what these checks cost.
     from raypose.models.detector import inspect_detector

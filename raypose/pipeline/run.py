@@ -81,7 +81,7 @@ def _run(plan: JobPlan, wrap: Callable[[Stage], Stage] | None, progress: Progres
                             {"started": started, "ray_ready": ray_ready, "finished": time.time()},
                             writer.crops_by_worker)
     plan.lease.check()
-    finish_run(plan.store, manifest)
+    manifest["runs"] = finish_run(plan.store, manifest)
     plan.store.finish(manifest)
     _log_finished(plan, manifest)
     if manifest["status"] == "failed":
