@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raypose.config.spec import JobSpec, row_deciding_fields
 from raypose.errors import SpecError
@@ -207,8 +206,7 @@ class CommittedIndex:
         while self.next < len(self.shards) and self.shards[self.next][0] <= high:
             first, last, s = self.shards[self.next]
             if last >= low:
-                with self.store.fs.open(self.plans[s], "rb") as f:
-                    self.loaded[s] = (last, pq.read_table(f, columns=["image_key", "input_fingerprint"]))
+                self.loaded[s] = (last, self.store.read_parquet(self.plans[s], ["image_key", "input_fingerprint"]))
             self.next += 1
         for s, (_, table) in sorted(self.loaded.items()):  # an image in two shards: the later one is current
             where = pc.index_in(keys, table.column("image_key"))
@@ -336,8 +334,7 @@ def supersede(store: OutputStore, marker: dict, keys: list[str]) -> dict:
     rewritten, counts = [], Counter()
     errors_by_stage: Counter[str] = Counter(marker.get("errors_by_stage") or {})
     for path in [*marker["files"], marker["plan"]]:
-        with store.fs.open(path, "rb") as f:
-            table = pq.read_table(f)
+        table = store.read_parquet(path)
         keep = pc.invert(pc.is_in(table.column("image_key"), gone))
         kept = table.filter(keep)
         removed = table.num_rows - kept.num_rows

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.imaging.tracking import FrameInstances, link_tracks
@@ -25,10 +24,7 @@ LINKED_COLUMNS = ["image_key", "instance_index", "frame_index", "keypoint_schema
 
 def link_shard_tracks(store: OutputStore, keypoint_parts: list[str]) -> None:
     """Rewrite a shard's keypoint part files (paths in `store`) with each instance's `track_id`."""
-    parts = []
-    for path in keypoint_parts:
-        with store.fs.open(path, "rb") as f:
-            parts.append(pq.read_table(f))
+    parts = [store.read_parquet(path) for path in keypoint_parts]
     if not parts:
         return
     ids = track_ids(pa.concat_tables([part.select(LINKED_COLUMNS) for part in parts]))

@@ -134,6 +134,11 @@ class OutputStore:
                 markers[int(marker["shard"])] = marker
         return markers
 
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file of the output (a full path, as `path()` gives it), whole or some of its columns."""
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
     def write_parquet(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
         """Write one Parquet file whole: into `_tmp/` first, then moved to `path`."""
         output = self.output

@@ -46,13 +46,8 @@ def read_plan(plan: JobPlan, images_per_task: int, boxes_per_part: int | None = 
 def read_plan_files(batch, *, store, boxes_per_part: int | None = None):
     """Plan files (a batch of their paths) -> their image tasks, crowded images in parts."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tables = []
-    for path in batch.column("path").to_pylist():
-        with store.fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f))
-    tasks = pa.concat_tables(tables)
+    tasks = pa.concat_tables([store.read_parquet(path) for path in batch.column("path").to_pylist()])
     return in_parts(tasks, boxes_per_part) if boxes_per_part else tasks
 
 

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raypose.config.spec import JobSpec
 from raypose.errors import SpecError
@@ -81,10 +80,7 @@ class JobPlan:
 
     def read_tasks(self) -> pa.Table:
         """This run's image tasks, read back from its plan files (for tests and benchmarks of small jobs)."""
-        tables = []
-        for path in self.plan_files():
-            with self.store.fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f))
+        tables = [self.store.read_parquet(path) for path in self.plan_files()]
         return pa.concat_tables(tables) if tables else pa.table({})
 
     def models(self) -> dict[str, str]:
