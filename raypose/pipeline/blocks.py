@@ -15,7 +15,8 @@ import pyarrow.compute as pc
 
 
 def image_blocks(tasks: pa.Table, images_per_block: int, boxes_per_block: int) -> list[pa.Table]:
-    """`tasks` in order, as blocks of at most `images_per_block` images and `boxes_per_block` boxes."""
+    """`tasks` in order, as blocks of at most `images_per_block` images and `boxes_per_block` boxes (an empty table:
+    itself, one block)."""
     boxes = pc.list_value_length(tasks.column("box_xywh")).fill_null(0).to_numpy(zero_copy_only=False)
     total = np.concatenate([[0], np.cumsum(boxes)])
     blocks, start, n = [], 0, tasks.num_rows
@@ -29,7 +30,7 @@ def image_blocks(tasks: pa.Table, images_per_block: int, boxes_per_block: int) -
         else:
             blocks += image_parts(tasks.slice(start, 1), boxes_per_block)
             start += 1
-    return blocks
+    return blocks or [tasks]
 
 
 def in_parts(tasks: pa.Table, boxes_per_part: int) -> pa.Table:

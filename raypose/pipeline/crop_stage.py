@@ -71,7 +71,7 @@ def make_crops(batch: pa.Table, *, options: CropOptions, threads: int = 1) -> pa
 def make_crops_in_parts(batch: pa.Table, *, options: CropOptions, boxes_per_part: int) -> Iterator[pa.Table]:
     """The crop tasks' stage: `make_crops` on the batch's image rows, at most `boxes_per_part` boxes at a time,
     each part's crop rows yielded (Ray Data holds them in its own blocks, not this task all at once)."""
-    for part in (image_blocks(batch, batch.num_rows, boxes_per_part) if batch.num_rows else [batch]):
+    for part in image_blocks(batch, batch.num_rows, boxes_per_part):
         yield make_crops(part, options=options)
 
 

@@ -57,7 +57,7 @@ class CpuCropper:
 
     def parts(self, batch: pa.Table) -> list[pa.Table]:
         """The batch's image rows in parts of at most `boxes_per_call` boxes (images are in parts already, `blocks`)."""
-        if not self.boxes_per_call or not batch.num_rows:
+        if not self.boxes_per_call:
             return [batch]
         return image_blocks(batch, batch.num_rows, self.boxes_per_call)
 

@@ -22,7 +22,7 @@ from raypose.imaging.decode_device import (
 )
 from raypose.imaging.jpeg_region import region_decoder_available
 from raypose.models.routing import Routing
-from raypose.pipeline.crop_stage import CropOptions, make_crops, make_crops_in_parts, plan_crops
+from raypose.pipeline.crop_stage import CropOptions, make_crops_in_parts, plan_crops
 from raypose.pipeline.croppers import CpuCropper, CropColumn, DeviceCropper
 from raypose.pipeline.pose_stage import PoseSettings
 
@@ -74,7 +74,7 @@ class CropPlacement:
     """Where images are decoded and cut: the Ray tasks before the pose actors (if any) and the actors' cropper.
 
     name     tasks | pose_actor | pose_device, as resolved from resources.crop_in
-    task     the CPU stage's function (make_crops, plan_crops) and its keyword arguments, or None
+    task     the CPU stage's function (make_crops_in_parts, plan_crops) and its keyword arguments, or None
     cropper  what each pose actor does with a batch (croppers.CropColumn, CpuCropper, DeviceCropper)
     rows_per_call  crop rows a pose call takes, or a whole block of image rows (None)
     decoder  pillow | nvimgcodec | nvjpeg: whose pixels the crops are cut from (part of the result fingerprint)
@@ -243,12 +243,11 @@ def _largest(size: int | tuple[int, int]) -> int:
 
 
 def crop_placement(crop_in: str, options: CropOptions, device: str, threads: int, batch_size: int,
-                   gpu_decoder: str = "auto", boxes_per_call: int | None = None) -> CropPlacement:
+                   gpu_decoder: str, boxes_per_call: int) -> CropPlacement:
     """The crop strategy for `resources.crop_in` (resolved): its CPU tasks, the pose actors' cropper, its decoder."""
     regions = options.region_decode and not options.jpeg_draft and region_decoder_available()
     if crop_in == "tasks":
-        task = ((make_crops_in_parts, {"options": options, "boxes_per_part": boxes_per_call}) if boxes_per_call
-                else (make_crops, {"options": options}))
+        task = (make_crops_in_parts, {"options": options, "boxes_per_part": boxes_per_call})
         return CropPlacement("tasks", task, CropColumn(), rows_per_call=batch_size, jpeg_regions=regions)
     if crop_in == "pose_actor":
         # An actor that crops for itself takes a crop task's block at a time.
