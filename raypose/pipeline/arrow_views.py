@@ -33,9 +33,14 @@ def crop_array(column: pa.BinaryArray, rows: list[int], input_size: tuple[int, i
 
 def pairs(column: pa.ChunkedArray) -> np.ndarray:
     """A fixed_size_list<float32, 2> column as (N, 2); null rows read as NaN."""
-    pairs = column.combine_chunks()
-    values = pairs.values.slice(pairs.offset * 2, len(pairs) * 2)  # .values ignores the offset
-    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, 2)
+    return fixed_lists(column, 2)
+
+
+def fixed_lists(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A fixed_size_list<float32, width> column as float32 (N, width), whatever a null row's slots hold."""
+    lists = column.combine_chunks()
+    values = lists.values.slice(lists.offset * width, len(lists) * width)  # .values ignores the offset
+    return values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
 
 
 def binary_column(values: list[np.ndarray | None], chunk_bytes: int = 2**31 - 1) -> pa.ChunkedArray:

@@ -19,7 +19,7 @@ from raypose.imaging.keypoint_schemas import SCHEMAS
 from raypose.imaging.uncertainty import flip_agreements, instance_doubts, keypoint_flip_errors
 from raypose.models.routing import Routing
 from raypose.models.vitpose import PoseEngine
-from raypose.pipeline.arrow_views import pairs
+from raypose.pipeline.arrow_views import fixed_lists, pairs
 from raypose.pipeline.croppers import CropColumn, Pixels
 from raypose.pipeline.faults import inject
 from raypose.schema import POSE_OUTPUT_SCHEMA, fail_rows
@@ -102,7 +102,7 @@ def estimate_rows(engines: dict, routing: Routing, batch: pa.Table, pixels: Pixe
         rows = [i for i in range(n) if experts[i] == name and stage[i] is None]
         step = batch_size or len(rows)
         forwards += [(name, rows[start : start + step]) for start in range(0, len(rows), step)]
-    areas = _box_areas(batch.column("bbox"))
+    areas = _box_areas(batch.column("bbox")) if flip_uncertainty else None
     done = []  # (rows, keypoints, scores, keypoint schema, flip (errors, agreements) or None) of each forward that ran
     failed = np.zeros(n, bool)
     reasons = np.full(n, None, dtype=object)
@@ -198,7 +198,5 @@ def _keypoint_columns(experts: list, done: list, box_scores: np.ndarray) -> dict
 
 def _box_areas(bbox: pa.ChunkedArray) -> np.ndarray:
     """w x h of each row's COCO xywh box (a fixed_size_list<float32, 4> column); null rows read as NaN."""
-    boxes = bbox.combine_chunks()
-    values = boxes.values.slice(boxes.offset * 4, len(boxes) * 4)  # .values ignores the offset
-    xywh = values.to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, 4)
-    return np.where(np.asarray(boxes.is_valid()), xywh[:, 2] * xywh[:, 3], np.nan)
+    xywh = fixed_lists(bbox, 4).astype(np.float64)
+    return np.where(np.asarray(bbox.is_valid()), xywh[:, 2] * xywh[:, 3], np.nan)
