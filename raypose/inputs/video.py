@@ -183,8 +183,8 @@ def frame_tasks(tasks: pa.Table, listed: pa.Table, missing: pa.Table) -> tuple[p
                            pa.nulls(unreadable.num_rows, field.type) for name, field in zip(tasks.schema.names, tasks.schema)})
         errors = errors.set_column(errors.schema.get_field_index("box_xywh"), "box_xywh",
                                    pa.array([[]] * unreadable.num_rows, tasks.schema.field("box_xywh").type))
-        tasks = pa.concat_tables([tasks, errors.cast(tasks.schema)])
-    tasks = with_frames(tasks, listed).sort_by("image_key")
+        tasks = pa.concat_tables([tasks, errors.cast(tasks.schema)]).sort_by("image_key")
+    tasks = with_frames(tasks, listed)  # in key order: the join's tasks are
     counts = json.loads((listed.schema.metadata or {}).get(FRAME_COUNTS.encode(), b"{}"))
     unsampled = pa.array([_is_frame_of(key, counts) for key in missing.column("image_key").to_pylist()], pa.bool_())
     return tasks, missing.filter(pc.invert(unsampled)) if len(unsampled) else missing
