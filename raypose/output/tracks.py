@@ -42,12 +42,10 @@ def track_ids(rows: pa.Table) -> dict[tuple[str, int], int]:
     rows = rows.append_column("video", videos).sort_by([("video", "ascending"), ("keypoint_schema", "ascending"),
                                                         ("frame_index", "ascending"), ("instance_index", "ascending")])
     found: dict[tuple[str, int], int] = {}
-    groups = rows.group_by(["video", "keypoint_schema"], use_threads=False).aggregate([]).to_pylist()
     offsets: dict[str, int] = {}
-    for group in groups:  # sorted rows: each group is a run of them
-        video, schema = group["video"], group["keypoint_schema"]
-        mask = pc.and_(pc.equal(rows.column("video"), video), pc.equal(rows.column("keypoint_schema"), schema))
-        instances = rows.filter(mask)
+    for start, end in _runs(rows, ["video", "keypoint_schema"]):  # sorted rows: each (video, schema) is a run
+        instances = rows.slice(start, end - start)
+        video, schema = instances.column("video")[0].as_py(), instances.column("keypoint_schema")[0].as_py()
         frames, per_frame = _frames(instances)
         linked = link_tracks(frames, sigmas=np.array(SCHEMAS[schema].sigmas) if SCHEMAS[schema].sigmas else None)
         offset = offsets.get(video, 0)
@@ -55,6 +53,20 @@ def track_ids(rows: pa.Table) -> dict[tuple[str, int], int]:
             found.update({key: int(i) + offset for key, i in zip(keys, ids)})
         offsets[video] = offset + (max((int(i.max()) for i in linked if len(i)), default=-1) + 1)
     return found
+
+
+def _runs(rows: pa.Table, columns: list[str]) -> list[tuple[int, int]]:
+    """(start, end) of each run of rows with the same values in `columns`."""
+    n = rows.num_rows
+    if not n:
+        return []
+    changed = np.zeros(n, bool)
+    changed[0] = True
+    for name in columns:
+        values = rows.column(name).combine_chunks()
+        changed[1:] |= np.asarray(pc.not_equal(values.slice(1), values.slice(0, n - 1)))
+    starts = np.flatnonzero(changed)
+    return list(zip(starts.tolist(), [*starts[1:].tolist(), n]))
 
 
 def _frames(instances: pa.Table) -> tuple[list[FrameInstances], list[list[tuple[str, int]]]]:
