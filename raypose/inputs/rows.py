@@ -54,17 +54,16 @@ def image_tasks_of_rows(batch: pa.Table, *, images: ImagesSpec, boxes: BoxesSpec
     tasks, _, _ = attach_boxes(listing, box_set, detect_missing=detecting)
     rows = pa.array([int(key) for key in tasks.column("image_key").to_pylist()], pa.int64())
     failed = [problems.get(row) for row in rows.to_pylist()]
-    columns = {name: tasks.column(name) for name in tasks.column_names}
-    columns.update(
-        image_key=pa.array(keys, pa.string()).take(rows),
-        image_bytes=data.take(rows),
-        error_stage=pa.array([f[0] if f else None for f in failed], pa.string()),
-        error_reason=pa.array([f[1] if f else None for f in failed], pa.string()),
-        shard=pa.repeat(pa.scalar(0, pa.int32()), len(rows)),
-    )
-    n_tasks = len(rows)
-    return pa.table({name: columns[name] if name in columns else pa.nulls(n_tasks, IMAGE_TASK_SCHEMA.field(name).type)
-                     for name in IMAGE_TASK_SCHEMA.names}).cast(IMAGE_TASK_SCHEMA)
+    replaced = {  # the join's tasks (`schema.IMAGE_TASK_SCHEMA`) by row number: the rows' own keys and bytes back
+        "image_key": pa.array(keys, pa.string()).take(rows),
+        "image_bytes": data.take(rows),
+        "error_stage": pa.array([f[0] if f else None for f in failed], pa.string()),
+        "error_reason": pa.array([f[1] if f else None for f in failed], pa.string()),
+        "shard": pa.repeat(pa.scalar(0, pa.int32()), len(rows)),
+    }
+    for name, values in replaced.items():
+        tasks = tasks.set_column(tasks.schema.get_field_index(name), name, values)
+    return tasks.cast(IMAGE_TASK_SCHEMA)
 
 
 def image_bytes(batch: pa.Table, column: str) -> tuple[pa.Array, list[str | None] | None, Problems]:
