@@ -17,10 +17,10 @@ def keypoints_dataset(output: JobOutput, columns: list[str] | None = None, filte
 
     from raypose.schema import KEYPOINTS_SCHEMA
 
-    files = output.dataset()
-    if files is None:
+    files = output.parquet_files()  # the listing only: Ray reads the files' footers itself
+    if not files:
         empty = KEYPOINTS_SCHEMA.empty_table()
         return ray.data.from_arrow(empty.select(columns) if columns else empty)
     options = {"filter": filter} if filter is not None else {}
-    return ray.data.read_parquet(files.files, filesystem=PyFileSystem(FSSpecHandler(output.fs)), columns=columns,
+    return ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(output.fs)), columns=columns,
                                  **options)

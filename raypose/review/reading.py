@@ -92,16 +92,18 @@ class JobOutput:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def dataset(self, table: str = KEYPOINTS_DIR) -> ds.Dataset | None:
-        """The keypoints (or errors) Parquet files as a dataset; None when the folder is absent."""
+    def parquet_files(self, table: str = KEYPOINTS_DIR) -> list[str]:
+        """The keypoints (or errors) table's Parquet files, sorted; [] when the folder is absent."""
         folder = self.path(table)
         if not self.fs.exists(folder):
-            return None
-        files = sorted(p for p in self.fs.find(folder) if p.endswith(".parquet")
-                       and not posixpath.basename(p).startswith(("_", ".")))
-        if not files:
-            return None
-        return ds.dataset(files, filesystem=self.fs, format="parquet")
+            return []
+        return sorted(p for p in self.fs.find(folder) if p.endswith(".parquet")
+                      and not posixpath.basename(p).startswith(("_", ".")))
+
+    def dataset(self, table: str = KEYPOINTS_DIR) -> ds.Dataset | None:
+        """The keypoints (or errors) Parquet files as a dataset; None when there are none."""
+        files = self.parquet_files(table)
+        return ds.dataset(files, filesystem=self.fs, format="parquet") if files else None
 
     def batches(self, columns: list[str], table: str = KEYPOINTS_DIR, filter=None) -> Iterator[pa.RecordBatch]:
         dataset = self.dataset(table)
