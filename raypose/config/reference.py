@@ -69,11 +69,10 @@ def _section_markdown(section: type[BaseModel], prefix: str, title: str, schema:
         inner = section_type(info.annotation)
         if inner is not None:
             nested.append((inner, f"{key}.", f"`{key}`"))
-        elif (mapped := _mappedsection_type(info.annotation)) is not None:
-            rows.append(_row(key, info, properties[name], schema))
+            continue
+        rows.append(_row(key, info, properties[name], schema))
+        if (mapped := _mappedsection_type(info.annotation)) is not None:
             nested.append((mapped, f"{key}.NAME.", f"`{key}.NAME`"))
-        else:
-            rows.append(_row(key, info, properties[name], schema))
     lines = []
     if rows:
         lines += [f"## {title}", ""]

@@ -370,7 +370,7 @@ class LimitsSpec(_Section):
 class JobSpec(_Section):
     """A whole job, validated. Build it with `load_job_spec`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, title="raypose job")
+    model_config = ConfigDict(title="raypose job")  # with _Section's: extra fields refused, frozen
 
     name: JobName = _field("raypose-job", "The job's name (letters, digits, `.`, `_`, `-`): the job id's prefix.",
                            decides_rows=False)
