@@ -193,7 +193,7 @@ def read_keypoints(path: str, *, storage_options: dict[str, Any] | None = None, 
     if dataset:
         from raypose.pipeline.datasets import keypoints_dataset
 
-        return keypoints_dataset(output, columns, filter)
+        return keypoints_dataset(output.fs, output.parquet_files(), columns, filter)
     table = output.read(columns, filter=filter)
     if table is None:  # a job whose every input failed writes no keypoint file
         table = KEYPOINTS_SCHEMA.empty_table()
